@@ -1,0 +1,128 @@
+"""The ``fairbook`` command: data, runs, sweeps, metrics and the book.
+
+Every error a user can cause (a missing dataset, an unknown parameter, a broken file) is printed as one line
+``fairbook: error: ...`` with exit status 2. Set ``FAIRBOOK_DEBUG=1`` to see the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, RuntimeError)
+
+
+def _data_synth(args) -> None:
+    from fairbook.data.synthetic import SynthConfig, generate
+
+    config = SynthConfig.preset(args.bias, seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
+    manifest = generate(args.out, config, workers=args.workers)
+    print(f"SynthFairVLMed at {args.out}: {manifest['counts']}")
+
+
+def _data_check(args) -> None:
+    from fairbook.data.fairvlmed import check, format_check
+
+    print(format_check(check(args.path)))
+
+
+def _run(args) -> None:
+    from fairbook.runs import parse_set, run_notebook
+
+    out = run_notebook(args.notebook, args.params, parse_set(args.set), name=args.name, force=args.force)
+    print(out)
+
+
+def _sweep(args) -> None:
+    from fairbook.runs import sweep
+
+    for out in sweep(args.grid, force=args.force):
+        print(out)
+
+
+def _book(args) -> None:
+    from fairbook.book import build_book
+
+    print(build_book(config=args.config))
+
+
+def _metrics(args) -> None:
+    from fairbook.metrics import report_from_csv
+
+    attributes = [a for a in args.attributes.split(",") if a]
+    report = report_from_csv(args.predictions, attributes, val_path=args.val, n_boot=args.n_boot,
+                             threshold=args.threshold)
+    text = json.dumps(report, indent=2)
+    if args.json:
+        from fairbook.runs import atomic_write_text
+
+        atomic_write_text(args.json, text + "\n")
+    else:
+        print(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fairbook", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="make or check a Harvard-FairVLMed folder").add_subparsers(dest="data", required=True)
+    s = data.add_parser("synth", help="write SynthFairVLMed, a synthetic dataset in the FairVLMed layout")
+    s.add_argument("out")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--bias", default="default", help="bias preset: default or none (the exchangeable control)")
+    s.add_argument("--n-train", type=int, default=7000)
+    s.add_argument("--n-val", type=int, default=1000)
+    s.add_argument("--n-test", type=int, default=2000)
+    s.add_argument("--workers", type=int, default=2)
+    s.set_defaults(func=_data_synth)
+    c = data.add_parser("check", help="count samples, groups and prevalence; fail on a broken folder")
+    c.add_argument("path")
+    c.set_defaults(func=_data_check)
+
+    r = sub.add_parser("run", help="execute a notebook with papermill into runs/<stem>/<config>/")
+    r.add_argument("notebook")
+    r.add_argument("-p", "--params", action="append", default=[], metavar="FILE.yaml",
+                   help="parameter file; repeat to merge left to right")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one parameter")
+    r.add_argument("--name", help="configuration name (default: the parameter files' stems)")
+    r.add_argument("--force", action="store_true", help="execute even if an identical run is complete")
+    r.set_defaults(func=_run)
+
+    w = sub.add_parser("sweep", help="expand a grid file into runs; completed runs are skipped")
+    w.add_argument("grid")
+    w.add_argument("--force", action="store_true")
+    w.set_defaults(func=_sweep)
+
+    b = sub.add_parser("book", help="build the Jupyter Book from executed runs")
+    b.add_argument("--config", default="default", help="which run configuration goes into the book")
+    b.set_defaults(func=_book)
+
+    m = sub.add_parser("metrics", help="fairness report from a predictions CSV")
+    m.add_argument("predictions")
+    m.add_argument("--attributes", required=True, help="comma-separated attribute columns, e.g. race,gender")
+    m.add_argument("--val", help="validation predictions CSV: the threshold is chosen there, never on test")
+    m.add_argument("--threshold", default="youden", help="0.5, youden, f1 or prevalence")
+    m.add_argument("--n-boot", type=int, default=1000)
+    m.add_argument("--json", help="write the report here instead of printing it")
+    m.set_defaults(func=_metrics)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as err:
+        if os.environ.get("FAIRBOOK_DEBUG"):
+            raise
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"fairbook: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""Runs: execute a py:percent notebook with papermill under a parameter file, atomically and resumably.
+
+A run of ``notebooks/<stem>.py`` under configuration ``<config>`` lives in ``runs/<stem>/<config>/``:
+
+- ``<stem>.ipynb``: the executed notebook;
+- ``params.yaml``: the merged parameters it ran with;
+- ``run.json``: the fingerprint (notebook source + parameters + fairbook's own source), timings, status;
+- whatever the notebook saved through :func:`save_metrics` and :func:`fairbook.plots.savefig`
+  (``metrics.json``, ``figures/``).
+
+The run is executed in a temporary sibling folder that is renamed only on success, so a crashed or killed run
+never looks complete. A run whose fingerprint is unchanged is not executed again.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import itertools
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+KERNEL = "fairbook"
+RUN_DIR_ENV = "FAIRBOOK_RUN_DIR"
+
+
+class ParameterError(ValueError):
+    """A parameter file or ``--set`` value does not match the notebook's parameters cell."""
+
+
+class RunError(RuntimeError):
+    """A notebook failed while executing; the message names the failing cell."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# paths
+
+
+def project_root() -> Path:
+    """The fairbook checkout: ``$FAIRBOOK_ROOT``, else the folder above the package holding ``pyproject.toml``."""
+    if os.environ.get("FAIRBOOK_ROOT"):
+        return Path(os.environ["FAIRBOOK_ROOT"]).resolve()
+    here = Path(__file__).resolve().parent.parent
+    return here if (here / "pyproject.toml").exists() else Path.cwd()
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """An absolute path; relative paths are taken from the project root, so notebooks work from any folder."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else project_root() / p
+
+
+def output_dir() -> Path:
+    """Where a notebook writes its metrics and figures: the run folder under ``fairbook run``,
+    else ``runs/interactive/`` (for a notebook opened in JupyterLab)."""
+    out = Path(os.environ.get(RUN_DIR_ENV) or resolve("runs/interactive"))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_metrics(metrics: dict, name: str = "metrics.json") -> Path:
+    """Save a notebook's headline numbers as JSON in its run folder (NaN becomes null)."""
+    path = output_dir() / name
+    atomic_write_text(path, json.dumps(_jsonable(metrics), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:
+        x = x.item()
+    if isinstance(x, float) and x != x:
+        return None
+    return x
+
+
+# --------------------------------------------------------------------------------------------------------------
+# parameters
+
+
+def _read_source(notebook: Path):
+    import jupytext
+
+    if not notebook.exists():
+        raise FileNotFoundError(f"no notebook at {notebook}: give the path of a notebooks/*.py source")
+    return jupytext.read(notebook)
+
+
+def notebook_parameters(notebook: str | os.PathLike) -> dict[str, Any]:
+    """The names and default values assigned in the notebook's cell tagged ``parameters``."""
+    nb = _read_source(resolve(notebook))
+    cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(cells) != 1:
+        raise ParameterError(f"{notebook} must have exactly one cell tagged 'parameters' (found {len(cells)})")
+    params = {}
+    for node in ast.parse(cells[0].source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        for t in targets:
+            if isinstance(t, ast.Name):
+                try:
+                    params[t.id] = ast.literal_eval(node.value)
+                except ValueError:
+                    params[t.id] = ast.unparse(node.value)
+    return params
+
+
+def parse_set(items: Iterable[str]) -> dict[str, Any]:
+    """``["seed=1", "attribute=race"]`` -> ``{"seed": 1, "attribute": "race"}`` (values parsed as YAML)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ParameterError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def load_params(files: Iterable[str | os.PathLike] = (), overrides: dict | None = None) -> dict[str, Any]:
+    """Merge YAML parameter files left to right (shallow), then ``overrides``."""
+    merged: dict[str, Any] = {}
+    for f in files:
+        path = resolve(f)
+        if not path.exists():
+            raise ParameterError(f"no parameter file at {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ParameterError(f"{path} must hold a mapping of parameter names to values")
+        merged.update(data)
+    merged.update(overrides or {})
+    return merged
+
+
+def check_params(notebook: str | os.PathLike, params: dict) -> None:
+    """Raise a one-line :class:`ParameterError` for any key that the notebook's parameters cell does not declare."""
+    valid = notebook_parameters(notebook)
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise ParameterError(
+            f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for "
+            f"{Path(notebook).stem}; valid: {', '.join(valid)}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# running
+
+
+def config_name(files: Iterable[str | os.PathLike] = (), overrides: dict | None = None) -> str:
+    """``default`` for ``-p params/x/default.yaml``; ``default__seed-1`` with ``--set seed=1``."""
+    parts = ["+".join(Path(f).stem for f in files) or "defaults"]
+    parts += [f"{k}-{v}" for k, v in (overrides or {}).items()]
+    return re.sub(r"[^A-Za-z0-9_.+=-]", "_", "__".join(parts))
+
+
+def _package_digest() -> str:
+    h = hashlib.sha256()
+    pkg = Path(__file__).resolve().parent
+    for f in sorted(pkg.rglob("*")):
+        if f.suffix in {".py", ".json"} and "__pycache__" not in f.parts:
+            h.update(str(f.relative_to(pkg)).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def fingerprint(notebook: Path, params: dict) -> str:
+    """What makes a run's result: the notebook source, its parameters and fairbook's own code."""
+    h = hashlib.sha256(notebook.read_bytes())
+    h.update(json.dumps(params, sort_keys=True, default=str).encode())
+    h.update(_package_digest().encode())
+    return h.hexdigest()[:16]
+
+
+def is_complete(run_dir: Path, fp: str | None = None) -> bool:
+    """A run is complete when its ``run.json`` says so (and, if given, matches the fingerprint)."""
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return info.get("status") == "complete" and (fp is None or info.get("fingerprint") == fp)
+
+
+def ensure_kernel(name: str = KERNEL) -> str:
+    """Register a kernel called ``name`` for this interpreter if Jupyter does not know it yet."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        KernelSpecManager().get_kernel_spec(name)
+    except NoSuchKernel:
+        from ipykernel.kernelspec import install
+
+        install(kernel_name=name, display_name=f"Python ({name})", prefix=sys.prefix)
+    return name
+
+
+def run_notebook(
+    notebook: str | os.PathLike,
+    param_files: Iterable[str | os.PathLike] = (),
+    overrides: dict | None = None,
+    *,
+    name: str | None = None,
+    runs_dir: str | os.PathLike = "runs",
+    force: bool = False,
+) -> Path:
+    """Execute ``notebook`` with merged parameters into ``runs/<stem>/<config>/`` and return that folder.
+
+    Skips the run when a complete one with the same fingerprint exists (unless ``force``). On failure the partial
+    run is kept in ``<config>.failed/`` and a :class:`RunError` names the failing cell.
+    """
+    import jupytext
+    import papermill as pm
+
+    notebook = resolve(notebook)
+    param_files = list(param_files)
+    params = load_params(param_files, overrides)
+    check_params(notebook, params)
+    stem, config = notebook.stem, name or config_name(param_files, overrides)
+    final = resolve(runs_dir) / stem / config
+    fp = fingerprint(notebook, params)
+    if not force and is_complete(final, fp):
+        return final
+
+    tmp = final.with_name(f".{config}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    nb = jupytext.read(notebook)
+    kernel = ensure_kernel()
+    nb.metadata["kernelspec"] = {"name": kernel, "display_name": f"Python ({kernel})", "language": "python"}
+    source = tmp / f".{stem}.source.ipynb"
+    jupytext.write(nb, source)
+
+    started = time.time()
+    env_before = os.environ.get(RUN_DIR_ENV)
+    os.environ[RUN_DIR_ENV] = str(tmp)
+    try:
+        pm.execute_notebook(
+            str(source), str(tmp / f"{stem}.ipynb"), parameters=params, kernel_name=kernel,
+            cwd=str(project_root()), progress_bar=False, log_output=False,
+        )
+    except pm.PapermillExecutionError as err:
+        failed = final.with_name(f"{config}.failed")
+        shutil.rmtree(failed, ignore_errors=True)
+        os.replace(tmp, failed)
+        raise RunError(
+            f"{stem} [{config}] failed in cell {err.cell_index} (execution count {err.exec_count}): "
+            f"{err.ename}: {err.evalue}; see {failed / (stem + '.ipynb')}"
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if env_before is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = env_before
+    source.unlink()
+
+    atomic_write_text(tmp / "params.yaml", yaml.safe_dump(params, sort_keys=True))
+    info = {"notebook": str(notebook.relative_to(project_root()) if notebook.is_relative_to(project_root()) else notebook),
+            "config": config, "fingerprint": fp, "status": "complete", "seconds": round(time.time() - started, 1),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_text(tmp / "run.json", json.dumps(info, indent=2) + "\n")
+    _replace_dir(tmp, final)
+    shutil.rmtree(final.with_name(f"{config}.failed"), ignore_errors=True)
+    return final
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``, replacing an older ``dst``; at no moment is a half-written ``dst`` visible."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sweeps
+
+
+def expand_grid(grid_file: str | os.PathLike) -> list[dict]:
+    """Read a sweep file and list its runs.
+
+    The file names a ``notebook``, optional base ``params`` files and a ``grid`` of parameter lists::
+
+        notebook: notebooks/01-data-exploration.py
+        params: [params/01-data-exploration/smoke.yaml]
+        grid: {seed: [0, 1, 2], attribute: [race, gender]}
+
+    Each run is a dict with ``notebook``, ``params`` (files) and ``overrides`` (one point of the grid).
+    """
+    path = resolve(grid_file)
+    if not path.exists():
+        raise ParameterError(f"no sweep file at {path}")
+    spec = yaml.safe_load(path.read_text()) or {}
+    missing = {"notebook", "grid"} - set(spec)
+    if missing:
+        raise ParameterError(f"{path} lacks {', '.join(sorted(missing))}: a sweep file needs 'notebook' and 'grid'")
+    grid = {k: v if isinstance(v, list) else [v] for k, v in spec["grid"].items()}
+    files = spec.get("params") or []
+    files = [files] if isinstance(files, str) else files
+    return [
+        {"notebook": spec["notebook"], "params": files, "overrides": dict(zip(grid, point))}
+        for point in itertools.product(*grid.values())
+    ]
+
+
+def sweep(grid_file: str | os.PathLike, *, runs_dir: str | os.PathLike = "runs", force: bool = False,
+          progress: bool = True) -> list[Path]:
+    """Execute every run of a sweep file, skipping completed ones; failures are collected and reported at the end,
+    so one bad point does not stop the others and a re-run resumes where the sweep stopped."""
+    from tqdm.auto import tqdm
+
+    runs = expand_grid(grid_file)
+    for r in runs:  # validate every point before spending time on any
+        check_params(resolve(r["notebook"]), load_params(r["params"], r["overrides"]))
+    done, failures = [], []
+    for r in tqdm(runs, desc=Path(grid_file).stem, disable=not progress, unit="run"):
+        try:
+            done.append(run_notebook(r["notebook"], r["params"], r["overrides"], runs_dir=runs_dir, force=force))
+        except RunError as err:
+            failures.append(str(err))
+    if failures:
+        raise RunError(f"{len(failures)} of {len(runs)} runs failed; first: {failures[0]}")
+    return done

@@ -1,0 +1,119 @@
+"""The papermill runner: parameter checking, atomic runs, skipping unchanged runs, resumable sweeps."""
+import json
+
+import pytest
+import yaml
+
+from fairbook import runs
+
+NOTEBOOK = '''# %% [markdown]
+# A toy notebook for the runner tests.
+
+# %%
+from pathlib import Path
+from fairbook import runs
+
+# %% tags=["parameters"]
+x = 1
+fail = False
+counter = ""
+
+# %%
+if counter:
+    with open(counter, "a") as f:
+        f.write(f"{x}\\n")
+assert not fail, "asked to fail"
+runs.save_metrics({"x2": x * 2})
+'''
+
+
+@pytest.fixture
+def toy(tmp_path):
+    nb = tmp_path / "99-toy.py"
+    nb.write_text(NOTEBOOK)
+    return nb, tmp_path / "runs", tmp_path / "counter.txt"
+
+
+def _count(counter):
+    return counter.read_text().splitlines() if counter.exists() else []
+
+
+def test_parameters_are_read_from_the_parameters_cell(toy):
+    nb, _, _ = toy
+    assert runs.notebook_parameters(nb) == {"x": 1, "fail": False, "counter": ""}
+
+
+def test_unknown_parameter_lists_the_valid_ones(toy):
+    nb, runs_dir, _ = toy
+    with pytest.raises(runs.ParameterError, match=r"unknown parameter 'y' for 99-toy; valid: x, fail, counter"):
+        runs.run_notebook(nb, overrides={"y": 3}, runs_dir=runs_dir)
+    assert not runs_dir.exists()
+
+
+def test_parameter_files_merge_left_to_right(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("x: 1\nfail: true\n")
+    b.write_text("x: 2\n")
+    assert runs.load_params([a, b], {"counter": "c"}) == {"x": 2, "fail": True, "counter": "c"}
+    assert runs.config_name([a, b], {"x": 3}) == "a+b__x-3"
+    assert runs.parse_set(["x=4", "fail=true", "name=race"]) == {"x": 4, "fail": True, "name": "race"}
+    with pytest.raises(runs.ParameterError, match="key=value"):
+        runs.parse_set(["x"])
+
+
+def test_run_writes_outputs_and_skips_an_unchanged_run(toy):
+    nb, runs_dir, counter = toy
+    out = runs.run_notebook(nb, overrides={"x": 5, "counter": str(counter)}, name="five", runs_dir=runs_dir)
+    assert out == runs_dir / "99-toy" / "five"
+    assert json.loads((out / "metrics.json").read_text()) == {"x2": 10}
+    assert yaml.safe_load((out / "params.yaml").read_text())["x"] == 5
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+    assert (out / "99-toy.ipynb").exists()
+    runs.run_notebook(nb, overrides={"x": 5, "counter": str(counter)}, name="five", runs_dir=runs_dir)
+    assert _count(counter) == ["5"], "an unchanged run must not execute again"
+    runs.run_notebook(nb, overrides={"x": 6, "counter": str(counter)}, name="five", runs_dir=runs_dir)
+    assert _count(counter) == ["5", "6"], "changed parameters must execute again"
+    assert json.loads((out / "metrics.json").read_text()) == {"x2": 12}
+
+
+def test_a_crashed_run_never_looks_complete_and_names_the_cell(toy):
+    nb, runs_dir, _ = toy
+    good = runs.run_notebook(nb, name="cfg", runs_dir=runs_dir)
+    with pytest.raises(runs.RunError, match=r"99-toy \[cfg\] failed in cell \d+ .*AssertionError: asked to fail"):
+        runs.run_notebook(nb, overrides={"fail": True}, name="cfg", runs_dir=runs_dir)
+    # the earlier complete result is untouched, the failed attempt is kept aside, nothing half-written remains
+    assert json.loads((good / "metrics.json").read_text()) == {"x2": 2}
+    assert (runs_dir / "99-toy" / "cfg.failed" / "99-toy.ipynb").exists()
+    assert [p.name for p in (runs_dir / "99-toy").iterdir() if ".tmp-" in p.name] == []
+    assert not runs.is_complete(runs_dir / "99-toy" / "cfg", runs.fingerprint(nb, {"fail": True}))
+
+
+def test_a_killed_run_is_not_complete(tmp_path):
+    leftover = tmp_path / ".cfg.tmp-1234"
+    leftover.mkdir()
+    (leftover / "metrics.json").write_text("{}")
+    assert not runs.is_complete(leftover)
+    assert not runs.is_complete(tmp_path / "cfg")
+
+
+def test_sweep_expands_the_grid_and_resumes(toy, tmp_path):
+    nb, runs_dir, counter = toy
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"notebook": str(nb), "grid": {"x": [1, 2], "fail": [False, True]},
+                                    "params": []}, sort_keys=False))
+    points = runs.expand_grid(grid)
+    assert [p["overrides"] for p in points] == [
+        {"x": 1, "fail": False}, {"x": 1, "fail": True}, {"x": 2, "fail": False}, {"x": 2, "fail": True}]
+    with pytest.raises(runs.RunError, match="2 of 4 runs failed"):
+        runs.sweep(grid, runs_dir=runs_dir, progress=False)
+    done = sorted(p.name for p in (runs_dir / "99-toy").iterdir() if runs.is_complete(p))
+    assert done == ["defaults__x-1__fail-False", "defaults__x-2__fail-False"]
+
+
+def test_sweep_rejects_unknown_parameters_before_running(toy, tmp_path):
+    nb, runs_dir, _ = toy
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"notebook": str(nb), "grid": {"seed": [0, 1]}}))
+    with pytest.raises(runs.ParameterError, match="unknown parameter 'seed'"):
+        runs.sweep(grid, runs_dir=runs_dir, progress=False)
+    assert not runs_dir.exists()
