@@ -1,0 +1,49 @@
+"""Harvard-FairVLMed attribute codes and their names.
+
+The codes are those of the official npz files (see the FairCLIP release): scalars stored as 0-d arrays.
+``-1`` means unknown wherever it occurs. The official evaluation drops validation and test samples whose
+race, gender, ethnicity or language is unknown; :data:`FILTER_ATTRIBUTES` lists those four.
+"""
+from __future__ import annotations
+
+UNKNOWN = -1
+
+ATTRIBUTES: dict[str, dict[int, str]] = {
+    "race": {0: "Asian", 1: "Black", 2: "White"},
+    "gender": {0: "Female", 1: "Male"},
+    "ethnicity": {0: "Non-Hispanic", 1: "Hispanic", -1: "Unknown"},
+    "language": {0: "English", 1: "Spanish", 2: "Other", -1: "Unknown"},
+    "maritalstatus": {
+        0: "Married/Partnered", 1: "Single", 2: "Divorced", 3: "Widowed",
+        4: "Legally Separated", -1: "Unknown",
+    },
+}
+
+#: Attributes the official code uses to drop validation/test samples with an unknown value.
+FILTER_ATTRIBUTES = ("race", "gender", "ethnicity", "language")
+
+#: Keys every official npz carries (``note``/``note_extra`` are often missing upstream and never required).
+REQUIRED_NPZ_KEYS = (
+    "slo_fundus", "glaucoma", "race", "gender", "ethnicity", "language", "maritalstatus", "age", "md", "tds",
+)
+
+SPLITS = ("Training", "Validation", "Test")
+#: Some upstream scripts call the test folder ``Testing``; both are accepted.
+SPLIT_ALIASES = {"Test": ("Test", "Testing")}
+#: The release names the notes file ``gpt-4_summarized_notes.csv``; upstream scripts default to the other name.
+NOTES_FILES = ("gpt-4_summarized_notes.csv", "gpt4_summarized_notes.csv")
+
+
+def check_attribute(name: str) -> str:
+    """Return ``name`` if it is a known attribute, else raise a one-line error listing the valid ones."""
+    if name not in ATTRIBUTES:
+        raise KeyError(f"unknown attribute {name!r}; choose one of: {', '.join(ATTRIBUTES)}")
+    return name
+
+
+def decode(attribute: str, code: int) -> str:
+    """Name of an attribute code, e.g. ``decode("race", 1) == "Black"``."""
+    table = ATTRIBUTES[check_attribute(attribute)]
+    if int(code) not in table:
+        raise ValueError(f"code {code} is not valid for {attribute!r}; valid codes: {sorted(table)}")
+    return table[int(code)]
