@@ -37,7 +37,7 @@ NOTES_FILES = ("gpt-4_summarized_notes.csv", "gpt4_summarized_notes.csv")
 def check_attribute(name: str) -> str:
     """Return ``name`` if it is a known attribute, else raise a one-line error listing the valid ones."""
     if name not in ATTRIBUTES:
-        raise KeyError(f"unknown attribute {name!r}; choose one of: {', '.join(ATTRIBUTES)}")
+        raise ValueError(f"unknown attribute {name!r}; choose one of: {', '.join(ATTRIBUTES)}")
     return name
 
 
