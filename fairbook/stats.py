@@ -1,0 +1,198 @@
+"""Statistics over seeds and datasets, as the papers report them.
+
+* :func:`mean_std_table`: mean ± std over seeds (Fair-MoE, FairCLIP, MEDFAIR tables), metrics x100.
+* :func:`paired_ttest`, :func:`cohens_dz`, :func:`compare_to_baseline`: paired two-sided t-tests on per-seed
+  metrics with Cohen's d for paired data (FairMed-VLM).
+* :func:`friedman_nemenyi`, :func:`critical_difference`, :func:`cd_diagram`: average ranks, Friedman test and
+  the Nemenyi critical difference with its diagram (Demšar 2006, JMLR 7:1-30; used by FairMedFM).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from numpy.typing import ArrayLike
+from scipy import stats as st
+
+__all__ = ["StatsInputError", "mean_std_table", "cohens_dz", "paired_ttest", "compare_to_baseline",
+           "critical_difference", "friedman_nemenyi", "cd_diagram"]
+
+
+class StatsInputError(ValueError):
+    """Bad input to a statistics function; the message names the problem and the fix in one line."""
+
+
+def _columns(frame: pd.DataFrame, names: Sequence[str]) -> None:
+    missing = [c for c in names if c not in frame.columns]
+    if missing:
+        raise StatsInputError(f"columns {missing} not found; available columns: {', '.join(map(str, frame.columns))}")
+
+
+def mean_std_table(results: pd.DataFrame, by: str | Sequence[str], metrics: Sequence[str] | None = None,
+                   scale: float = 100.0, decimals: int = 1, strings: bool = True) -> pd.DataFrame:
+    """Mean ± standard deviation of each metric over the rows (seeds) of each ``by`` group.
+
+    ``results`` has one row per run (e.g. method, seed) and one column per metric. Values are multiplied by
+    ``scale`` (100: AUC 0.69 shows as 69.0, as in the papers' tables). The std is the sample standard deviation
+    over seeds (``ddof=1``); with a single seed it is undefined and only the mean is shown.
+
+    Returns strings such as ``"69.0 ± 1.2"`` (``strings=True``, for display), or numbers with columns
+    ``(metric, "mean" | "std" | "n")`` (``strings=False``).
+    """
+    by = [by] if isinstance(by, str) else list(by)
+    if metrics is None:
+        metrics = [c for c in results.columns if c not in by and c != "seed"
+                   and pd.api.types.is_numeric_dtype(results[c])]
+    _columns(results, [*by, *metrics])
+    grouped = results.groupby(by, sort=False)[list(metrics)]
+    mean, std, n = grouped.mean() * scale, grouped.std(ddof=1) * scale, grouped.count()
+    if not strings:
+        return pd.concat({"mean": mean, "std": std, "n": n}, axis=1).swaplevel(axis=1)[list(metrics)]
+
+    def fmt(m: float, s: float) -> str:
+        if pd.isna(m):
+            return "–"
+        return f"{m:.{decimals}f}" if pd.isna(s) else f"{m:.{decimals}f} ± {s:.{decimals}f}"
+
+    return pd.DataFrame({c: [fmt(m, s) for m, s in zip(mean[c], std[c])] for c in metrics}, index=mean.index)
+
+
+def _paired(a: ArrayLike, b: ArrayLike) -> np.ndarray:
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if len(a) != len(b):
+        raise StatsInputError(f"paired samples differ in length ({len(a)} vs {len(b)}); pass one value per seed "
+                              "for both, in the same seed order")
+    if len(a) < 2:
+        raise StatsInputError("a paired comparison needs at least two seeds; run more seeds")
+    return a - b
+
+
+def cohens_dz(a: ArrayLike, b: ArrayLike) -> float:
+    """Cohen's d for paired samples, ``d_z = mean(a - b) / sd(a - b)`` with the sample sd (``ddof=1``).
+
+    This is the effect size matching the paired t-test (``t = d_z * sqrt(n)``; Cohen 1988, Lakens 2013), not
+    the pooled-sd d of two independent groups. NaN when all differences are equal.
+    """
+    d = _paired(a, b)
+    sd = d.std(ddof=1)
+    return float(d.mean() / sd) if sd > 0 else math.nan
+
+
+def paired_ttest(a: ArrayLike, b: ArrayLike, level: float = 0.95) -> dict[str, float]:
+    """Two-sided paired t-test of per-seed metrics ``a`` vs ``b`` (``scipy.stats.ttest_rel``), as FairMed-VLM.
+
+    Returns ``n``, ``mean_diff`` (a - b), ``sd_diff``, ``t``, ``df``, ``p``, ``cohen_dz`` and the t-based
+    ``ci_low``/``ci_high`` of the mean difference at ``level``.
+    """
+    d = _paired(a, b)
+    n, mean, sd = len(d), float(d.mean()), float(d.std(ddof=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # zero variance: scipy returns NaN
+        res = st.ttest_rel(a, b)
+    half = st.t.ppf((1 + level) / 2, n - 1) * sd / math.sqrt(n)
+    return {"n": n, "mean_diff": mean, "sd_diff": sd, "t": float(res.statistic), "df": n - 1,
+            "p": float(res.pvalue), "cohen_dz": cohens_dz(a, b), "ci_low": mean - half, "ci_high": mean + half}
+
+
+def compare_to_baseline(results: pd.DataFrame, method_col: str, baseline: str, metrics: Sequence[str],
+                        seed_col: str = "seed") -> pd.DataFrame:
+    """Paired t-test and d_z of every method against ``baseline`` for each metric, paired on ``seed_col``.
+
+    Only seeds present for both methods are used (``n`` says how many). One row per (method, metric).
+    """
+    _columns(results, [method_col, seed_col, *metrics])
+    if baseline not in set(results[method_col]):
+        raise StatsInputError(f"baseline {baseline!r} not in column {method_col!r}; choose one of "
+                              f"{sorted(map(str, results[method_col].unique()))}")
+    base = results.loc[results[method_col] == baseline, [seed_col, *metrics]]
+    rows = []
+    for method, frame in results[results[method_col] != baseline].groupby(method_col, sort=False):
+        joined = frame.merge(base, on=seed_col, suffixes=("", "__base"))
+        for m in metrics:
+            rows.append({method_col: method, "metric": m, **paired_ttest(joined[m], joined[f"{m}__base"])})
+    return pd.DataFrame(rows)
+
+
+def critical_difference(k: int, n: int, alpha: float = 0.05) -> float:
+    """Nemenyi critical difference of average ranks, ``CD = q_alpha sqrt(k (k + 1) / (6 N))`` (Demšar 2006, eq. 5).
+
+    ``q_alpha`` is the studentized range quantile for ``k`` groups and infinite degrees of freedom divided by
+    sqrt(2) (``q_0.05 = 2.569`` for k = 4), ``N`` the number of datasets (blocks).
+    """
+    if k < 2 or n < 1:
+        raise StatsInputError(f"critical difference needs k >= 2 methods and n >= 1 datasets, got k={k}, n={n}")
+    q = st.studentized_range.ppf(1 - alpha, k, np.inf) / math.sqrt(2)
+    return float(q * math.sqrt(k * (k + 1) / (6 * n)))
+
+
+def friedman_nemenyi(scores: pd.DataFrame, higher_is_better: bool = True, alpha: float = 0.05) -> dict[str, Any]:
+    """Friedman test over methods (columns) across datasets (rows) and the Nemenyi critical difference.
+
+    Ranks are taken within each row, 1 = best, ties averaged; ``avg_ranks`` is their column mean, sorted.
+    The test statistic and p-value are ``scipy.stats.friedmanchisquare`` (with its tie correction).
+    Returns ``statistic``, ``p``, ``avg_ranks`` (Series), ``k``, ``n``, ``alpha`` and ``cd``.
+    """
+    if scores.shape[1] < 3:
+        raise StatsInputError(f"the Friedman test needs at least 3 methods (columns), got {scores.shape[1]}; "
+                              "compare two methods with paired_ttest instead")
+    if scores.isna().any().any():
+        raise StatsInputError("scores contain NaN; drop the datasets (rows) or methods (columns) with missing values")
+    values = scores.to_numpy(dtype=np.float64)
+    ranks = st.rankdata(-values if higher_is_better else values, axis=1)
+    avg = pd.Series(ranks.mean(axis=0), index=scores.columns, name="avg_rank").sort_values()
+    res = st.friedmanchisquare(*values.T)
+    k, n = values.shape[1], values.shape[0]
+    return {"statistic": float(res.statistic), "p": float(res.pvalue), "avg_ranks": avg, "k": k, "n": n,
+            "alpha": alpha, "cd": critical_difference(k, n, alpha)}
+
+
+def _cliques(ranks: Sequence[float], cd: float) -> list[tuple[int, int]]:
+    """Maximal runs ``(i, j)`` of sorted ranks whose spread is below ``cd`` (not significantly different)."""
+    ranks = list(ranks)
+    runs: list[tuple[int, int]] = []
+    for i in range(len(ranks)):
+        j = max(j for j in range(i, len(ranks)) if ranks[j] - ranks[i] < cd)
+        if j > i and not any(a <= i and j <= b for a, b in runs):
+            runs.append((i, j))
+    return runs
+
+
+def cd_diagram(avg_ranks: pd.Series, cd: float, width: float = 6.0) -> Figure:
+    """Critical-difference diagram (Demšar 2006, Fig. 1): methods on the average-rank axis (1 = best, left),
+    a bar of length CD, and thick lines joining methods whose ranks differ by less than CD.
+
+    ``avg_ranks`` and ``cd`` come from :func:`friedman_nemenyi`. Returns a matplotlib Figure (no pyplot state).
+    """
+    ranks = avg_ranks.sort_values()
+    k = len(ranks)
+    half = (k + 1) // 2
+    labels = [f"{name} ({r:.2f})" for name, r in ranks.items()]
+    side = min(0.4, (0.07 * max(map(len, labels)) + 0.2) / width)  # figure fraction for the labels (8 pt)
+    fig = Figure(figsize=(width, 1.2 + 0.3 * half))
+    ax = fig.add_axes((side, 0.02, 1 - 2 * side, 0.96))
+    ax.set_axis_off()
+    lo, hi = 1, max(k, 2)
+    ax.set_xlim(lo - 0.1, hi + 0.1)
+    ax.set_ylim(-(half + 1.5), 2.2)
+    ax.hlines(0, lo, hi, color="black", lw=1)
+    for r in range(lo, hi + 1):
+        ax.vlines(r, 0, 0.15, color="black", lw=1)
+        ax.text(r, 0.3, str(r), ha="center", va="bottom", fontsize=8)
+    ax.hlines(1.5, lo, lo + cd, color="black", lw=1)  # the CD bar
+    ax.vlines([lo, lo + cd], 1.4, 1.6, color="black", lw=1)
+    ax.text(lo + cd / 2, 1.65, f"CD = {cd:.2f}", ha="center", va="bottom", fontsize=8)
+    for i, (label, r) in enumerate(zip(labels, ranks)):
+        left = i < half
+        y = -(i + 1) if left else -(k - i)
+        x_text = lo - 0.1 if left else hi + 0.1
+        ax.plot([r, r, x_text], [0, y, y], color="black", lw=0.8)
+        ax.text(x_text, y, label, ha="right" if left else "left", va="center", fontsize=8, clip_on=False)
+    for n_bar, (i, j) in enumerate(_cliques(ranks.to_numpy(), cd)):
+        y = -0.35 - 0.2 * n_bar
+        ax.hlines(y, ranks.iloc[i] - 0.03, ranks.iloc[j] + 0.03, color="black", lw=3)
+    return fig
