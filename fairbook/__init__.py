@@ -1,2 +1,18 @@
-"""fairbook: a notebook-first research handbook on fairness in medical vision-language models."""
+"""fairbook: a notebook-first research handbook on fairness in medical vision-language models.
+
+Notebooks use one import, ``import fairbook as fb``, and reach the package through its concept modules:
+``fb.data`` (FairVLMed loader, synthetic generator, summaries), ``fb.models``, ``fb.metrics``, ``fb.stats``,
+``fb.plots``, ``fb.widgets`` and ``fb.runs`` (papermill runner, sweeps, run folders). Modules load on first use.
+"""
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+__all__ = ["book", "data", "metrics", "models", "plots", "runs", "stats", "widgets"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        return importlib.import_module(f"fairbook.{name}")
+    raise AttributeError(f"module 'fairbook' has no attribute {name!r}")
