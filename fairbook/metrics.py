@@ -44,7 +44,8 @@ from fairbook.data.attributes import ATTRIBUTES
 __all__ = [
     "METRICS", "GROUP_METRICS", "THRESHOLD_METHODS", "MetricsInputError", "choose_threshold",
     "intersectional_groups", "expected_calibration_error", "bootstrap_indices", "resampled_auc",
-    "fairness_report", "paired_bootstrap", "report_from_csv", "summary_table", "group_table",
+    "fairness_report", "paired_bootstrap", "report_from_csv", "summary_table", "group_table", "threshold_curve",
+    "equity_scaled_sum", "equity_scaled_std",
 ]
 
 #: Per-group metrics (keys ``group_<name>`` in a report).
@@ -391,6 +392,25 @@ def _group_resampled(w: np.ndarray, y: np.ndarray, p: np.ndarray, yhat: np.ndarr
     return out
 
 
+def equity_scaled_sum(overall: ArrayLike, group_values: ArrayLike) -> np.ndarray:
+    """Equity-scaled metric, sum form: ``M / (1 + sum_g |M - M_g|)`` (FairCLIP code; Fair-MoE Tables 1-4 ES-AUC).
+
+    ``overall`` has shape ``(...)`` and ``group_values`` ``(..., G)``: works for one model or B resamples at once.
+    """
+    m, g = np.asarray(overall, float), np.asarray(group_values, float)
+    return m / (1 + np.abs(g - m[..., None]).sum(axis=-1))
+
+
+def equity_scaled_std(group_values: ArrayLike) -> np.ndarray:
+    """Equity-scaled metric, std form: ``mean_g M_g / (1 + std_g M_g)``, ddof=0 (FairMedFM appendix AUC_ES).
+
+    Unlike the sum form it ignores the overall metric: it compares groups with each other, not with the pooled
+    score, so the two forms can rank the same two models differently.
+    """
+    g = np.asarray(group_values, float)
+    return g.mean(axis=-1) / (1 + g.std(axis=-1))
+
+
 def _summarise(overall: Mapping[str, np.ndarray], group: Mapping[str, np.ndarray],
                covered: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Between-group summaries (:data:`METRICS`) for B rows at once; NaN with fewer than two covered groups.
@@ -412,9 +432,9 @@ def _summarise(overall: Mapping[str, np.ndarray], group: Mapping[str, np.ndarray
     a, c = cols("auc", "auc"), cols("acc", "acc")
     tpr, tpr_o, fpr_o = cols("tpr", "tpr"), cols("tpr", "odds"), cols("fpr", "odds")
     out = dict(overall)
-    out["es_auc"] = nan if a is None else auc / (1 + np.abs(a - auc[:, None]).sum(axis=1))
-    out["es_auc_std"] = nan if a is None else a.mean(axis=1) / (1 + a.std(axis=1))
-    out["es_acc"] = nan if c is None else acc / (1 + np.abs(c - acc[:, None]).sum(axis=1))
+    out["es_auc"] = nan if a is None else equity_scaled_sum(auc, a)
+    out["es_auc_std"] = nan if a is None else equity_scaled_std(a)
+    out["es_acc"] = nan if c is None else equity_scaled_sum(acc, c)
     out["dpd"] = gap(cols("selection_rate", "selection_rate"))
     tpr_gap, fpr_gap = gap(tpr_o), gap(fpr_o)
     out["eod"] = np.maximum(tpr_gap, fpr_gap)
@@ -739,3 +759,19 @@ def group_table(report: Mapping[str, Any]) -> pd.DataFrame:
                     row[f"{m}_lo"], row[f"{m}_hi"] = (_num(v) for v in ci[f"group_{m}"][g])
             rows.append(row)
     return pd.DataFrame(rows).astype({"count": "int64"})
+
+
+def threshold_curve(y_true: ArrayLike, y_score: ArrayLike, groups: ArrayLike, thresholds: ArrayLike) -> pd.DataFrame:
+    """Per-group selection rate, TPR and FPR, with DPD and EOD, as the decision threshold moves.
+
+    One row per (threshold, group), from :func:`fairness_report` at each threshold (point estimates only).
+    Shows why a threshold must be fixed on validation before any parity metric is read: DPD and EOD move with it.
+    """
+    rows = []
+    for t in np.asarray(thresholds, float):
+        entry = fairness_report(y_true, y_score, {"group": groups}, threshold=float(t))["attributes"]["group"]
+        for g in entry["groups"]:
+            rows.append({"threshold": t, "group": g, "selection_rate": entry["group_selection_rate"][g],
+                         "tpr": entry["group_tpr"][g], "fpr": entry["group_fpr"][g],
+                         "dpd": entry["dpd"], "eod": entry["eod"]})
+    return pd.DataFrame(rows)

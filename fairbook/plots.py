@@ -31,3 +31,124 @@ def savefig(fig, name: str) -> Path:
     fig.savefig(tmp)
     tmp.replace(path)
     return path
+
+
+def _grid(n: int, ncols: int = 4, size: float = 2.6):
+    import matplotlib.pyplot as plt
+
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * 0.9 * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, axes.flat
+
+
+def group_sizes(meta, attributes):
+    """Bar chart of the number of samples per group, one panel per attribute."""
+    import seaborn as sns
+
+    fig, axes = _grid(len(attributes))
+    for ax, attr in zip(axes, attributes):
+        counts = meta[f"{attr}_name"].value_counts()
+        sns.barplot(x=counts.index, y=counts.values, ax=ax, hue=counts.index, legend=False)
+        ax.set(xlabel=attr, ylabel="samples")
+        ax.tick_params(axis="x", rotation=30)
+    return fig
+
+
+def prevalence_by_group(tables: dict):
+    """Glaucoma prevalence per group with its confidence interval, one panel per attribute.
+
+    ``tables`` maps attribute -> :func:`fairbook.data.summary.group_table`. The dashed line is the overall prevalence.
+    """
+    fig, axes = _grid(len(tables))
+    for ax, (attr, t) in zip(axes, tables.items()):
+        t = t[t["n"] > 0]
+        x = range(len(t))
+        ax.errorbar(x, t["prevalence"], yerr=[t["prevalence"] - t["ci_low"], t["ci_high"] - t["prevalence"]],
+                    fmt="o", capsize=4)
+        overall = (t["prevalence"] * t["n"]).sum() / t["n"].sum()
+        ax.axhline(overall, ls="--", color="grey", lw=1)
+        ax.set_xticks(list(x), t.index, rotation=30)
+        ax.set(xlabel=attr, ylabel="glaucoma prevalence", ylim=(0, 1))
+    return fig
+
+
+def heatmap(table, fmt: str = "d", cmap: str = "Blues"):
+    """An annotated heatmap of a small two-way table (e.g. race x gender counts)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(1.4 * table.shape[1] + 2, 0.6 * table.shape[0] + 1.5))
+    sns.heatmap(table, annot=True, fmt=fmt, cmap=cmap, cbar=False, ax=ax)
+    return fig
+
+
+def by_group(df, y: str, attribute: str, hue: str | None = "glaucoma", kind: str = "box"):
+    """Distribution of ``y`` per group of ``attribute`` (split by ``hue``): box or violin plot."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    plot = sns.violinplot if kind == "violin" else sns.boxplot
+    plot(data=df, x=f"{attribute}_name", y=y, hue=hue, ax=ax)
+    ax.set(xlabel=attribute, ylabel=y.replace("_", " "))
+    return fig
+
+
+def example_images(meta, attribute: str, per_group: int = 2, seed: int = 0, note_chars: int = 60):
+    """Example images for each group of ``attribute``, titled with the label and the start of the note."""
+    import textwrap
+
+    import numpy as np
+
+    import pandas as pd
+
+    picks = pd.concat([g.sample(min(per_group, len(g)), random_state=seed)
+                       for _, g in meta.groupby(f"{attribute}_name", observed=True)])
+    fig, axes = _grid(len(picks), ncols=per_group * 2, size=2.4)
+    for ax, (_, row) in zip(axes, picks.iterrows()):
+        with np.load(row["path"]) as z:
+            ax.imshow(z["slo_fundus"], cmap="gray")
+        label = "glaucoma" if row["glaucoma"] else "no glaucoma"
+        note = textwrap.shorten(row["note"], note_chars, placeholder="…")
+        ax.set_title(f"{row[f'{attribute}_name']} · {label}\n" + "\n".join(textwrap.wrap(note, 30)), fontsize=7)
+        ax.axis("off")
+    return fig
+
+
+def group_metric(groups, metric: str = "auc", overall: float | None = None):
+    """Per-group ``metric`` with its bootstrap CI, from :func:`fairbook.metrics.group_table` rows of one attribute.
+
+    Group sizes are printed under the labels: the width of an interval is mostly a matter of group size.
+    """
+    import matplotlib.pyplot as plt
+
+    g = groups[groups["count"] > 0]
+    fig, ax = plt.subplots(figsize=(1.1 * len(g) + 2.5, 3))
+    x = range(len(g))
+    err = None
+    if f"{metric}_lo" in g:
+        err = [g[metric] - g[f"{metric}_lo"], g[f"{metric}_hi"] - g[metric]]
+    ax.errorbar(x, g[metric], yerr=err, fmt="o", capsize=4)
+    if overall is not None:
+        ax.axhline(overall, ls="--", color="grey", lw=1)
+    ax.set_xticks(list(x), [f"{name}\nn={n}" for name, n in zip(g["group"], g["count"])])
+    ax.set(ylabel=metric.replace("_", " "), xlabel=str(g["attribute"].iloc[0]))
+    return fig
+
+
+def threshold_curve(curve):
+    """Per-group selection rate and TPR against the threshold (left), and the resulting DPD and EOD (right)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    long = curve.melt(id_vars=["threshold", "group"], value_vars=["selection_rate", "tpr"], var_name="rate")
+    sns.lineplot(data=long, x="threshold", y="value", hue="group", style="rate", ax=left)
+    left.set(ylabel="rate")
+    gaps = curve.drop_duplicates("threshold").melt(id_vars="threshold", value_vars=["dpd", "eod"], var_name="gap")
+    sns.lineplot(data=gaps, x="threshold", y="value", hue="gap", ax=right)
+    right.set(ylabel="gap between groups")
+    return fig

@@ -402,3 +402,30 @@ def test_errors_are_one_line():
     with pytest.raises(M.MetricsInputError) as err:
         M.fairness_report([0, 1], [0.2, float("nan")], {"g": ["a", "b"]})
     assert "\n" not in str(err.value) and isinstance(err.value, ValueError)
+
+
+def test_equity_scaled_forms_can_rank_two_models_differently():
+    # Model A: overall 0.85, groups (0.85, 0.85, 0.70): sum = 0.85 / 1.15 = 0.7391;
+    #   std form: mean 0.80, std sqrt(((.05)^2*2 + (.1)^2)/3) = 0.070711 -> 0.80 / 1.070711 = 0.7472
+    # Model B: overall 0.80, groups (0.88, 0.72, 0.80): sum = 0.80 / 1.16 = 0.6897;
+    #   std form: mean 0.80, std sqrt((.08^2 * 2)/3) = 0.065320 -> 0.80 / 1.065320 = 0.7510
+    from fairbook.metrics import equity_scaled_std, equity_scaled_sum
+
+    a_sum, b_sum = equity_scaled_sum(0.85, [0.85, 0.85, 0.70]), equity_scaled_sum(0.80, [0.88, 0.72, 0.80])
+    a_std, b_std = equity_scaled_std([0.85, 0.85, 0.70]), equity_scaled_std([0.88, 0.72, 0.80])
+    assert a_sum == pytest.approx(0.85 / 1.15) and b_sum == pytest.approx(0.80 / 1.16)
+    assert a_std == pytest.approx(0.7472, abs=1e-4) and b_std == pytest.approx(0.7510, abs=1e-4)
+    assert a_sum > b_sum and a_std < b_std
+
+
+def test_threshold_curve_matches_hand_counts():
+    from fairbook.metrics import threshold_curve
+
+    y = np.array([1, 0, 1, 0, 1, 1])
+    p = np.array([0.9, 0.6, 0.4, 0.2, 0.7, 0.3])
+    g = np.array(["a", "a", "a", "b", "b", "b"])
+    curve = threshold_curve(y, p, g, [0.5]).set_index("group")
+    # a: yhat (1,1,0) -> selection 2/3, TPR 1/2, FPR 1/1; b: yhat (0,1,0) -> selection 1/3, TPR 1/2, FPR 0/1
+    assert curve.loc["a", "selection_rate"] == pytest.approx(2 / 3) and curve.loc["b", "selection_rate"] == pytest.approx(1 / 3)
+    assert curve.loc["a", "fpr"] == 1.0 and curve.loc["b", "fpr"] == 0.0
+    assert curve["dpd"].iloc[0] == pytest.approx(1 / 3) and curve["eod"].iloc[0] == pytest.approx(1.0)

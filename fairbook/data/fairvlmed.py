@@ -467,3 +467,21 @@ def describe(root: str | os.PathLike) -> str:
     total = _total(info.get("counts"))
     parts = ["synthetic", ", ".join(settings), f"{total:,} samples" if total is not None else ""]
     return f"SynthFairVLMed ({'; '.join(p for p in parts if p)})"
+
+
+def load_pixels(root: str | os.PathLike, split: str, size: int = 32, drop_unknown: bool | None = None):
+    """``(X, metadata)``: every image of a split centre-cropped to a square, resized to ``size`` x ``size`` with
+    area averaging, scaled to [0, 1] and flattened (``X`` is ``n x size²`` float32). Input for pixel baselines.
+    """
+    from PIL import Image
+
+    meta = load_metadata(root, split, drop_unknown=drop_unknown)
+    rows = []
+    for path in meta["path"]:
+        image = load_image(path)
+        h, w = image.shape
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        square = Image.fromarray(image[top:top + s, left:left + s], mode="F").resize((size, size), Image.BOX)
+        rows.append(np.asarray(square, np.float32).ravel() / 255.0)
+    return np.stack(rows) if rows else np.zeros((0, size * size), np.float32), meta

@@ -1,0 +1,21 @@
+"""Shared fixtures: the smoke-sized SynthFairVLMed that notebooks read under params/<stem>/smoke.yaml."""
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+SMOKE_DATA = "data/synth-smoke"
+
+
+@pytest.fixture(scope="session")
+def smoke_data():
+    """Write (once; the generator is idempotent) the small dataset the smoke parameters point at."""
+    from fairbook.data.synthetic import SynthConfig, generate
+    from fairbook.runs import resolve
+
+    root = resolve(SMOKE_DATA)
+    generate(root, SynthConfig.preset("default", n_train=240, n_val=80, n_test=120), progress=False)
+    return root

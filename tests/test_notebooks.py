@@ -1,0 +1,75 @@
+"""Every notebook executes under params/<stem>/smoke.yaml; the book built from those runs renders in Chromium."""
+import json
+from pathlib import Path
+
+import pytest
+
+from fairbook import runs
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").glob("[0-9]*.py"))
+
+
+def test_every_notebook_has_parameters_and_params_files():
+    assert NOTEBOOKS, "no notebooks found"
+    for nb in NOTEBOOKS:
+        defaults = runs.notebook_parameters(nb)
+        for config in ("smoke", "default"):
+            path = ROOT / "params" / nb.stem / f"{config}.yaml"
+            assert path.exists(), f"missing {path}"
+            runs.check_params(nb, runs.load_params([path]))  # raises on a key the notebook does not declare
+        assert defaults, f"{nb.name} declares no parameters"
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(smoke_data, tmp_path_factory):
+    runs_dir = tmp_path_factory.mktemp("runs")
+    for nb in NOTEBOOKS:
+        runs.run_notebook(nb, [ROOT / "params" / nb.stem / "smoke.yaml"], name="smoke", runs_dir=runs_dir, force=True)
+    return runs_dir
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("stem", [nb.stem for nb in NOTEBOOKS])
+def test_notebook_executes_under_smoke_parameters(smoke_runs, stem):
+    out = smoke_runs / stem / "smoke"
+    assert runs.is_complete(out)
+    assert (out / f"{stem}.ipynb").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "synthetic" in json.dumps(metrics).lower(), "a notebook's metrics must say which data they describe"
+
+
+@pytest.mark.notebook
+def test_data_chapter_numbers_match_the_loader(smoke_runs, smoke_data):
+    from fairbook.data import load_metadata
+
+    metrics = json.loads((smoke_runs / "01-data-exploration" / "smoke" / "metrics.json").read_text())
+    train = load_metadata(smoke_data, "Training")
+    assert metrics["n"]["Training"] == len(train)
+    assert metrics["group_n"]["race"] == train["race_name"].value_counts().reindex(
+        metrics["group_n"]["race"].keys(), fill_value=0).to_dict()
+    figures = sorted(p.name for p in (smoke_runs / "01-data-exploration" / "smoke" / "figures").glob("*.png"))
+    assert "prevalence-by-group.png" in figures and "examples-by-race.png" in figures
+
+
+@pytest.mark.browser
+def test_book_built_from_the_smoke_runs_renders_offline(smoke_runs, tmp_path):
+    """The real chapters, executed under smoke parameters, built into the book and opened in Chromium."""
+    from browser import CHROMIUM, check_book_in_browser
+    from test_book import copy_book_sources
+
+    from fairbook.book import build_book
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium)")
+    book_dir = tmp_path / "book"
+    copy_book_sources(book_dir)
+    index = build_book(config="smoke", runs_dir=smoke_runs, book_dir=book_dir)
+    result = check_book_in_browser(index.parent)
+    pages = {Path(p["page"]).stem: p for p in result["pages"]}
+    for nb in NOTEBOOKS:
+        assert nb.stem in pages, f"{nb.stem} missing from the book"
+    assert len(pages["01-data-exploration"]["images"]) >= 6, "the data chapter's figures are missing"
+    assert all(img["width"] > 0 for img in result["images"]), "an image failed to load"
+    assert result["external_requests"] == [], result["external_requests"]
+    assert result["failed_requests"] == [] and result["js_errors"] == []
