@@ -55,3 +55,59 @@ def test_run_rejects_an_unknown_parameter(capsys):
 def test_synth_refuses_a_folder_with_another_config(smoke_data, capsys):
     assert main(["data", "synth", str(smoke_data), "--n-train", "7", "--n-val", "7", "--n-test", "7"]) == 2
     assert str(smoke_data) in _one_error_line(capsys)
+
+
+def _predictions(path, n=300, seed=0, **changes):
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    frame = pd.DataFrame({"y_true": y, "y_score": np.clip(0.35 * y + 0.65 * rng.random(n), 0, 1),
+                          "race": rng.choice(["Asian", "Black", "White"], n, p=[0.2, 0.3, 0.5]),
+                          "gender": rng.integers(0, 2, n)})
+    for column, values in changes.items():
+        frame[column] = values
+    frame.to_csv(path, index=False)
+    return frame
+
+
+def test_metrics_writes_the_documented_json(tmp_path, capsys):
+    import json
+
+    from sklearn.metrics import roc_auc_score
+
+    test = _predictions(tmp_path / "test.csv")
+    _predictions(tmp_path / "val.csv", seed=1)
+    out = tmp_path / "report.json"
+    assert main(["metrics", str(tmp_path / "test.csv"), "--attributes", "race,gender", "--val",
+                 str(tmp_path / "val.csv"), "--n-boot", "200", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    race = report["attributes"]["race"]
+    for key in ("auc", "es_auc", "dpd", "eod", "group_auc", "threshold", "ci"):
+        assert key in race, key
+    assert race["auc"] == pytest.approx(roc_auc_score(test["y_true"], test["y_score"]))
+    white = test["race"] == "White"
+    assert race["group_auc"]["White"] == pytest.approx(roc_auc_score(test["y_true"][white], test["y_score"][white]))
+    lo, hi = race["ci"]["auc"]
+    assert lo < race["auc"] < hi
+    assert "validation" in report["threshold_note"]
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"y_score": None}, "y_score"),                       # a missing column
+    ({"y_true": 2}, "binary"),                             # labels that are not 0/1
+    ({"y_score": 1.5}, "[0, 1]"),                          # scores that are not probabilities
+    ({"y_score": np.nan}, "NaN"),                          # NaN scores
+])
+def test_metrics_input_errors_are_one_line(tmp_path, capsys, change, expected):
+    import pandas as pd
+
+    frame = _predictions(tmp_path / "test.csv")
+    (column, value), = change.items()
+    if value is None:
+        frame = frame.drop(columns=[column])
+    else:
+        frame.loc[frame.index[:5], column] = value
+    frame.to_csv(tmp_path / "test.csv", index=False)
+    assert main(["metrics", str(tmp_path / "test.csv"), "--attributes", "race", "--n-boot", "0"]) == 2
+    assert expected in _one_error_line(capsys)
