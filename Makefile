@@ -9,7 +9,6 @@ DATA   := data/synth-fairvlmed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.py))
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-export MPLBACKEND := Agg
 
 .PHONY: book test setup data runs bench clean
 .DEFAULT_GOAL := book

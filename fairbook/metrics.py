@@ -45,7 +45,7 @@ __all__ = [
     "METRICS", "GROUP_METRICS", "THRESHOLD_METHODS", "MetricsInputError", "choose_threshold",
     "intersectional_groups", "expected_calibration_error", "bootstrap_indices", "resampled_auc",
     "fairness_report", "paired_bootstrap", "report_from_csv", "summary_table", "group_table", "threshold_curve",
-    "equity_scaled_sum", "equity_scaled_std",
+    "equity_scaled_sum", "equity_scaled_std", "ci_table",
 ]
 
 #: Per-group metrics (keys ``group_<name>`` in a report).
@@ -775,3 +775,14 @@ def threshold_curve(y_true: ArrayLike, y_score: ArrayLike, groups: ArrayLike, th
                          "tpr": entry["group_tpr"][g], "fpr": entry["group_fpr"][g],
                          "dpd": entry["dpd"], "eod": entry["eod"]})
     return pd.DataFrame(rows)
+
+
+def ci_table(report: Mapping[str, Any], metrics: Sequence[str] = ("auc", "es_auc", "dpd", "eod"),
+             scale: float = 100, decimals: int = 1) -> pd.DataFrame:
+    """Attributes x metrics, each cell ``"value [lo, hi]"`` scaled to percent as in the papers' tables."""
+    t = summary_table(report)
+    t = t[t["metric"].isin(metrics)]
+    cell = [f"{scale * v:.{decimals}f} [{scale * lo:.{decimals}f}, {scale * hi:.{decimals}f}]"
+            if not math.isnan(lo) else f"{scale * v:.{decimals}f}"
+            for v, lo, hi in zip(t["value"], t["ci_lo"], t["ci_hi"])]
+    return t.assign(cell=cell).pivot(index="attribute", columns="metric", values="cell")[list(metrics)]

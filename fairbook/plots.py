@@ -23,14 +23,16 @@ def set_style() -> None:
                                 "axes.spines.top": False, "axes.spines.right": False})
 
 
-def savefig(fig, name: str) -> Path:
-    """Save ``fig`` as ``figures/<name>.png`` in the run folder and return the path."""
+def savefig(fig, name: str) -> None:
+    """Save ``fig`` as ``figures/<name>.png`` in the run folder (:func:`fairbook.runs.output_dir`).
+
+    Returns nothing, so that a cell ending with it shows only the figure.
+    """
     path = output_dir() / "figures" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
     tmp.replace(path)
-    return path
 
 
 def _grid(n: int, ncols: int = 4, size: float = 2.6):
@@ -62,7 +64,7 @@ def prevalence_by_group(tables: dict):
 
     ``tables`` maps attribute -> :func:`fairbook.data.summary.group_table`. The dashed line is the overall prevalence.
     """
-    fig, axes = _grid(len(tables))
+    fig, axes = _grid(len(tables), ncols=2, size=3.6)
     for ax, (attr, t) in zip(axes, tables.items()):
         t = t[t["n"] > 0]
         x = range(len(t))
@@ -71,7 +73,7 @@ def prevalence_by_group(tables: dict):
         overall = (t["prevalence"] * t["n"]).sum() / t["n"].sum()
         ax.axhline(overall, ls="--", color="grey", lw=1)
         ax.set_xticks(list(x), t.index, rotation=30)
-        ax.set(xlabel=attr, ylabel="glaucoma prevalence", ylim=(0, 1))
+        ax.set(xlabel=attr, ylabel="glaucoma prevalence", ylim=(0, 1), xlim=(-0.5, len(t) - 0.5))
     return fig
 
 

@@ -14,6 +14,7 @@ never looks complete. A run whose fingerprint is unchanged is not executed again
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import itertools
 import json
@@ -247,13 +248,12 @@ def run_notebook(
     jupytext.write(nb, source)
 
     started = time.time()
-    env_before = os.environ.get(RUN_DIR_ENV)
-    os.environ[RUN_DIR_ENV] = str(tmp)
     try:
-        pm.execute_notebook(
-            str(source), str(tmp / f"{stem}.ipynb"), parameters=params, kernel_name=kernel,
-            cwd=str(project_root()), progress_bar=False, log_output=False,
-        )
+        with _kernel_environment(tmp):
+            pm.execute_notebook(
+                str(source), str(tmp / f"{stem}.ipynb"), parameters=params, kernel_name=kernel,
+                cwd=str(project_root()), progress_bar=False, log_output=False,
+            )
     except pm.PapermillExecutionError as err:
         failed = final.with_name(f"{config}.failed")
         shutil.rmtree(failed, ignore_errors=True)
@@ -265,11 +265,6 @@ def run_notebook(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        if env_before is None:
-            os.environ.pop(RUN_DIR_ENV, None)
-        else:
-            os.environ[RUN_DIR_ENV] = env_before
     source.unlink()
 
     atomic_write_text(tmp / "params.yaml", yaml.safe_dump(params, sort_keys=True))
@@ -280,6 +275,23 @@ def run_notebook(
     _replace_dir(tmp, final)
     shutil.rmtree(final.with_name(f"{config}.failed"), ignore_errors=True)
     return final
+
+
+@contextlib.contextmanager
+def _kernel_environment(run_dir: Path):
+    """The kernel inherits this process's environment: point it at the run folder, and drop a non-inline
+    ``MPLBACKEND`` (e.g. ``Agg`` from a CI shell), which would keep every figure out of the executed notebook."""
+    saved = {k: os.environ.get(k) for k in (RUN_DIR_ENV, "MPLBACKEND")}
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    os.environ.pop("MPLBACKEND", None)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

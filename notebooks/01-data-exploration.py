@@ -51,7 +51,7 @@ print(source)
 
 # %%
 metas = {split: fb.data.load_metadata(root, split, drop_unknown=drop_unknown) for split in fb.data.SPLITS}
-fb.data.split_table(metas).style.format({"n": "{:,.0f}", "glaucoma prevalence": "{:.3f}"})
+fb.data.split_table(metas).round(3)
 
 # %% [markdown]
 # The rest of the chapter describes the training split, the data every method learns from.
@@ -87,7 +87,7 @@ fb.plots.savefig(fig, "race-gender-counts")
 # %%
 tables = {a: fb.data.group_table(train, a) for a in attributes}
 prevalence = fb.data.group_table(train, "race")
-prevalence.style.format({"share": "{:.1%}", "prevalence": "{:.3f}", "ci_low": "{:.3f}", "ci_high": "{:.3f}"})
+prevalence.round(3)
 
 # %% mystnb={"figure": {"caption": "Glaucoma prevalence per group with 95% Wilson intervals; dashed: overall.", "name": "fig-prevalence"}}
 fig = fb.plots.prevalence_by_group(tables)

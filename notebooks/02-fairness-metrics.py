@@ -30,6 +30,8 @@ import pandas as pd
 
 import fairbook as fb
 
+pd.set_option("display.max_colwidth", None)
+
 # %% tags=["parameters"]
 data_root = "data/synth-fairvlmed"  # a FairVLMed folder; relative paths start at the fairbook checkout
 attributes = ["race", "gender", "ethnicity", "language"]
@@ -75,12 +77,8 @@ report = fb.metrics.fairness_report(test["glaucoma"], p_test, groups, threshold=
 print(report["threshold_note"], f"-> threshold {report['threshold']:.3f}")
 
 # %%
-table = fb.metrics.summary_table(report)
 headline = ["auc", "es_auc", "es_auc_std", "dpd", "eod", "eq_odds", "auc_delta", "worst_auc", "ece"]
-table = table[table["metric"].isin(headline)]
-table.assign(cell=[f"{100 * v:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]" for v, lo, hi
-                   in zip(table["value"], table["ci_lo"], table["ci_hi"])]
-             ).pivot(index="attribute", columns="metric", values="cell")[headline]
+fb.metrics.ci_table(report, headline)
 
 # %% [markdown]
 # Per group, for race. The interval of a group is wide when the group is small: here, the Asian group.

@@ -429,3 +429,12 @@ def test_threshold_curve_matches_hand_counts():
     assert curve.loc["a", "selection_rate"] == pytest.approx(2 / 3) and curve.loc["b", "selection_rate"] == pytest.approx(1 / 3)
     assert curve.loc["a", "fpr"] == 1.0 and curve.loc["b", "fpr"] == 0.0
     assert curve["dpd"].iloc[0] == pytest.approx(1 / 3) and curve["eod"].iloc[0] == pytest.approx(1.0)
+
+
+def test_ci_table_formats_percent_with_intervals():
+    from fairbook.metrics import ci_table
+
+    report = {"attributes": {"race": {"n_groups": {"auc": 3}, "ci": {"auc": [0.801, 0.9]},
+                                      **{k: 0.0 for k in M.METRICS}, "auc": 0.8512}}}
+    assert ci_table(report, ["auc"]).loc["race", "auc"] == "85.1 [80.1, 90.0]"
+    assert ci_table(report, ["dpd"]).loc["race", "dpd"] == "0.0"

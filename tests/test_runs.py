@@ -117,3 +117,16 @@ def test_sweep_rejects_unknown_parameters_before_running(toy, tmp_path):
     with pytest.raises(runs.ParameterError, match="unknown parameter 'seed'"):
         runs.sweep(grid, runs_dir=runs_dir, progress=False)
     assert not runs_dir.exists()
+
+
+def test_figures_reach_the_executed_notebook_even_with_mplbackend_agg(tmp_path, monkeypatch):
+    import nbformat
+
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = tmp_path / "98-figure.py"
+    nb.write_text('# %%\nimport matplotlib.pyplot as plt\n\n# %% tags=["parameters"]\nn = 2\n\n'
+                  '# %%\nfig, ax = plt.subplots()\nax.plot(range(n))\n')
+    out = runs.run_notebook(nb, runs_dir=tmp_path / "runs")
+    executed = nbformat.read(out / "98-figure.ipynb", as_version=4)
+    assert any("image/png" in o.get("data", {}) for c in executed.cells for o in c.get("outputs", []))
+    assert runs.os.environ["MPLBACKEND"] == "Agg", "the caller's environment is restored"

@@ -83,7 +83,7 @@ def image_statistics(meta: pd.DataFrame, n: int | None = 1000, seed: int = 0) ->
         with np.load(path) as z:
             img = z["slo_fundus"].astype(np.float32)
             cdr = vertical_cdr(z["disc_mask"], z["cup_mask"]) if "disc_mask" in z.files else np.nan
-        rows.append((img.mean(), img.std(), cdr))
+        rows.append((float(img.mean()), float(img.std()), cdr))
     out = pd.DataFrame(rows, columns=["brightness", "contrast", "vertical_cdr"], index=sample.index)
     return sample.drop(columns=["path"]).join(out)
 
