@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["book", "data", "metrics", "models", "plots", "runs", "stats", "widgets"]
+__all__ = ["book", "data", "fairness", "metrics", "models", "plots", "runs", "stats", "train", "widgets"]
 
 
 def __getattr__(name: str):

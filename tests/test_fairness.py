@@ -1,0 +1,239 @@
+"""FairCLIP regulariser (both forms), resampling weights and GroupDRO against hand-worked values."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fairbook.fairness import (
+    FairCLIPRegulariser, FairnessError, GroupBatches, GroupDRO, balanced_sampler, code_scores,
+    group_balanced_weights, paper_scores,
+)
+
+# Sinkhorn settings close to the unregularised limit: tiny blur, slow epsilon-scaling so the iterations converge.
+CONVERGED = {"blur": 1e-4, "scaling": 0.99}
+
+
+def half_w2_squared(x: torch.Tensor, y: torch.Tensor) -> float:
+    """W2^2 / 2 between the uniform empirical distributions of two 1-D samples of any sizes n and m.
+
+    Their quantile functions are step functions on the grids k/n and k/m; on the common grid of step 1/lcm(n, m)
+    both are constant, so repeating each sorted sample lcm/n (lcm/m) times gives two equal-size samples whose
+    sorted, paired squared differences average to W2^2.
+    """
+    n, m = len(x), len(y)
+    lcm = n * m // math.gcd(n, m)
+    xs = x.double().sort().values.repeat_interleave(lcm // n)
+    ys = y.double().sort().values.repeat_interleave(lcm // m)
+    return float(((xs - ys) ** 2).mean() / 2)
+
+
+def features_with_cosines(scores: torch.Tensor, dim: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image features (s, sqrt(1 - s^2), 0...) and text features (1, 0, ...): the cosine of pair i is s_i exactly,
+    with non-unit norms so the normalisation is exercised."""
+    image = torch.zeros(len(scores), dim, dtype=torch.float64)
+    image[:, 0], image[:, 1] = scores, (1 - scores**2).sqrt()
+    text = torch.zeros_like(image)
+    text[:, 0] = 1.0
+    return 3.0 * image, 0.5 * text
+
+
+def batch_for(attribute_column: int, codes: list[int]) -> dict:
+    attributes = torch.zeros(len(codes), 4, dtype=torch.int64)
+    attributes[:, attribute_column] = torch.tensor(codes)
+    return {"attributes": attributes}
+
+
+# ------------------------------------------------------------------------------------------------- paper form
+def test_paper_scores_are_matched_pair_cosines():
+    generator = torch.Generator().manual_seed(0)
+    image, text = torch.randn(5, 4, generator=generator), torch.randn(5, 4, generator=generator)
+    expected = torch.nn.functional.cosine_similarity(image, text, dim=1)
+    assert torch.allclose(paper_scores(image, text), expected, atol=1e-6)
+
+
+def test_paper_form_matches_closed_form_for_groups_of_different_sizes():
+    # batch of 12: race groups of 6 (Asian), 4 (Black) and 2 (White) samples; sizes 12 vs 6/4/2 need the lcm grid
+    scores = torch.tensor([0.9, -0.3, 0.5, 0.1, 0.7, -0.8, 0.2, 0.6, -0.1, 0.35, 0.0, -0.55], dtype=torch.float64)
+    codes = [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
+    image, text = features_with_cosines(scores)
+    lam = 2.0
+    regulariser = FairCLIPRegulariser("race", lam=lam, **CONVERGED)
+    value = float(regulariser(image, text, 100.0, batch_for(0, codes)))
+    group_index = torch.tensor(codes)
+    expected = lam * sum(half_w2_squared(scores, scores[group_index == g]) for g in (0, 1, 2))
+    assert expected > 0.05
+    assert value == pytest.approx(expected, rel=1e-5)
+    assert not regulariser.skipped
+
+
+def test_paper_form_is_zero_for_identical_distributions():
+    # each gender group holds the same multiset of scores, so both equal the batch distribution (sizes 8 vs 4)
+    half = torch.tensor([0.8, -0.2, 0.4, 0.1], dtype=torch.float64)
+    scores = torch.cat([half, half.flip(0)])
+    image, text = features_with_cosines(scores)
+    regulariser = FairCLIPRegulariser("gender", lam=1.0, **CONVERGED)
+    value = float(regulariser(image, text, 1.0, batch_for(1, [0, 0, 0, 0, 1, 1, 1, 1])))
+    assert abs(value) < 1e-9
+    shifted = FairCLIPRegulariser("gender", lam=1.0, **CONVERGED)
+    image2, text2 = features_with_cosines(torch.cat([half, half - 0.5]))
+    assert float(shifted(image2, text2, 1.0, batch_for(1, [0, 0, 0, 0, 1, 1, 1, 1]))) > 0.01
+
+
+def test_paper_form_skips_and_counts_absent_groups_and_ignores_unknown():
+    scores = torch.tensor([0.9, 0.1, -0.4, 0.6, 0.3], dtype=torch.float64)
+    image, text = features_with_cosines(scores)
+    codes = [0, 0, 2, -1, 2]  # English x2, Other x2, one Unknown; Spanish (1) absent
+    regulariser = FairCLIPRegulariser("language", lam=1.0, **CONVERGED)
+    batch = batch_for(3, codes)
+    value = float(regulariser(image, text, 1.0, batch))
+    regulariser(image, text, 1.0, batch)
+    assert dict(regulariser.skipped) == {1: 2}
+    index = torch.tensor(codes)
+    expected = half_w2_squared(scores, scores[index == 0]) + half_w2_squared(scores, scores[index == 2])
+    assert value == pytest.approx(expected, rel=1e-5)
+
+
+def test_paper_form_gradients_reach_both_features():
+    generator = torch.Generator().manual_seed(1)
+    image = torch.randn(8, 6, generator=generator, requires_grad=True)
+    text = torch.randn(8, 6, generator=generator, requires_grad=True)
+    regulariser = FairCLIPRegulariser("gender", lam=1.0)
+    loss = regulariser(image, text, 100.0, batch_for(1, [0, 1, 0, 0, 1, 1, 0, 0]))
+    loss.backward()
+    assert loss.item() > 0
+    assert image.grad.abs().sum() > 0 and text.grad.abs().sum() > 0
+
+
+# -------------------------------------------------------------------------------------------------- code form
+def test_code_scores_are_diagonal_of_logit_product():
+    generator = torch.Generator().manual_seed(2)
+    image, text = torch.randn(6, 5, generator=generator), torch.randn(6, 5, generator=generator)
+    scale = 7.0
+    image_n, text_n = image / image.norm(dim=1, keepdim=True), text / text.norm(dim=1, keepdim=True)
+    logits_per_image = scale * image_n @ text_n.T
+    logits_per_text = scale * text_n @ image_n.T
+    expected = torch.diag(logits_per_image @ logits_per_text.T)
+    assert torch.allclose(code_scores(image, text, scale), expected, rtol=1e-5)
+    assert not torch.allclose(expected, torch.diag(logits_per_image))
+
+
+def test_code_form_normalises_group_scores_by_their_sum():
+    # one-hot image = text features: the cosine matrix is the identity, L = scale * I and every score is scale^2.
+    # batch side (4 samples, scale 2): s = 4 each; group 0 (2 samples): s_g = [4, 4] / 8 = [0.5, 0.5];
+    # group 1 (4 samples): [0.25] * 4. Between Dirac masses the Sinkhorn divergence is exactly |a - b|^2 / 2.
+    eye = torch.eye(4, dtype=torch.float64)
+    group_features = {0: (eye[:2], eye[:2]), 1: (eye, eye)}
+    regulariser = FairCLIPRegulariser("gender", lam=0.5, form="code", blur=1e-4)
+    value = float(regulariser(eye, eye, 2.0, batch_for(1, [0, 0, 1, 1]), group_features=group_features))
+    expected = 0.5 * ((4 - 0.5) ** 2 / 2 + (4 - 0.25) ** 2 / 2)  # = 6.578125; without normalisation it would be 0
+    assert value == pytest.approx(expected, rel=1e-6)
+
+
+def test_code_form_gradient_reaches_only_the_batch_side():
+    generator = torch.Generator().manual_seed(3)
+    image = torch.randn(6, 4, generator=generator, requires_grad=True)
+    text = torch.randn(6, 4, generator=generator, requires_grad=True)
+    group_image = torch.randn(3, 4, generator=generator, requires_grad=True)
+    group_text = torch.randn(3, 4, generator=generator, requires_grad=True)
+    regulariser = FairCLIPRegulariser("race", lam=1.0, form="code")
+    loss = regulariser(image, text, 10.0, {"attributes": torch.zeros(6, 4, dtype=torch.int64)},
+                       group_features={2: (group_image, group_text)})
+    loss.backward()
+    assert image.grad.abs().sum() > 0 and text.grad.abs().sum() > 0
+    assert group_image.grad is None and group_text.grad is None
+
+
+def test_bad_inputs_raise_one_line_errors():
+    with pytest.raises(FairnessError, match="choose 'paper'"):
+        FairCLIPRegulariser("race", form="official")
+    with pytest.raises(FairnessError, match="unknown attribute"):
+        FairCLIPRegulariser("maritalstatus")
+    eye = torch.eye(3)
+    with pytest.raises(FairnessError, match="needs group_features"):
+        FairCLIPRegulariser("race", form="code")(eye, eye, 1.0, batch_for(0, [0, 1, 2]))
+    with pytest.raises(FairnessError, match="batch\\['attributes'\\]"):
+        FairCLIPRegulariser("race")(eye, eye, 1.0, batch_for(0, [0, 1]))
+
+
+# ---------------------------------------------------------------------------------------------- group batches
+class TinyDataset(torch.utils.data.Dataset):
+    def __init__(self, codes: list[int]) -> None:
+        self.codes = np.array(codes)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"index": index, "group": int(self.codes[index])}
+
+    def groups(self, attribute: str) -> np.ndarray:
+        return self.codes
+
+
+def test_group_batches_are_group_only_cycle_and_cover_each_group():
+    codes = [0, 1, 0, 2, 1, 0, -1, 0, 0]  # group 0: 5 items, group 1: 2, group 2: 1, one unknown
+    source = GroupBatches(TinyDataset(codes), "race", batch_size=2, seed=0)
+    steps = [next(source) for _ in range(4)]
+    assert all(set(step) == {0, 1, 2} for step in steps)
+    for step in steps:
+        for group, batch in step.items():
+            assert set(batch["group"].tolist()) == {group}
+    # group 0 has 5 items in batches of 2, 2, 1: the first three steps cover it exactly once, step 4 restarts
+    first_pass = torch.cat([step[0]["index"] for step in steps[:3]]).tolist()
+    assert sorted(first_pass) == [0, 2, 5, 7, 8]
+    assert [len(step[0]["index"]) for step in steps] == [2, 2, 1, 2]
+    again = [next(GroupBatches(TinyDataset(codes), "race", batch_size=2, seed=0))[0]["index"].tolist()]
+    assert again[0] == steps[0][0]["index"].tolist()
+
+
+# ------------------------------------------------------------------------------------------------- resampling
+def test_group_balanced_weights_hand_case():
+    weights = group_balanced_weights(["a", "a", "a", "b", "c", "c"])
+    assert np.allclose(weights, [1 / 3, 1 / 3, 1 / 3, 1, 1 / 2, 1 / 2])
+    assert weights.sum() == pytest.approx(3.0)
+
+
+def test_balanced_sampler_draws_groups_equally_and_is_seeded():
+    groups = np.array([0] * 90 + [1] * 10)
+    draws = np.array(list(balanced_sampler(groups, num_samples=4000, seed=1)))
+    minority_share = (groups[draws] == 1).mean()
+    assert abs(minority_share - 0.5) < 0.04  # 0.1 without resampling; binomial sd at n=4000 is 0.008
+    assert len(list(balanced_sampler(groups))) == 100
+    assert list(balanced_sampler(groups, seed=1)) == list(balanced_sampler(groups, seed=1))
+
+
+# --------------------------------------------------------------------------------------------------- GroupDRO
+def test_group_dro_two_steps_by_hand():
+    dro = GroupDRO(n_groups=3, eta=0.5)
+    assert torch.allclose(dro.q, torch.full((3,), 1 / 3))
+
+    losses = torch.tensor([1.0, 3.0, 1.0], requires_grad=True)  # group 0: mean 2, group 1: 1, group 2: absent
+    loss = dro(losses, torch.tensor([0, 0, 1]))
+    w = [math.exp(0.5 * 2), math.exp(0.5 * 1), 1.0]
+    q1 = [x / sum(w) for x in w]
+    assert dro.q.tolist() == pytest.approx(q1)
+    assert loss.item() == pytest.approx(q1[0] * 2 + q1[1] * 1)
+    loss.backward()  # q is constant: d loss / d loss_i = q_g / (group batch size)
+    assert losses.grad.tolist() == pytest.approx([q1[0] / 2, q1[0] / 2, q1[1]])
+
+    loss2 = dro(torch.tensor([4.0]), torch.tensor([2]))  # only group 2 present, loss 4
+    w2 = [q1[0], q1[1], q1[2] * math.exp(0.5 * 4)]
+    q2 = [x / sum(w2) for x in w2]
+    assert dro.q.tolist() == pytest.approx(q2)
+    assert loss2.item() == pytest.approx(q2[2] * 4)
+
+
+def test_group_dro_adjustment_enters_q_only():
+    dro = GroupDRO(n_groups=2, eta=1.0, adjustment=1.0, group_counts=[4, 100])
+    loss = dro(torch.tensor([1.0, 1.0]), torch.tensor([0, 1]))
+    w = [math.exp(1 + 1 / 2), math.exp(1 + 1 / 10)]
+    q = [x / sum(w) for x in w]
+    assert dro.q.tolist() == pytest.approx(q)
+    assert loss.item() == pytest.approx(q[0] * 1 + q[1] * 1)
+    with pytest.raises(FairnessError, match="needs group_counts"):
+        GroupDRO(2, adjustment=1.0)
+    with pytest.raises(FairnessError, match="0..1"):
+        GroupDRO(2)(torch.ones(2), torch.tensor([0, -1]))
