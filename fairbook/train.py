@@ -1,0 +1,525 @@
+"""Contrastive fine-tuning and evaluation of CLIP on (SLO fundus image, clinical note) pairs.
+
+What the FairCLIP paper and code do (Luo et al., CVPR 2024; official repo Harvard-Ophthalmology-AI-Lab/FairCLIP),
+and where fairbook departs from the code on purpose:
+
+* Objective: the symmetric InfoNCE loss of CLIP (Radford et al., ICML 2021, Fig. 3),
+  ``(CE(L_img, arange) + CE(L_txt, arange)) / 2`` with ``L_img = s * I T^T`` on L2-normalised features
+  (:func:`clip_loss`). A fairness term plugs in through the ``regulariser`` hook of :func:`fit_clip`.
+* Upstream recipe (:meth:`TrainConfig.preset` ``"fairclip"``): Adam, lr 1e-5, betas (0.1, 0.1), eps 1e-6,
+  weight decay 6e-5, batch 32, 10 epochs, no schedule, only the image and text transformers trained
+  (:func:`set_trainable` ``"transformers"``). Upstream keeps fp16 weights with an fp32 optimizer step; fairbook
+  uses autocast + GradScaler instead, and only on CUDA.
+* Model selection: upstream keeps the epoch with the best TEST AUC. fairbook never looks at the test split while
+  training: the epoch is chosen on VALIDATION zero-shot AUC.
+* Zero-shot scores (:func:`zero_shot_scores`): upstream takes ``softmax`` over the two raw cosines (no logit
+  scale), which squeezes the probabilities towards 0.5: ``p = sigmoid(cos_pos - cos_neg)``, typically within
+  0.45-0.55 because the two image-prompt cosines rarely differ by more than 0.2. fairbook multiplies the cosines
+  by the learned logit scale, as CLIP's own zero-shot classifier does.
+  ``use_logit_scale=False`` restores the upstream behaviour. AUC is identical either way (the positive-class
+  probability is a monotone function of the cosine difference); thresholds, calibration and every
+  thresholded fairness metric are not.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fairbook.data.attributes import FILTER_ATTRIBUTES, decode
+from fairbook.models import fit_logistic, pick_device
+from fairbook.runs import atomic_write_text
+
+__all__ = [
+    "CLASSES", "FAIRCLIP_PROMPTS", "FAIRMEDFM_PROMPTS", "FAIRMEDFM_TEMPLATE", "PROMPT_SETS", "TRAINABLE_PARTS",
+    "CheckpointError", "TrainConfig", "TrainError", "class_embeddings", "clip_loss", "extract_features",
+    "fit_clip", "linear_probe", "load_checkpoint", "lr_factor", "save_predictions", "set_trainable",
+    "validation_auc", "zero_shot_scores",
+]
+
+#: Class order of every prompt set and of the two-way softmax: index 1 is glaucoma.
+CLASSES = ("negative", "positive")
+
+#: Prompts of the official FairCLIP evaluation (one prompt per class).
+FAIRCLIP_PROMPTS: dict[str, tuple[str, ...]] = {
+    "negative": ("A photo of non-glaucoma",),
+    "positive": ("A photo of glaucoma",),
+}
+
+#: FairMedFM's template for FairVLMed10k, filled with its class names {normal, glaucoma}.
+FAIRMEDFM_TEMPLATE = "a scanning laser ophthalmoscope fundus image of a {}"
+FAIRMEDFM_PROMPTS: dict[str, tuple[str, ...]] = {
+    "negative": (FAIRMEDFM_TEMPLATE.format("normal"),),
+    "positive": (FAIRMEDFM_TEMPLATE.format("glaucoma"),),
+}
+
+#: Named prompt sets, selectable by :attr:`TrainConfig.prompts`.
+PROMPT_SETS: dict[str, dict[str, tuple[str, ...]]] = {"fairclip": FAIRCLIP_PROMPTS, "fairmedfm": FAIRMEDFM_PROMPTS}
+
+_TEXT_TOWER = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+
+#: Parameter-name prefixes that train for each choice of :func:`set_trainable` (open_clip ``CLIP`` names;
+#: ``None`` = every parameter). ``"transformers"`` is the FairCLIP code's choice: its optimizer holds
+#: ``model.transformer`` and ``model.visual`` only, so the token embedding, the text positional embedding,
+#: ``ln_final``, the text projection and the logit scale stay at their pretrained values.
+TRAINABLE_PARTS: dict[str, tuple[str, ...] | None] = {
+    "all": None,
+    "visual": ("visual.",),
+    "text": _TEXT_TOWER,
+    "transformers": ("visual.", "transformer."),
+}
+
+_OPTIMIZERS = ("adam", "adamw")
+_SCHEDULES = ("none", "cosine")
+_MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the learned temperature at 100 (Radford et al. 2021, Sec. 2.5)
+
+
+class TrainError(ValueError):
+    """A training or evaluation input that cannot be used; the message is one line naming the problem and fix."""
+
+
+class CheckpointError(TrainError):
+    """A checkpoint file that is missing, unreadable or does not fit the model."""
+
+
+# ------------------------------------------------------------------------------------------------------------- loss
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float
+              ) -> torch.Tensor:
+    """Symmetric InfoNCE of CLIP (Radford et al. 2021, Fig. 3), the objective FairCLIP fine-tunes with.
+
+    ``L = s * normalise(I) @ normalise(T)^T`` (an ``N x N`` matrix whose diagonal holds the matched pairs) and
+    ``loss = (CE(L, arange(N)) + CE(L^T, arange(N))) / 2``. ``logit_scale`` is the multiplicative scale ``s``
+    (``exp`` of the stored parameter), as open_clip's forward returns it. Computed in float32.
+    """
+    image = F.normalize(image_features.float(), dim=-1)
+    text = F.normalize(text_features.float(), dim=-1)
+    logits = logit_scale * image @ text.T
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+# ------------------------------------------------------------------------------------------------------ trainability
+def set_trainable(model: nn.Module, parts: str = "all") -> int:
+    """Set ``requires_grad`` so that only ``parts`` (a key of :data:`TRAINABLE_PARTS`) train; return how many
+    parameters (elements) are trainable.
+
+    ``"all"``: everything, logit scale included. ``"visual"``: the image tower. ``"text"``: the text tower
+    (token and positional embeddings, transformer, ``ln_final``, projection). ``"transformers"``: the upstream
+    FairCLIP choice, the whole image tower plus the text transformer.
+    """
+    if parts not in TRAINABLE_PARTS:
+        raise TrainError(f"unknown trainable parts {parts!r}: choose one of {', '.join(TRAINABLE_PARTS)}")
+    prefixes = TRAINABLE_PARTS[parts]
+    count = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(prefixes is None or name.startswith(prefixes))
+        count += param.numel() if param.requires_grad else 0
+    if count == 0:
+        raise TrainError(f"trainable parts {parts!r} match no parameter of {type(model).__name__}: "
+                         "use an open_clip CLIP model (visual, transformer, token_embedding, ...) or parts='all'")
+    return count
+
+
+# ----------------------------------------------------------------------------------------------------------- config
+@dataclass
+class TrainConfig:
+    """Settings of :func:`fit_clip`. The defaults suit the randomly initialised ``fairbook-tiny`` CLIP (AdamW with
+    a cosine schedule, the usual recipe for training CLIP from scratch); :meth:`preset` ``"fairclip"`` gives the
+    upstream FairCLIP fine-tuning recipe.
+
+    ``schedule``: ``"none"`` (constant lr) or ``"cosine"`` (linear warmup over ``warmup_steps`` optimizer steps,
+    then cosine decay to 0 at the last step; see :func:`lr_factor`). ``optimizer``: ``"adam"`` (weight decay
+    added to the gradient, as ``torch.optim.Adam`` and upstream) or ``"adamw"`` (decoupled decay).
+    ``grad_clip``: max global gradient norm, or None. ``trainable``: see :func:`set_trainable`. ``prompts``: the
+    :data:`PROMPT_SETS` entry used for the validation zero-shot AUC. ``amp``: mixed precision (fp16 autocast +
+    GradScaler); ``None`` means on exactly when CUDA is used, and it is never used on CPU.
+    """
+
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+    warmup_steps: int = 20
+    grad_clip: float | None = 1.0
+    trainable: str = "all"
+    prompts: str = "fairclip"
+    seed: int = 0
+    num_workers: int = 0
+    amp: bool | None = None
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)
+        choices = {"optimizer": _OPTIMIZERS, "schedule": _SCHEDULES, "trainable": tuple(TRAINABLE_PARTS),
+                   "prompts": tuple(PROMPT_SETS)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise TrainError(f"TrainConfig.{name}={getattr(self, name)!r} is not valid: "
+                                 f"choose one of {', '.join(allowed)}")
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise TrainError(f"TrainConfig.{name} must be at least 1 (got {getattr(self, name)})")
+        if self.lr <= 0 or len(self.betas) != 2 or self.warmup_steps < 0 or self.num_workers < 0:
+            raise TrainError("TrainConfig needs lr > 0, two betas, warmup_steps >= 0 and num_workers >= 0; "
+                             f"got lr={self.lr}, betas={self.betas}, warmup_steps={self.warmup_steps}, "
+                             f"num_workers={self.num_workers}")
+
+    @classmethod
+    def preset(cls, name: str = "default", **overrides) -> TrainConfig:
+        """A named recipe with field overrides, e.g. ``TrainConfig.preset("fairclip", epochs=2)``.
+
+        ``"default"``: the class defaults (tiny CLIP from scratch). ``"fairclip"``: the official FairCLIP
+        fine-tuning script (Adam, lr 1e-5, betas (0.1, 0.1), eps 1e-6, weight decay 6e-5, batch 32, 10 epochs,
+        no scheduler, no gradient clipping, only the two transformers trained, FairCLIP prompts).
+        """
+        presets = {
+            "default": {},
+            "fairclip": dict(epochs=10, batch_size=32, lr=1e-5, weight_decay=6e-5, betas=(0.1, 0.1), eps=1e-6,
+                             optimizer="adam", schedule="none", warmup_steps=0, grad_clip=None,
+                             trainable="transformers", prompts="fairclip"),
+        }
+        if name not in presets:
+            raise TrainError(f"unknown TrainConfig preset {name!r}: choose one of {', '.join(presets)}")
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TrainError(f"unknown TrainConfig field(s) {', '.join(unknown)}: valid fields are "
+                             f"{', '.join(f.name for f in dataclasses.fields(cls))}")
+        return cls(**{**presets[name], **overrides})
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Multiplier of the base lr at optimizer step ``step`` (0-based) of the ``"cosine"`` schedule: linear warmup
+    ``(step + 1) / warmup_steps``, then ``(1 + cos(pi * t)) / 2`` with ``t`` going from 0 to 1 over the remaining
+    steps (open_clip's ``cosine_lr`` shape)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay = max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / decay)))
+
+
+def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+
+
+# ----------------------------------------------------------------------------------------------------- zero-shot
+def _device_of(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return next(model.parameters()).device
+    device = torch.device(device)
+    model.to(device)
+    return device
+
+
+def _autocast(device: torch.device, enabled: bool = True):
+    return torch.autocast(device.type, dtype=torch.float16, enabled=enabled and device.type == "cuda")
+
+
+def _tokens(tokenizer, texts, device: torch.device) -> torch.Tensor:
+    """Token ids on ``device``: batches of a dataset built with a tokenizer already hold them, raw strings do not."""
+    tokens = texts if isinstance(texts, torch.Tensor) else tokenizer(list(texts))
+    return tokens.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def class_embeddings(model: nn.Module, tokenizer, prompts: Mapping[str, Sequence[str]],
+                     device: str | torch.device | None = None) -> torch.Tensor:
+    """``2 x D`` unit-norm class embeddings, rows in :data:`CLASSES` order, from a prompt ensemble.
+
+    Each class embedding is the mean of the L2-normalised text embeddings of its prompts, normalised again
+    (CLIP's prompt ensembling, Radford et al. 2021, Sec. 3.1.4). One prompt per class gives its own embedding.
+    """
+    missing = [c for c in CLASSES if not prompts.get(c)]
+    if missing or isinstance(prompts.get("positive"), str) or isinstance(prompts.get("negative"), str):
+        raise TrainError(f"prompts need non-empty lists under {' and '.join(CLASSES)} "
+                         f"(e.g. fairbook.train.FAIRCLIP_PROMPTS); got keys {sorted(prompts)}")
+    device = _device_of(model, device)
+    rows = []
+    with _autocast(device):
+        for name in CLASSES:
+            features = model.encode_text(_tokens(tokenizer, prompts[name], device)).float()
+            rows.append(F.normalize(F.normalize(features, dim=-1).mean(0), dim=-1))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def zero_shot_scores(model: nn.Module, tokenizer, loader, prompts: Mapping[str, Sequence[str]],
+                     device: str | torch.device | None = None, use_logit_scale: bool = True
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(y_true, y_score, attributes)`` of a loader of FairVLMed items: glaucoma probability from class prompts.
+
+    ``p = softmax(s * cos(image, class embeddings))[positive]`` with ``s = exp(model.logit_scale)`` and the class
+    embeddings of :func:`class_embeddings` (FairMedFM's zero-shot: positive-class probability of a softmax over
+    class prompts). ``use_logit_scale=False`` is the official FairCLIP evaluation, a softmax over the raw cosines:
+    as cosines differ by at most 2, its scores lie within ``sigmoid(+-2)`` = [0.12, 0.88] and in practice close
+    to 0.5. ``attributes`` is the ``n x 4`` code matrix of the items (race, gender, ethnicity, language).
+    ``device=None`` uses the model's device. The model's train/eval mode is restored afterwards.
+    """
+    device = _device_of(model, device)
+    was_training = model.training
+    model.eval()
+    try:
+        classes = class_embeddings(model, tokenizer, prompts, device)
+        scale = model.logit_scale.float().exp() if use_logit_scale else 1.0
+        labels, scores, attributes = [], [], []
+        for batch in loader:
+            with _autocast(device):
+                image = model.encode_image(batch["image"].to(device, non_blocking=True))
+            logits = scale * F.normalize(image.float(), dim=-1) @ classes.T
+            scores.append(logits.softmax(-1)[:, 1].cpu().numpy())
+            labels.append(np.asarray(batch["label"]))
+            attributes.append(np.asarray(batch["attributes"]))
+    finally:
+        model.train(was_training)
+    if not scores:
+        raise TrainError("zero_shot_scores got an empty loader: give a DataLoader over a non-empty split")
+    return np.concatenate(labels), np.concatenate(scores).astype(np.float64), np.concatenate(attributes)
+
+
+def validation_auc(model: nn.Module, tokenizer, loader, prompts: Mapping[str, Sequence[str]],
+                   device: str | torch.device | None = None) -> float:
+    """Zero-shot ROC AUC on a validation loader (the model-selection criterion of :func:`fit_clip`).
+
+    Not finite (NaN) when the scores are not, e.g. after a diverged update.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    y_true, y_score, _ = zero_shot_scores(model, tokenizer, loader, prompts, device)
+    if len(np.unique(y_true)) < 2:
+        raise TrainError("the validation split has only one class, so its AUC is undefined: "
+                         "use a validation set with both glaucoma and non-glaucoma samples")
+    if not np.isfinite(y_score).all():
+        return float("nan")
+    return float(roc_auc_score(y_true, y_score))
+
+
+# ------------------------------------------------------------------------------------------------------- training
+def _features(outputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image features, text features, logit scale) of an open_clip forward (dict or tuple output)."""
+    if isinstance(outputs, Mapping):
+        return outputs["image_features"], outputs["text_features"], outputs["logit_scale"]
+    return outputs[0], outputs[1], outputs[2]
+
+
+def _to(batch: Mapping, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _save_checkpoint(path: Path, payload: dict) -> None:
+    """``torch.save`` through a temporary file in the same folder and a rename (atomic)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def fit_clip(model: nn.Module, tokenizer, train_ds, val_ds, config: TrainConfig, out_dir: str | os.PathLike,
+             regulariser: Callable[..., torch.Tensor] | None = None, progress: bool = True) -> dict:
+    """Fine-tune CLIP contrastively on (image, note) pairs, keeping the epoch with the best VALIDATION AUC.
+
+    Each step minimises :func:`clip_loss` on a shuffled batch of ``train_ds`` items (FairVLMed dicts whose
+    ``text`` are token ids or raw strings), plus ``regulariser(image_features, text_features, logit_scale,
+    batch)`` when given (a scalar tensor, e.g. FairCLIP's Sinkhorn term; ``batch`` is the item dict on the
+    device, with ``label`` and ``attributes``). After each epoch (numbered from 1) the zero-shot AUC on
+    ``val_ds`` with the ``config.prompts`` prompts is computed (:func:`validation_auc`); when it beats every
+    earlier epoch (ties keep the earlier one) the model is saved atomically to ``out_dir/best.pt``
+    (``state_dict``, ``config``, ``epoch``, ``val_auc``), which is loaded back into ``model`` at the end.
+
+    Unlike the official FairCLIP script, which keeps the epoch with the best TEST AUC, the test split is never
+    used here. Runs on :func:`fairbook.models.pick_device`; fp16 autocast + GradScaler only on CUDA. With a
+    trainable logit scale it is clamped to at most 100 after each step, as in CLIP. The ``requires_grad`` flags
+    are left as ``config.trainable`` set them.
+
+    Returns ``{"history": [{"epoch", "train_loss", "reg_loss", "val_auc", "seconds"}], "best_epoch",
+    "best_val_auc", "checkpoint", "trainable_params", "steps", "device"}``; ``train_loss`` is the mean
+    objective (contrastive + regulariser), ``reg_loss`` the regulariser's mean alone (0 without one).
+    """
+    from tqdm.auto import tqdm
+
+    device = pick_device()
+    model.to(device)
+    torch.manual_seed(config.seed)
+    n_trainable = set_trainable(model, config.trainable)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(params, config)
+    cuda = device.type == "cuda"
+    amp = cuda and config.amp is not False
+    loader_args = dict(batch_size=config.batch_size, num_workers=config.num_workers, pin_memory=cuda)
+    train_loader = DataLoader(train_ds, shuffle=True, generator=torch.Generator().manual_seed(config.seed),
+                              **loader_args)
+    val_loader = DataLoader(val_ds, shuffle=False, **loader_args)
+    total_steps = config.epochs * len(train_loader)
+    scheduler = None
+    if config.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, total_steps, config.warmup_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    prompts = PROMPT_SETS[config.prompts]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = out_dir / "best.pt"
+    clamp_scale = getattr(model, "logit_scale", None)
+    clamp_scale = clamp_scale if isinstance(clamp_scale, nn.Parameter) and clamp_scale.requires_grad else None
+
+    history: list[dict] = []
+    best_epoch, best_auc = None, -math.inf
+    for epoch in range(1, config.epochs + 1):
+        start = time.perf_counter()
+        model.train()
+        loss_sum = reg_sum = 0.0
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
+        for batch in bar:
+            batch = _to(batch, device)
+            with _autocast(device, amp):
+                image, text, scale = _features(model(batch["image"], _tokens(tokenizer, batch["text"], device)))
+                loss = clip_loss(image, text, scale)
+                if regulariser is not None:
+                    reg = regulariser(image, text, scale, batch)
+                    loss = loss + reg
+                    reg_sum += float(reg.detach())
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if scheduler is not None:
+                scheduler.step()
+            if clamp_scale is not None:
+                with torch.no_grad():
+                    clamp_scale.clamp_(0.0, _MAX_LOGIT_SCALE)
+            value = float(loss.detach())
+            loss_sum += value
+            bar.set_postfix(loss=f"{value:.4f}")
+        val = validation_auc(model, tokenizer, val_loader, prompts, device)
+        n_batches = max(1, len(train_loader))
+        history.append({"epoch": epoch, "train_loss": loss_sum / n_batches, "reg_loss": reg_sum / n_batches,
+                        "val_auc": val, "seconds": time.perf_counter() - start})
+        if math.isfinite(val) and val > best_auc:
+            best_epoch, best_auc = epoch, val
+            _save_checkpoint(checkpoint, {"state_dict": model.state_dict(), "config": dataclasses.asdict(config),
+                                          "epoch": epoch, "val_auc": val})
+    if best_epoch is None:
+        raise TrainError("no epoch gave a finite validation AUC (training diverged): lower TrainConfig.lr or set "
+                         "grad_clip, then train again")
+    load_checkpoint(checkpoint, model)
+    return {"history": history, "best_epoch": best_epoch, "best_val_auc": best_auc, "checkpoint": str(checkpoint),
+            "trainable_params": n_trainable, "steps": total_steps, "device": str(device)}
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module) -> dict:
+    """Load a :func:`fit_clip` checkpoint into ``model`` (``torch.load(weights_only=True)``, strict key and shape
+    check) and return its metadata ``{"epoch", "val_auc", "config"}``.
+
+    A missing, corrupt or incompatible file raises :class:`CheckpointError` with one line naming it and the fix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: train with fairbook.train.fit_clip (it writes "
+                              "out_dir/best.pt) or give the path of an existing best.pt")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and torch raise many types for a damaged file
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(exc).__name__}): the file is corrupt, "
+                              "truncated or not a torch checkpoint; delete it and train again") from None
+    state = payload.get("state_dict") if isinstance(payload, dict) else None
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path} is not a fairbook checkpoint (no state_dict entry): give a best.pt written "
+                              "by fairbook.train.fit_clip")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        problems = [f"{label} {len(keys)} (e.g. {keys[0]})" for label, keys in
+                    (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched)) if keys]
+        raise CheckpointError(f"checkpoint {path} does not fit this {type(model).__name__} "
+                              f"({'; '.join(problems)} tensors): create the model with the architecture it was "
+                              "trained with, or train again")
+    model.load_state_dict(state)
+    return {key: payload.get(key) for key in ("epoch", "val_auc", "config")}
+
+
+# --------------------------------------------------------------------------------------------------- linear probe
+@torch.no_grad()
+def extract_features(model: nn.Module, loader, device: str | torch.device | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(X, y, attributes)``: L2-normalised ``model.encode_image`` features (float32, ``n x D``) of a loader of
+    FairVLMed items, with their labels and attribute codes. The model's train/eval mode is restored."""
+    device = _device_of(model, device)
+    was_training = model.training
+    model.eval()
+    features, labels, attributes = [], [], []
+    try:
+        for batch in loader:
+            with _autocast(device):
+                image = model.encode_image(batch["image"].to(device, non_blocking=True))
+            features.append(F.normalize(image.float(), dim=-1).cpu().numpy())
+            labels.append(np.asarray(batch["label"]))
+            attributes.append(np.asarray(batch["attributes"]))
+    finally:
+        model.train(was_training)
+    if not features:
+        raise TrainError("extract_features got an empty loader: give a DataLoader over a non-empty split")
+    return np.concatenate(features), np.concatenate(labels), np.concatenate(attributes)
+
+
+def linear_probe(model: nn.Module, train_loader, val_loader, test_loader,
+                 Cs: Sequence[float] = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0),
+                 device: str | torch.device | None = None) -> dict:
+    """Linear probe on frozen CLIP image features (the linear-probe protocol of CLIP, Radford et al. 2021,
+    Sec. 3.2, and of FairMedFM): an L2 logistic regression on normalised ``encode_image`` features whose ``C``
+    is chosen by VALIDATION AUC (:func:`fairbook.models.fit_logistic`), never on test.
+
+    The default ``Cs`` are larger than ``fit_logistic``'s because unit-norm features have small coordinates.
+    Returns ``{"C", "val_auc_by_C", "classifier", "val": {...}, "test": {...}}`` where ``val`` and ``test`` hold
+    ``y_true``, ``y_score`` (glaucoma probability) and ``attributes`` (codes), ready for :func:`save_predictions`.
+    """
+    X_train, y_train, _ = extract_features(model, train_loader, device)
+    X_val, y_val, a_val = extract_features(model, val_loader, device)
+    X_test, y_test, a_test = extract_features(model, test_loader, device)
+    clf = fit_logistic(X_train, y_train, X_val, y_val, Cs)
+    return {
+        "C": float(clf.C), "val_auc_by_C": dict(clf.val_auc_), "classifier": clf,
+        "val": {"y_true": y_val, "y_score": clf.predict_proba(X_val)[:, 1], "attributes": a_val},
+        "test": {"y_true": y_test, "y_score": clf.predict_proba(X_test)[:, 1], "attributes": a_test},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- predictions
+def save_predictions(path: str | os.PathLike, y_true, y_score, attributes_codes, split: str,
+                     attribute_names: Sequence[str] = FILTER_ATTRIBUTES) -> Path:
+    """Write a predictions CSV atomically: ``y_true, y_score, race, gender, ethnicity, language, split``.
+
+    Attribute codes (``n x 4``, columns in ``attribute_names`` order, as FairVLMed items carry them) are decoded
+    to names with :func:`fairbook.data.attributes.decode`. The file is what ``fairbook metrics`` reads
+    (:func:`fairbook.metrics.report_from_csv`); scores are written at full precision.
+    """
+    y_true = np.asarray(y_true).astype(int).ravel()
+    y_score = np.asarray(y_score, dtype=np.float64).ravel()
+    codes = np.asarray(attributes_codes)
+    if codes.ndim != 2 or codes.shape != (len(y_true), len(attribute_names)) or len(y_score) != len(y_true):
+        raise TrainError(f"save_predictions needs {len(y_true)} labels, as many scores (got {len(y_score)}) and an "
+                         f"n x {len(attribute_names)} code matrix (got shape {codes.shape}); pass the arrays of "
+                         "one split")
+    frame = pd.DataFrame({"y_true": y_true, "y_score": y_score})
+    for j, name in enumerate(attribute_names):
+        frame[name] = [decode(name, code) for code in codes[:, j]]
+    frame["split"] = split
+    path = Path(path)
+    atomic_write_text(path, frame.to_csv(index=False))
+    return path
