@@ -30,6 +30,8 @@ import yaml
 
 KERNEL = "fairbook"
 RUN_DIR_ENV = "FAIRBOOK_RUN_DIR"
+#: Seconds one cell may run before the run fails (a hung kernel must not hang a sweep or CI forever).
+CELL_TIMEOUT = int(os.environ.get("FAIRBOOK_CELL_TIMEOUT", 3600))
 
 
 class ParameterError(ValueError):
@@ -253,6 +255,7 @@ def run_notebook(
             pm.execute_notebook(
                 str(source), str(tmp / f"{stem}.ipynb"), parameters=params, kernel_name=kernel,
                 cwd=str(project_root()), progress_bar=False, log_output=False,
+                execution_timeout=CELL_TIMEOUT,
             )
     except pm.PapermillExecutionError as err:
         failed = final.with_name(f"{config}.failed")

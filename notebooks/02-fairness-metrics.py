@@ -131,8 +131,8 @@ fig = fb.plots.threshold_curve(curve)
 fb.plots.savefig(fig, "threshold-curve")
 
 # %% [markdown]
-# In JupyterLab, move the slider to see each group's rates at one threshold (the static book shows the figure
-# above instead).
+# In JupyterLab, move the slider to see each group's rates at one threshold; the static book shows the middle
+# threshold.
 
 # %%
 fb.widgets.threshold_explorer(val["glaucoma"], p_val, val["race_name"], thresholds)
