@@ -73,3 +73,11 @@ def test_book_built_from_the_smoke_runs_renders_offline(smoke_runs, tmp_path):
     assert all(img["width"] > 0 for img in result["images"]), "an image failed to load"
     assert result["external_requests"] == [], result["external_requests"]
     assert result["failed_requests"] == [] and result["js_errors"] == []
+
+
+@pytest.mark.parametrize("grid", sorted((ROOT / "params" / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_sweep_files_expand_to_valid_runs(grid):
+    points = runs.expand_grid(grid)
+    assert points
+    for point in points:
+        runs.check_params(ROOT / point["notebook"], runs.load_params(point["params"], point["overrides"]))
