@@ -165,11 +165,14 @@ fb.runs.save_metrics({
 # %% [markdown]
 # ## Takeaways
 #
-# - Groups are very unequal in size; the smallest groups will have the widest confidence intervals in every
-#   later chapter.
-# - Glaucoma prevalence differs between groups, so a per-group threshold or a per-group base rate matters when we
-#   read demographic-parity numbers.
-# - Images and notes carry group-linked differences besides the disease signal: a model can pick them up.
+# What to look for, on any FairVLMed folder (on the default SynthFairVLMed each of these holds by design):
 #
-# On SynthFairVLMed all of this is by design; the generator's bias knobs are documented in
-# `fairbook.data.synthetic.SynthConfig`, and `bias: none` gives a control in which groups are exchangeable.
+# - Groups are very unequal in size; the smallest groups get the widest confidence intervals in every later
+#   chapter.
+# - Where glaucoma prevalence differs between groups, demographic parity and equalised odds cannot both hold, so
+#   read parity numbers next to the base rates above.
+# - Images and notes can carry group-linked differences besides the disease signal (brightness, contrast, note
+#   length): a model can pick them up.
+#
+# The generator's bias knobs are documented in `fairbook.data.synthetic.SynthConfig`; `bias: none` gives a control
+# in which groups are exchangeable.
