@@ -30,6 +30,7 @@ import yaml
 
 KERNEL = "fairbook"
 RUN_DIR_ENV = "FAIRBOOK_RUN_DIR"
+RUN_CONFIG_ENV = "FAIRBOOK_RUN_CONFIG"
 #: Seconds one cell may run before the run fails (a hung kernel must not hang a sweep or CI forever).
 CELL_TIMEOUT = int(os.environ.get("FAIRBOOK_CELL_TIMEOUT", 3600))
 
@@ -78,9 +79,14 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_metrics(metrics: dict, name: str = "metrics.json") -> Path:
-    """Save a notebook's headline numbers as JSON in its run folder (NaN becomes null)."""
+    """Save a notebook's headline numbers as JSON in its run folder (NaN becomes null).
+
+    A ``config`` entry (``<notebook>/<configuration>``, or ``interactive``) is added, so that every saved number
+    carries the configuration it came from; the notebook adds the data label itself.
+    """
     path = output_dir() / name
-    atomic_write_text(path, json.dumps(_jsonable(metrics), indent=2, sort_keys=True) + "\n")
+    labelled = {"config": os.environ.get(RUN_CONFIG_ENV, "interactive"), **metrics}
+    atomic_write_text(path, json.dumps(_jsonable(labelled), indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -251,7 +257,7 @@ def run_notebook(
 
     started = time.time()
     try:
-        with _kernel_environment(tmp):
+        with _kernel_environment(tmp, f"{stem}/{config}"):
             pm.execute_notebook(
                 str(source), str(tmp / f"{stem}.ipynb"), parameters=params, kernel_name=kernel,
                 cwd=str(project_root()), progress_bar=False, log_output=False,
@@ -281,11 +287,12 @@ def run_notebook(
 
 
 @contextlib.contextmanager
-def _kernel_environment(run_dir: Path):
-    """The kernel inherits this process's environment: point it at the run folder, and drop a non-inline
-    ``MPLBACKEND`` (e.g. ``Agg`` from a CI shell), which would keep every figure out of the executed notebook."""
-    saved = {k: os.environ.get(k) for k in (RUN_DIR_ENV, "MPLBACKEND")}
+def _kernel_environment(run_dir: Path, label: str):
+    """The kernel inherits this process's environment: point it at the run folder and its configuration, and drop
+    a non-inline ``MPLBACKEND`` (e.g. ``Agg`` from a CI shell), which would keep every figure out of the notebook."""
+    saved = {k: os.environ.get(k) for k in (RUN_DIR_ENV, RUN_CONFIG_ENV, "MPLBACKEND")}
     os.environ[RUN_DIR_ENV] = str(run_dir)
+    os.environ[RUN_CONFIG_ENV] = label
     os.environ.pop("MPLBACKEND", None)
     try:
         yield

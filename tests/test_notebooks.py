@@ -37,6 +37,7 @@ def test_notebook_executes_under_smoke_parameters(smoke_runs, stem):
     assert (out / f"{stem}.ipynb").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     assert "synthetic" in json.dumps(metrics).lower(), "a notebook's metrics must say which data they describe"
+    assert metrics["config"] == f"{stem}/smoke", "a notebook's metrics must say which configuration produced them"
 
 
 @pytest.mark.notebook

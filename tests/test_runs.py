@@ -65,7 +65,7 @@ def test_run_writes_outputs_and_skips_an_unchanged_run(toy):
     nb, runs_dir, counter = toy
     out = runs.run_notebook(nb, overrides={"x": 5, "counter": str(counter)}, name="five", runs_dir=runs_dir)
     assert out == runs_dir / "99-toy" / "five"
-    assert json.loads((out / "metrics.json").read_text()) == {"x2": 10}
+    assert json.loads((out / "metrics.json").read_text()) == {"x2": 10, "config": "99-toy/five"}
     assert yaml.safe_load((out / "params.yaml").read_text())["x"] == 5
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
     assert (out / "99-toy.ipynb").exists()
@@ -73,7 +73,7 @@ def test_run_writes_outputs_and_skips_an_unchanged_run(toy):
     assert _count(counter) == ["5"], "an unchanged run must not execute again"
     runs.run_notebook(nb, overrides={"x": 6, "counter": str(counter)}, name="five", runs_dir=runs_dir)
     assert _count(counter) == ["5", "6"], "changed parameters must execute again"
-    assert json.loads((out / "metrics.json").read_text()) == {"x2": 12}
+    assert json.loads((out / "metrics.json").read_text())["x2"] == 12
 
 
 def test_a_crashed_run_never_looks_complete_and_names_the_cell(toy):
@@ -82,7 +82,7 @@ def test_a_crashed_run_never_looks_complete_and_names_the_cell(toy):
     with pytest.raises(runs.RunError, match=r"99-toy \[cfg\] failed in cell \d+ .*AssertionError: asked to fail"):
         runs.run_notebook(nb, overrides={"fail": True}, name="cfg", runs_dir=runs_dir)
     # the earlier complete result is untouched, the failed attempt is kept aside, nothing half-written remains
-    assert json.loads((good / "metrics.json").read_text()) == {"x2": 2}
+    assert json.loads((good / "metrics.json").read_text()) == {"x2": 2, "config": "99-toy/cfg"}
     assert (runs_dir / "99-toy" / "cfg.failed" / "99-toy.ipynb").exists()
     assert [p.name for p in (runs_dir / "99-toy").iterdir() if ".tmp-" in p.name] == []
     assert not runs.is_complete(runs_dir / "99-toy" / "cfg", runs.fingerprint(nb, {"fail": True}))
