@@ -42,6 +42,7 @@ test: $(STAMP)
 bench: data
 	$(BIN)/python bench/learnability.py $(DATA)
 	$(BIN)/python bench/bench_metrics.py
+	$(BIN)/python bench/bench_clip_step.py
 
 clean:
 	rm -rf runs book/_build book/notebooks

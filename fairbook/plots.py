@@ -154,3 +154,25 @@ def threshold_curve(curve):
     sns.lineplot(data=gaps, x="threshold", y="value", hue="gap", ax=right)
     right.set(ylabel="gap between groups")
     return fig
+
+
+def training_curve(history, best_epoch: int | None = None):
+    """Training loss (left) and validation AUC (right) per epoch, from the ``history`` of
+    :func:`fairbook.train.fit_clip` (a list of ``{"epoch", "train_loss", "val_auc", ...}``).
+
+    ``best_epoch`` (the epoch chosen on validation) is marked by a dashed vertical line on both panels.
+    """
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    h = pd.DataFrame(list(history))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
+    left.plot(h["epoch"], h["train_loss"], marker="o")
+    left.set(xlabel="epoch", ylabel="training loss")
+    right.plot(h["epoch"], h["val_auc"], marker="o")
+    right.set(xlabel="epoch", ylabel="validation auc")
+    for ax in (left, right):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if best_epoch is not None:
+            ax.axvline(best_epoch, ls="--", color="grey", lw=1)
+    return fig

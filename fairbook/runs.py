@@ -78,16 +78,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_metrics(metrics: dict, name: str = "metrics.json") -> Path:
+def save_metrics(metrics: dict, name: str = "metrics.json") -> None:
     """Save a notebook's headline numbers as JSON in its run folder (NaN becomes null).
 
     A ``config`` entry (``<notebook>/<configuration>``, or ``interactive``) is added, so that every saved number
-    carries the configuration it came from; the notebook adds the data label itself.
+    carries the configuration it came from; the notebook adds the data label itself. Returns nothing, so a
+    notebook cell ending with it shows no path.
     """
     path = output_dir() / name
     labelled = {"config": os.environ.get(RUN_CONFIG_ENV, "interactive"), **metrics}
     atomic_write_text(path, json.dumps(_jsonable(labelled), indent=2, sort_keys=True) + "\n")
-    return path
 
 
 def _jsonable(x: Any) -> Any:

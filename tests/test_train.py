@@ -307,3 +307,27 @@ def test_corrupt_or_incompatible_checkpoint_gives_one_line_error(model, tmp_path
     assert "\n" not in str(err.value)
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         load_checkpoint(tmp_path / "missing.pt", model)
+
+
+# ------------------------------------------------------------------------------------------- pretraining corpus
+def test_pretrain_val_size_is_a_quarter_clipped_to_64_500():
+    assert [train.pretrain_val_size(n) for n in (8, 96, 256, 400, 2000, 5000)] == [64, 64, 64, 100, 500, 500]
+
+
+def test_pretrain_corpus_writes_its_own_folder_once_and_reuses_it(tmp_path):
+    import json
+
+    folder = train.pretrain_corpus(7, 8, root=tmp_path, workers=1)
+    assert folder == tmp_path / "synth-pretrain-7-8"
+    manifest = json.loads((folder / "synthetic.json").read_text())
+    config = manifest["config"]
+    assert (config["seed"], config["name"], config["n_train"], config["n_val"], config["n_test"]) == (
+        7, "default", 8, 64, train.PRETRAIN_TEST_SIZE)
+    assert manifest["counts"] == {"Training": 8, "Validation": 64, "Test": train.PRETRAIN_TEST_SIZE}
+    stamp = (folder / "synthetic.json").stat().st_mtime_ns
+    assert train.pretrain_corpus(7, 8, root=tmp_path, workers=1) == folder              # reused, not rewritten
+    assert (folder / "synthetic.json").stat().st_mtime_ns == stamp
+    other = train.pretrain_corpus(8, 8, root=tmp_path, workers=1)                       # another seed: new folder
+    assert other.name == "synth-pretrain-8-8"
+    with np.load(folder / "Training" / "data_00001.npz") as a, np.load(other / "Training" / "data_00001.npz") as b:
+        assert not np.array_equal(a["slo_fundus"], b["slo_fundus"])                    # independent draws

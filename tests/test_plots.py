@@ -1,0 +1,36 @@
+"""fairbook.plots: figure helpers draw the data they are given."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fairbook import plots  # noqa: E402
+
+HISTORY = [{"epoch": 1, "train_loss": 3.5, "reg_loss": 0.0, "val_auc": 0.61, "seconds": 1.0},
+           {"epoch": 2, "train_loss": 3.2, "reg_loss": 0.0, "val_auc": 0.74, "seconds": 1.0},
+           {"epoch": 3, "train_loss": 3.0, "reg_loss": 0.0, "val_auc": 0.70, "seconds": 1.0}]
+
+
+def test_training_curve_draws_loss_and_validation_auc_per_epoch():
+    fig = plots.training_curve(HISTORY, best_epoch=2)
+    loss_ax, auc_ax = fig.axes
+    assert np.array_equal(loss_ax.lines[0].get_xydata(), [[1, 3.5], [2, 3.2], [3, 3.0]])
+    assert np.array_equal(auc_ax.lines[0].get_xydata(), [[1, 0.61], [2, 0.74], [3, 0.70]])
+    assert (loss_ax.get_ylabel(), auc_ax.get_ylabel(), auc_ax.get_xlabel()) == (
+        "training loss", "validation auc", "epoch")
+    for ax in (loss_ax, auc_ax):                                   # the chosen epoch is marked on both panels
+        assert [list(line.get_xdata()) for line in ax.lines[1:]] == [[2, 2]]
+        fig.canvas.draw()
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+    plt.close(fig)
+
+
+def test_training_curve_without_a_chosen_epoch_has_no_marker():
+    fig = plots.training_curve(HISTORY[:1])
+    assert [len(ax.lines) for ax in fig.axes] == [1, 1]
+    plt.close(fig)
