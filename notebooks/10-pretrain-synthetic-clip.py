@@ -202,16 +202,23 @@ fb.runs.save_metrics({
 # %% [markdown]
 # ## Takeaways
 #
-# - The tiny CLIP, trained from random weights on a separate synthetic corpus, detects glaucoma zero-shot on the
-#   evaluation test split well above chance (an AUC of about 0.83 with the default parameters): it is a usable,
-#   non-random start for the fine-tuning chapters.
-# - Group AUCs differ before any fine-tuning; with the default parameters the Black group is lowest. The corpus
-#   carries the generator's designed biases (darker, noisier images, more label noise, a marker shortcut in
-#   training), so the start inherits them, and every fine-tuning method inherits them from the start. A fairness
-#   comparison must start every method from the same checkpoint.
-# - Zero-shot scores depend on the prompts. For this text encoder the FairCLIP prompts rank the classes the wrong
-#   way round (validation AUC well below 0.5), while FairMedFM's work; a chapter that scores this start with other
-#   prompts should check the direction on validation first.
+# The run in one line, computed from the numbers above:
+
+# %%
+lo, hi = race_entry["ci"]["auc"]
+print(f"zero-shot test AUC {race_entry['auc']:.3f} [{lo:.3f}, {hi:.3f}] with the {prompts} prompts; "
+      f"worst race group AUC {race_entry['worst_auc']:.3f}, race AUC gap {race_entry['auc_delta']:.3f}")
+
+# %% [markdown]
+# - A zero-shot AUC clearly above 0.5 means the tiny CLIP, trained from random weights on a separate synthetic
+#   corpus, is a usable, non-random start for the fine-tuning chapters.
+# - Group AUCs can differ before any fine-tuning. The corpus carries the generator's designed biases (on the
+#   default preset: darker, noisier images, more label noise and a marker shortcut for one group), so the start
+#   inherits them, and every fine-tuning method inherits them from the start. A fairness comparison must start
+#   every method from the same checkpoint.
+# - Zero-shot scores depend on the prompts. A prompt set whose validation AUC is below 0.5 ranks the classes the
+#   wrong way round for this text encoder; when this chapter was written, that was the case for FairCLIP's prompts
+#   and not for FairMedFM's. Check the direction on validation before scoring with other prompts.
 # - The corpus comes from the same generator, and hence the same population, as the evaluation data: this is
 #   in-domain pretraining. OpenAI's CLIP has never been trained on SLO fundus images with clinical notes, so its
 #   zero-shot AUC on real FairVLMed says something else entirely; do not compare the number above with the
