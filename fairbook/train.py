@@ -273,21 +273,13 @@ def zero_shot_scores(model: nn.Module, tokenizer, loader, prompts: Mapping[str, 
     was_training = model.training
     model.eval()
     try:
-        classes = class_embeddings(model, tokenizer, prompts, device)
-        scale = model.logit_scale.float().exp() if use_logit_scale else 1.0
-        labels, scores, attributes = [], [], []
-        for batch in loader:
-            with _autocast(device):
-                image = model.encode_image(batch["image"].to(device, non_blocking=True))
-            logits = scale * F.normalize(image.float(), dim=-1) @ classes.T
-            scores.append(logits.softmax(-1)[:, 1].cpu().numpy())
-            labels.append(np.asarray(batch["label"]))
-            attributes.append(np.asarray(batch["attributes"]))
+        classes = class_embeddings(model, tokenizer, prompts, device).float().cpu()
+        scale = float(model.logit_scale.float().exp()) if use_logit_scale else 1.0
     finally:
         model.train(was_training)
-    if not scores:
-        raise TrainError("zero_shot_scores got an empty loader: give a DataLoader over a non-empty split")
-    return np.concatenate(labels), np.concatenate(scores).astype(np.float64), np.concatenate(attributes)
+    features, labels, attributes = extract_features(model, loader, device)
+    logits = scale * torch.from_numpy(features) @ classes.T
+    return labels, logits.softmax(-1)[:, 1].numpy().astype(np.float64), attributes
 
 
 def validation_auc(model: nn.Module, tokenizer, loader, prompts: Mapping[str, Sequence[str]],
