@@ -82,3 +82,18 @@ def test_shipped_sweep_files_expand_to_valid_runs(grid):
     assert points
     for point in points:
         runs.check_params(ROOT / point["notebook"], runs.load_params(point["params"], point["overrides"]))
+
+
+@pytest.mark.notebook
+def test_data_chapter_runs_on_an_official_layout_folder_by_changing_one_parameter(tmp_path):
+    """The real-data path: a folder in the official layout (Testing/, no masks, no synthetic manifest)."""
+    from test_fairvlmed import write_dataset
+
+    root = write_dataset(tmp_path / "FairVLMed")
+    nb = ROOT / "notebooks" / "01-data-exploration.py"
+    out = runs.run_notebook(nb, [ROOT / "params" / nb.stem / "smoke.yaml"], {"data_root": str(root)},
+                            runs_dir=tmp_path / "runs")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"] == f"Harvard-FairVLMed (real data at {root})"
+    assert metrics["n"] == {"Training": 5, "Validation": 2, "Test": 2}  # unknown attributes dropped from val/test
+    assert not (out / "figures" / "cdr-by-race.png").exists(), "no masks in real data, so no CDR figure"
