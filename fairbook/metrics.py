@@ -40,6 +40,7 @@ from numpy.typing import ArrayLike
 from sklearn.metrics import accuracy_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from fairbook.data.attributes import ATTRIBUTES
+from fairbook.runs import to_jsonable
 
 __all__ = [
     "METRICS", "GROUP_METRICS", "THRESHOLD_METHODS", "MetricsInputError", "choose_threshold",
@@ -709,22 +710,7 @@ def report_from_csv(path: str | Path, attributes: Sequence[str] | str, val_path:
     report = fairness_report(frame["y_true"].to_numpy(), frame["y_score"].to_numpy(), groups,
                              threshold=threshold, validation=validation, n_boot=n_boot, seed=seed)
     report["input"] = {"path": str(path), "val_path": None if val_path is None else str(val_path)}
-    return _jsonable(report)
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain Python types for json.dumps, with NaN and infinities as None."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
+    return to_jsonable(report)
 
 
 # --------------------------------------------------------------------------------------------- tables

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import yaml
 
 KERNEL = "fairbook"
@@ -87,19 +89,20 @@ def save_metrics(metrics: dict, name: str = "metrics.json") -> None:
     """
     path = output_dir() / name
     labelled = {"config": os.environ.get(RUN_CONFIG_ENV, "interactive"), **metrics}
-    atomic_write_text(path, json.dumps(_jsonable(labelled), indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(to_jsonable(labelled), indent=2, sort_keys=True) + "\n")
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:
-        x = x.item()
-    if isinstance(x, float) and x != x:
+def to_jsonable(obj: Any) -> Any:
+    """Plain Python types for ``json.dumps``: numpy scalars and arrays unwrapped, NaN and infinities as None."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
         return None
-    return x
+    return obj
 
 
 # --------------------------------------------------------------------------------------------------------------
