@@ -2,14 +2,15 @@
 
 Notebooks use one import, ``import fairbook as fb``, and reach the package through its concept modules:
 ``fb.data`` (FairVLMed loader, synthetic generator, summaries), ``fb.models``, ``fb.metrics``, ``fb.stats``,
-``fb.plots``, ``fb.widgets`` and ``fb.runs`` (papermill runner, sweeps, run folders). Modules load on first use.
+``fb.fairness`` (fairness losses and mitigations), ``fb.train``, ``fb.results`` (saved predictions and the
+comparison tables), ``fb.plots``, ``fb.widgets`` and ``fb.runs`` (papermill runner, sweeps, run folders). Modules load on first use.
 """
 from __future__ import annotations
 
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["book", "data", "fairness", "metrics", "models", "plots", "runs", "stats", "train", "widgets"]
+__all__ = ["book", "data", "fairness", "metrics", "models", "plots", "results", "runs", "stats", "train", "widgets"]
 
 
 def __getattr__(name: str):

@@ -520,7 +520,8 @@ def _resolve_threshold(threshold: float | str, validation) -> tuple[float, str, 
 def fairness_report(y_true: ArrayLike, y_score: ArrayLike, groups: Mapping[str, ArrayLike], *,
                     threshold: float | str = 0.5, validation: tuple[ArrayLike, ArrayLike] | None = None,
                     n_boot: int = 0, seed: int = 0, categories: Mapping[str, Sequence[Any]] | None = None,
-                    n_bins: int = 10, binning: str = "unit", ci_level: float = 0.95) -> dict[str, Any]:
+                    n_bins: int = 10, binning: str = "unit", ci_level: float = 0.95,
+                    keep_boot: bool = False) -> dict[str, Any]:
     """All metrics of :data:`METRICS` and :data:`GROUP_METRICS` for each sensitive attribute, with bootstrap CIs.
 
     Args:
@@ -534,6 +535,10 @@ def fairness_report(y_true: ArrayLike, y_score: ArrayLike, groups: Mapping[str, 
         categories: attribute -> declared group values; those without samples are reported as ``empty``.
         n_bins, binning: ECE bins, see :func:`expected_calibration_error`.
         ci_level: coverage of the percentile intervals.
+        keep_boot: also keep the resampled values, ``boot`` = {metric: (n_boot,) array, ``group_<m>``:
+            (n_boot, n_groups) array}. The resamples depend only on ``seed`` and the attribute's groups, so two
+            models scored on the same test set with the same ``seed`` share them: their replicates can be
+            averaged or subtracted (:mod:`fairbook.results` does this across seeds).
 
     Returns:
         A dict with ``threshold``, ``threshold_method``, ``threshold_note``, ``n``, ``n_boot``... and
@@ -564,6 +569,9 @@ def fairness_report(y_true: ArrayLike, y_score: ArrayLike, groups: Mapping[str, 
             w = _counts(_stratified_indices(attr.codes, int(n_boot), rng), len(y))
             b_summary, b_group = attr.resampled(w, y, p, yhat, n_bins, binning)
             entry["ci"], entry["boot_undefined"] = _intervals(attr, summary, b_summary, b_group, ci_level)
+            if keep_boot:
+                entry["boot"] = {**{k: b_summary[k] for k in METRICS},
+                                 **{f"group_{m}": b_group[m] for m in GROUP_METRICS if m != "count"}}
         report["attributes"][attr.name] = entry
     return report
 

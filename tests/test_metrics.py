@@ -438,3 +438,19 @@ def test_ci_table_formats_percent_with_intervals():
                                       **{k: 0.0 for k in M.METRICS}, "auc": 0.8512}}}
     assert ci_table(report, ["auc"]).loc["race", "auc"] == "85.1 [80.1, 90.0]"
     assert ci_table(report, ["dpd"]).loc["race", "dpd"] == "0.0"
+
+
+def test_kept_replicates_give_the_intervals_and_are_shared_by_two_models():
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 300)
+    groups = {"g": rng.integers(0, 3, 300)}
+    p1, p2 = rng.random(300), np.clip(y * 0.3 + rng.random(300) * 0.7, 0, 1)
+    r1 = M.fairness_report(y, p1, groups, n_boot=200, seed=3, keep_boot=True)["attributes"]["g"]
+    r2 = M.fairness_report(y, p2, groups, n_boot=200, seed=3, keep_boot=True)["attributes"]["g"]
+    assert r1["boot"]["auc"].shape == (200,) and r1["boot"]["group_auc"].shape == (200, 3)
+    np.testing.assert_allclose(np.percentile(r1["boot"]["auc"], [2.5, 97.5]), r1["ci"]["auc"])
+    # the same seed draws the same resamples for both models (and for paired_bootstrap), so the difference of
+    # the kept replicates reproduces the paired interval
+    paired = M.paired_bootstrap(y, p2, p1, groups, n_boot=200, seed=3)["attributes"]["g"]["auc"]
+    np.testing.assert_allclose(np.percentile(r2["boot"]["auc"] - r1["boot"]["auc"], [2.5, 97.5]), paired["ci"])
+    assert "boot" not in M.fairness_report(y, p1, groups, n_boot=10)["attributes"]["g"]

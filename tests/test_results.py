@@ -1,0 +1,162 @@
+"""The results store: saved predictions, per-seed evaluation and the Table-1 style comparisons."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as st
+from sklearn.metrics import roc_auc_score
+
+from fairbook import results
+from fairbook.results import ResultsError
+
+N = 400
+DATA = "SynthFairVLMed (synthetic; test)"
+
+
+def make_split(split_seed: int, score_seed: int, black_noise: float = 2.0, n: int = N):
+    """Labels and (race, gender, ethnicity, language) codes fixed by ``split_seed`` (the same test set for every
+    model), scores drawn with ``score_seed``; race group 1 ("Black") gets noisier scores."""
+    rng = np.random.default_rng(split_seed)
+    codes = np.column_stack([rng.integers(0, 3, n), rng.integers(0, 2, n), rng.integers(0, 2, n),
+                             rng.integers(0, 3, n)])
+    y = rng.integers(0, 2, n)
+    noise = np.where(codes[:, 0] == 1, black_noise, 0.7)
+    p = 1 / (1 + np.exp(-(2 * y - 1 + noise * np.random.default_rng(score_seed).normal(size=n))))
+    return y, p, codes
+
+
+def save_model(run_dir, method, seed, attribute=results.ALL, black_noise=2.0, data=DATA):
+    offset = 1000 * len(method)  # different methods draw different scores on the same splits
+    scores = {"validation": make_split(1, offset + seed, black_noise), "test": make_split(7, offset + seed, black_noise)}
+    return results.save(run_dir, method, seed, scores, data, {"best_epoch": 1, "scores": "dropped"}, attribute)
+
+
+@pytest.fixture
+def store(tmp_path):
+    run_a, run_b = tmp_path / "11-clip-baseline" / "default", tmp_path / "12-fairclip" / "default"
+    for seed in (0, 1, 2):
+        save_model(run_a, "CLIP", seed)
+        save_model(run_b, "FairCLIP", seed, attribute="race", black_noise=1.0)
+    return run_a, run_b
+
+
+def test_save_writes_both_splits_and_the_record_last(tmp_path):
+    folder = save_model(tmp_path, "CLIP", 3)
+    assert folder == tmp_path / "predictions" / "CLIP" / "all" / "seed-3"
+    test = pd.read_csv(folder / "test.csv")
+    y, p, codes = make_split(7, 4003)
+    np.testing.assert_array_equal(test["y_true"], y)
+    np.testing.assert_allclose(test["y_score"], p)
+    assert set(test["race"]) == {"Asian", "Black", "White"}
+    info = json.loads((folder / "info.json").read_text())
+    assert info == {"data": DATA, "best_epoch": 1}  # the scores are not duplicated into the record
+
+
+def test_collect_skips_an_interrupted_save_and_reads_the_data_label(store, tmp_path):
+    run_a, run_b = store
+    (run_a / "predictions" / "CLIP" / "all" / "seed-9").mkdir()  # no info.json: interrupted
+    runs = results.collect(run_a, run_b)
+    assert len(runs) == 6
+    assert sorted(runs[runs["method"] == "CLIP"]["seed"]) == [0, 1, 2]
+    assert set(runs["chapter"]) == {"11-clip-baseline", "12-fairclip"}
+    assert set(runs["attribute"]) == {"all", "race"} and set(runs["data"]) == {DATA}
+
+
+def test_bad_inputs_give_one_line_errors(store, tmp_path):
+    with pytest.raises(ResultsError, match="no saved predictions") as info:
+        results.collect(tmp_path / "nothing")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ResultsError, match="unknown training attribute 'age'"):
+        save_model(tmp_path, "X", 0, attribute="age")
+    with pytest.raises(ResultsError, match="lack the test split"):
+        results.save(tmp_path, "X", 0, {"validation": make_split(0, 0)}, DATA)
+    runs = results.collect(*store)
+    with pytest.raises(ResultsError, match="not on 'real'"):
+        results.same_data(runs, "real")
+    assert results.same_data(runs, DATA) is runs
+
+
+def test_evaluate_matches_scikit_learn_and_uses_a_validation_threshold(store):
+    runs = results.collect(store[0])
+    evals = results.evaluate(runs, n_boot=0)
+    assert len(evals) == 3 * 4  # three seeds, four attributes
+    row = evals[(evals["seed"] == 2) & (evals["eval_attribute"] == "race")].iloc[0]
+    y, p, codes = make_split(7, 4002)
+    assert row["auc"] == pytest.approx(roc_auc_score(y, p))
+    black = codes[:, 0] == 1
+    assert row["group_auc"]["Black"] == pytest.approx(roc_auc_score(y[black], p[black]))
+    yv, pv, _ = make_split(1, 4002)
+    from fairbook.metrics import choose_threshold
+    assert row["threshold"] == pytest.approx(choose_threshold(yv, pv, "youden"))
+
+
+@pytest.fixture
+def evals(store):
+    return results.evaluate(results.collect(*store), n_boot=200)
+
+
+def test_table_is_mean_and_sample_std_over_seeds_in_percent(evals):
+    table = results.table(evals, decimals=2)
+    assert list(table.columns) == ["ES-AUC", "AUC", "DPD", "EOD", "seeds"]
+    # FairCLIP trained on race appears under race only; CLIP under every attribute
+    assert ("gender", "FairCLIP") not in table.index and ("gender", "CLIP") in table.index
+    clip = evals[(evals["method"] == "CLIP") & (evals["eval_attribute"] == "race")]["auc"]
+    expected = f"{100 * clip.mean():.2f} ± {100 * clip.std(ddof=1):.2f}"
+    assert table.loc[("race", "CLIP"), "AUC"] == expected
+    assert table.loc[("race", "FairCLIP"), "seeds"] == 3
+
+
+def test_interval_of_the_seed_mean_averages_replicates_over_seeds(evals):
+    clip = evals[(evals["method"] == "CLIP") & (evals["eval_attribute"] == "gender")]
+    mean_reps = np.mean([b["auc"] for b in clip["boot"]], axis=0)
+    lo, hi = np.percentile(mean_reps, [2.5, 97.5])
+    cell = results.ci_table(evals).loc[("gender", "CLIP"), "AUC"]
+    assert cell == f"{100 * clip['auc'].mean():.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+    assert lo < clip["auc"].mean() < hi
+
+
+def test_paired_table_matches_scipy_and_a_model_against_itself_gives_a_zero_interval(evals, store, tmp_path):
+    paired = results.paired_table(evals, baseline="CLIP")
+    assert set(paired["attribute"]) == {"race"} and len(paired) == 4
+    auc = paired[paired["metric"] == "auc"].iloc[0]
+    at = evals[evals["eval_attribute"] == "race"]
+    a = at[at["method"] == "FairCLIP"].sort_values("seed")["auc"].to_numpy()
+    b = at[at["method"] == "CLIP"].sort_values("seed")["auc"].to_numpy()
+    ref = st.ttest_rel(a, b)
+    assert auc["diff"] == pytest.approx((a - b).mean())
+    assert auc["t"] == pytest.approx(ref.statistic) and auc["p"] == pytest.approx(ref.pvalue)
+    assert auc["boot_lo"] <= auc["diff"] <= auc["boot_hi"]
+    # a copy of CLIP under another name: identical scores on identical resamples, so the interval is [0, 0]
+    twin = tmp_path / "twin"
+    shutil.copytree(store[0] / "predictions" / "CLIP", twin / "predictions" / "Twin")
+    both = results.evaluate(results.collect(store[0], twin), attributes=["race"], n_boot=100)
+    same = results.paired_table(both, baseline="CLIP")
+    assert np.allclose(same[["diff", "boot_lo", "boot_hi"]].to_numpy(), 0)
+    with pytest.raises(ResultsError, match="baseline 'GroupDRO' has no results"):
+        results.paired_table(evals, baseline="GroupDRO")
+
+
+def test_group_differences_are_signed_and_flag_the_noisy_group(evals):
+    diffs = results.group_differences(evals, "CLIP")
+    assert len(diffs) == 3 + 1 + 1 + 3  # group pairs of race, gender, ethnicity, language
+    race = diffs[diffs["attribute"] == "race"].set_index("groups")
+    # race group 1 ("Black") has noisier scores by construction: Asian - Black is clearly positive
+    assert race.loc["Asian − Black", "diff"] > 0.1 and race.loc["Asian − Black", "ci_lo"] > 0
+    assert not race.loc["Asian − Black", "ci_contains_0"]
+    clip = evals[(evals["method"] == "CLIP") & (evals["eval_attribute"] == "race")]
+    expected = np.mean([g["Black"] - g["White"] for g in clip["group_auc"]])
+    assert race.loc["Black − White", "diff"] == pytest.approx(expected)
+    # gender groups are exchangeable by construction: the interval contains 0
+    assert bool(diffs[diffs["attribute"] == "gender"]["ci_contains_0"].iloc[0])
+
+
+def test_group_auc_table_lists_group_sizes(evals):
+    table = results.group_auc_table(evals, "race")
+    assert list(table.index) == ["CLIP", "FairCLIP"]
+    assert all(col.split(" (n=")[0] in {"Asian", "Black", "White"} for col in table.columns)
+    with pytest.raises(ResultsError, match="no evaluation on attribute 'age'"):
+        results.group_auc_table(evals, "age")
