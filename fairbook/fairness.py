@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 
 import numpy as np
+import pandas as pd
 import torch
 from geomloss import SamplesLoss
 from numpy.typing import ArrayLike
@@ -29,7 +30,7 @@ from fairbook.data.attributes import ATTRIBUTES, FILTER_ATTRIBUTES, UNKNOWN
 
 __all__ = [
     "FORMS", "FairnessError", "paper_scores", "code_scores", "FairCLIPRegulariser", "GroupBatches",
-    "encode_groups", "group_balanced_weights", "balanced_sampler", "GroupDRO",
+    "encode_groups", "regulariser_scale", "group_balanced_weights", "balanced_sampler", "GroupDRO",
 ]
 
 #: The two forms of the FairCLIP regulariser (see :class:`FairCLIPRegulariser`).
@@ -143,6 +144,24 @@ class FairCLIPRegulariser:
                                 "build them with GroupBatches and encode_groups")
         return self._code(image_features, text_features, logit_scale, group_features)
 
+    def hook(self, model: nn.Module | None = None, dataset=None, batch_size: int = 32, seed: int = 0):
+        """The regulariser as :func:`fairbook.train.fit_clip` calls it, ``hook(image, text, logit_scale, batch)``.
+
+        The paper form needs nothing else. The code form draws one group-only batch per group of ``dataset``
+        (the training set) at every step, as the official per-group loaders do (:class:`GroupBatches`), and
+        encodes it with ``model`` under ``no_grad`` (:func:`encode_groups`).
+        """
+        if self.form == "paper":
+            return self
+        if model is None or dataset is None:
+            raise FairnessError("form='code' draws per-group batches: pass hook(model, train_dataset)")
+        batches = GroupBatches(dataset, self.attribute, batch_size=batch_size, seed=seed)
+
+        def code_hook(image_features, text_features, logit_scale, batch):
+            return self(image_features, text_features, logit_scale, batch, encode_groups(model, next(batches)))
+
+        return code_hook
+
     def _paper(self, image_features: torch.Tensor, text_features: torch.Tensor, batch: Mapping) -> torch.Tensor:
         scores = paper_scores(image_features, text_features)
         codes = torch.as_tensor(batch["attributes"])
@@ -168,6 +187,29 @@ class FairCLIPRegulariser:
                 group_scores = group_scores / group_scores.sum()
             total = total + self.distance(scores, group_scores)
         return self.lam * total
+
+
+@torch.no_grad()
+def regulariser_scale(model: nn.Module, dataset, attributes, lam: float, blur: float = 1e-4, form: str = "paper",
+                      batch_size: int = 32, seed: int = 0) -> pd.DataFrame:
+    """Size of the weighted FairCLIP term against the contrastive loss on one shuffled training batch, per attribute:
+    a check of the scale of ``lam`` before training (columns ``attribute``, ``clip_loss``, ``regulariser``,
+    ``share`` = regulariser / clip_loss). The model's train/eval mode is left as it is."""
+    from fairbook.train import _features, clip_loss
+
+    device = next(model.parameters()).device
+    batch = next(iter(DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                 generator=torch.Generator().manual_seed(seed))))
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    image, text, scale = _features(model(batch["image"], batch["text"]))
+    contrastive = float(clip_loss(image, text, scale))
+    rows = []
+    for attribute in attributes:
+        reg = FairCLIPRegulariser(attribute, lam=lam, blur=blur, form=form)
+        value = float(reg.hook(model, dataset, batch_size, seed)(image, text, scale, batch))
+        rows.append({"attribute": attribute, "clip_loss": contrastive, "regulariser": value,
+                     "share": value / contrastive})
+    return pd.DataFrame(rows)
 
 
 class GroupBatches:

@@ -35,10 +35,35 @@ def create_clip(name: str = "fairbook-tiny", pretrained: str | None = None, devi
     """
     if ":" not in name and name not in open_clip.list_models():
         raise ModelError(f"unknown model {name!r}; use 'fairbook-tiny' or a name from open_clip.list_models()")
+    pretrained = _pretrained(name, pretrained)
     device = torch.device(device) if device is not None else pick_device()
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained, device=device, output_dict=True)
+    try:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device, output_dict=True)
+    except Exception as exc:  # hub download errors (no network) or an unreadable file
+        if pretrained is None:
+            raise
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load {name} weights {pretrained!r} ({first}): download them once with network "
+                         "access (open_clip caches them under ~/.cache/huggingface) or pass a local checkpoint "
+                         "file") from None
     return model, preprocess_train, preprocess_val, open_clip.get_tokenizer(name)
+
+
+def _pretrained(name: str, pretrained: str | None) -> str | None:
+    """An open_clip weight tag as it is, or a checkpoint file resolved from the checkout (it must exist)."""
+    if pretrained is None or pretrained in open_clip.list_pretrained_tags_by_model(name):
+        return pretrained
+    from fairbook.runs import resolve
+
+    path = resolve(pretrained)
+    if not path.is_file():
+        hint = ("run chapter 10 with that configuration first, e.g. fairbook run notebooks/10-pretrain-synthetic-clip.py "
+                "-p params/10-pretrain-synthetic-clip/default.yaml (make book does)" if "10-pretrain" in str(path)
+                else f"use a weight tag of {name} ({', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'})"
+                " or the path of a checkpoint")
+        raise ModelError(f"pretrained weights {pretrained!r} not found (no such tag or file {path}): {hint}")
+    return str(path)
 
 
 class ImageClassifier(nn.Module):

@@ -176,3 +176,26 @@ def training_curve(history, best_epoch: int | None = None):
         if best_epoch is not None:
             ax.axvline(best_epoch, ls="--", color="grey", lw=1)
     return fig
+
+
+def differences(frame, value: str, lo: str, hi: str, label: str, by: str | None = None,
+                xlabel: str = "difference"):
+    """Forest plot: one row per ``label`` with its point ``value`` and interval ``[lo, hi]``, a vertical line at 0,
+    and one colour per ``by`` value (rows of different ``by`` values are drawn side by side)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    rows = frame.reset_index(drop=True)
+    keys = list(dict.fromkeys(rows[by])) if by else [None]
+    colours = dict(zip(keys, sns.color_palette(PALETTE, len(keys))))
+    fig, ax = plt.subplots(figsize=(6, 0.35 * len(rows) + 1.2))
+    for i, row in rows.iterrows():
+        y = len(rows) - 1 - i
+        key = row[by] if by else None
+        ax.errorbar(row[value], y, xerr=[[row[value] - row[lo]], [row[hi] - row[value]]], fmt="o", capsize=3,
+                    color=colours[key], label=key)
+    ax.axvline(0, color="grey", lw=1, ls="--")
+    ax.set_yticks(range(len(rows)), [f"{row[by]}: {row[label]}" if by else row[label]
+                                     for row in rows.iloc[::-1].to_dict("records")])
+    ax.set(xlabel=xlabel)
+    return fig

@@ -93,7 +93,10 @@ def save_metrics(metrics: dict, name: str = "metrics.json") -> None:
 
 
 def to_jsonable(obj: Any) -> Any:
-    """Plain Python types for ``json.dumps``: numpy scalars and arrays unwrapped, NaN and infinities as None."""
+    """Plain Python types for ``json.dumps``: numpy scalars and arrays unwrapped, NaN and infinities as None, a
+    pandas Series as ``{index: value}`` and a DataFrame as a list of row records (index included)."""
+    if hasattr(obj, "to_dict") and hasattr(obj, "index"):  # pandas: Series as {index: value}, DataFrame as records
+        obj = obj.to_dict() if obj.ndim == 1 else obj.reset_index().to_dict("records")
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, np.ndarray)):

@@ -44,7 +44,7 @@ from fairbook.runs import atomic_write_text
 __all__ = [
     "CLASSES", "FAIRCLIP_PROMPTS", "FAIRMEDFM_PROMPTS", "FAIRMEDFM_TEMPLATE", "PROMPT_SETS", "TRAINABLE_PARTS",
     "CheckpointError", "TrainConfig", "TrainError", "class_embeddings", "clip_loss", "extract_features",
-    "fit_clip", "linear_probe", "load_checkpoint", "lr_factor", "save_predictions", "set_trainable",
+    "fit_and_score", "fit_clip", "linear_probe", "load_checkpoint", "lr_factor", "save_predictions", "set_trainable",
     "validation_auc", "zero_shot_scores",
 ]
 
@@ -177,6 +177,10 @@ class TrainConfig:
             raise TrainError("TrainConfig needs lr > 0, two betas, warmup_steps >= 0 and num_workers >= 0; "
                              f"got lr={self.lr}, betas={self.betas}, warmup_steps={self.warmup_steps}, "
                              f"num_workers={self.num_workers}")
+
+    def replace(self, **changes) -> TrainConfig:
+        """A copy with some fields changed, e.g. ``config.replace(seed=1)``."""
+        return dataclasses.replace(self, **changes)
 
     @classmethod
     def preset(cls, name: str = "default", **overrides) -> TrainConfig:
@@ -411,6 +415,23 @@ def fit_clip(model: nn.Module, tokenizer, train_ds, val_ds, config: TrainConfig,
     load_checkpoint(checkpoint, model)
     return {"history": history, "best_epoch": best_epoch, "best_val_auc": best_auc, "checkpoint": str(checkpoint),
             "trainable_params": n_trainable, "steps": total_steps, "device": str(device)}
+
+
+def fit_and_score(model: nn.Module, tokenizer, train_ds, val_ds, test_ds, config: TrainConfig,
+                  out_dir: str | os.PathLike, regulariser: Callable[..., torch.Tensor] | None = None,
+                  progress: bool = False) -> dict:
+    """:func:`fit_clip`, then zero-shot scores of the kept epoch on the validation and test splits: one seed of
+    one method in every fine-tuning chapter.
+
+    Returns :func:`fit_clip`'s dict plus ``scores = {"validation": (y, p, codes), "test": (y, p, codes)}`` with
+    the ``config.prompts`` prompts, ready for :func:`fairbook.results.save`. The test split is scored once, after
+    training; nothing in the training or the epoch choice reads it.
+    """
+    fit = fit_clip(model, tokenizer, train_ds, val_ds, config, out_dir, regulariser, progress)
+    prompts = PROMPT_SETS[config.prompts]
+    fit["scores"] = {split: zero_shot_scores(model, tokenizer, DataLoader(ds, batch_size=64), prompts)
+                     for split, ds in (("validation", val_ds), ("test", test_ds))}
+    return fit
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module) -> dict:

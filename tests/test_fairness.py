@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from fairbook import fairness
 from fairbook.fairness import (
     FairCLIPRegulariser, FairnessError, GroupBatches, GroupDRO, balanced_sampler, code_scores,
     group_balanced_weights, paper_scores,
@@ -237,3 +238,32 @@ def test_group_dro_adjustment_enters_q_only():
         GroupDRO(2, adjustment=1.0)
     with pytest.raises(FairnessError, match="0..1"):
         GroupDRO(2)(torch.ones(2), torch.tensor([0, -1]))
+
+
+def test_hook_is_the_regulariser_for_the_paper_form_and_needs_data_for_the_code_form():
+    paper = FairCLIPRegulariser("race")
+    assert paper.hook() is paper
+    with pytest.raises(FairnessError, match="pass hook\\(model, train_dataset\\)"):
+        FairCLIPRegulariser("race", form="code").hook()
+
+
+def test_regulariser_scale_is_the_weighted_term_over_the_clip_loss():
+    from fairbook.models import create_clip
+    from fairbook.train import clip_loss
+
+    torch.manual_seed(0)
+    model, *_ = create_clip("fairbook-tiny", device="cpu")
+    n = 12
+    generator = torch.Generator().manual_seed(1)
+    items = [{"image": torch.randn(3, 96, 96, generator=generator), "text": torch.randint(1, 400, (77,), generator=generator),
+              "label": torch.tensor(i % 2), "attributes": torch.tensor([i % 3, i % 2, 0, 0])} for i in range(n)]
+    table = fairness.regulariser_scale(model, items, ["race", "gender"], lam=10.0, batch_size=n)
+    batch = {k: torch.stack([item[k] for item in items]) for k in items[0]}  # batch_size = n: the whole set
+    with torch.no_grad():
+        out = model(batch["image"], batch["text"])
+        loss = float(clip_loss(out["image_features"], out["text_features"], out["logit_scale"]))
+        race = float(FairCLIPRegulariser("race", lam=10.0)(out["image_features"], out["text_features"],
+                                                           out["logit_scale"], batch))
+    row = table.set_index("attribute").loc["race"]
+    assert row["clip_loss"] == pytest.approx(loss, rel=1e-5)
+    assert row["regulariser"] == pytest.approx(race, rel=1e-4) and row["share"] == pytest.approx(race / loss, rel=1e-4)

@@ -331,3 +331,17 @@ def test_invalid_attribute_code_names_the_file(root):
     write_npz(bad, 0, 7, 1, 1, 1, 1, index=2)
     message = one_line_error(fv.load_metadata, root, "train")
     assert message.startswith(f"{bad} has race = 7")
+
+
+def test_subset_is_seeded_keeps_file_order_and_its_groups(root):
+    ds = fv.FairVLMed(root, "Training")
+    part = ds.subset(3, seed=1)
+    again = ds.subset(3, seed=1)
+    assert len(part) == 3 and list(part.metadata["filename"]) == list(again.metadata["filename"])
+    assert list(part.metadata["filename"]) == sorted(part.metadata["filename"])
+    rows = [list(ds.metadata["filename"]).index(f) for f in part.metadata["filename"]]
+    np.testing.assert_array_equal(part.groups("race"), ds.groups("race")[rows])
+    for i, row in enumerate(rows):
+        assert int(part[i]["label"]) == int(ds[row]["label"]) and part[i]["text"] == ds[row]["text"]
+    assert ds.subset(None) is ds and ds.subset(99) is ds
+    assert one_line_error(ds.subset, 0).startswith("subset size must be at least 1")

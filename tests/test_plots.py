@@ -34,3 +34,18 @@ def test_training_curve_without_a_chosen_epoch_has_no_marker():
     fig = plots.training_curve(HISTORY[:1])
     assert [len(ax.lines) for ax in fig.axes] == [1, 1]
     plt.close(fig)
+
+
+def test_differences_draws_one_interval_per_row_around_zero():
+    import pandas as pd
+
+    frame = pd.DataFrame({"pair": ["a − b", "a − c", "b − c"], "d": [0.1, -0.2, 0.0], "lo": [0.05, -0.3, -0.1],
+                          "hi": [0.2, -0.1, 0.1], "attribute": ["race", "race", "gender"]})
+    fig = plots.differences(frame, "d", "lo", "hi", label="pair", by="attribute", xlabel="AUC difference")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["gender: b − c", "race: a − c", "race: a − b"]
+    markers = [line for line in ax.lines if line.get_marker() == "o"]  # the points (caps are other markers)
+    xy = sorted((float(m.get_ydata()[0]), float(m.get_xdata()[0])) for m in markers)
+    assert xy == [(0.0, 0.0), (1.0, -0.2), (2.0, 0.1)]  # rows drawn top to bottom in frame order
+    assert [list(line.get_xdata()) for line in ax.lines if line.get_linestyle() == "--"] == [[0, 0]]
+    plt.close(fig)

@@ -130,3 +130,12 @@ def test_figures_reach_the_executed_notebook_even_with_mplbackend_agg(tmp_path, 
     executed = nbformat.read(out / "98-figure.ipynb", as_version=4)
     assert any("image/png" in o.get("data", {}) for c in executed.cells for o in c.get("outputs", []))
     assert runs.os.environ["MPLBACKEND"] == "Agg", "the caller's environment is restored"
+
+
+def test_to_jsonable_turns_pandas_into_plain_json():
+    import pandas as pd
+
+    frame = pd.DataFrame({"auc": [0.7, float("nan")]}, index=pd.Index(["race", "gender"], name="attribute"))
+    assert runs.to_jsonable(frame) == [{"attribute": "race", "auc": 0.7}, {"attribute": "gender", "auc": None}]
+    assert runs.to_jsonable(frame["auc"]) == {"race": 0.7, "gender": None}
+    assert json.loads(json.dumps(runs.to_jsonable({"t": frame}))) == {"t": runs.to_jsonable(frame)}

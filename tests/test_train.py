@@ -331,3 +331,42 @@ def test_pretrain_corpus_writes_its_own_folder_once_and_reuses_it(tmp_path):
     assert other.name == "synth-pretrain-8-8"
     with np.load(folder / "Training" / "data_00001.npz") as a, np.load(other / "Training" / "data_00001.npz") as b:
         assert not np.array_equal(a["slo_fundus"], b["slo_fundus"])                    # independent draws
+
+
+def test_fit_and_score_scores_validation_and_test_with_the_kept_epoch(model, clip, data, tmp_path):
+    tokenizer = clip[3]
+    config = quick(epochs=1, prompts="fairmedfm")
+    fit = train.fit_and_score(model, tokenizer, data["train"], data["val"], data["test"], config, tmp_path)
+    assert set(fit["scores"]) == {"validation", "test"} and fit["best_epoch"] == 1
+    y, p, codes = fit["scores"]["test"]
+    assert len(y) == len(p) == len(codes) == len(data["test"])
+    _, p_again, _ = zero_shot_scores(model, tokenizer, DataLoader(data["test"], batch_size=8), FAIRMEDFM_PROMPTS)
+    np.testing.assert_allclose(p, p_again, atol=1e-6)
+    y_val, p_val, _ = fit["scores"]["validation"]
+    assert roc_auc_score(y_val, p_val) == pytest.approx(fit["best_val_auc"])
+
+
+def test_config_replace_changes_only_the_named_fields():
+    config = TrainConfig.preset("fairclip", epochs=2)
+    other = config.replace(seed=5)
+    assert (other.seed, other.epochs, other.lr, config.seed) == (5, 2, 1e-5, 0)
+    with pytest.raises(TypeError):
+        config.replace(nonsense=1)
+
+
+def test_missing_pretrained_file_names_the_chapter_that_makes_it(tmp_path):
+    from fairbook.models import ModelError
+
+    with pytest.raises(ModelError, match="run chapter 10 with that configuration first") as info:
+        create_clip("fairbook-tiny", pretrained="runs/10-pretrain-synthetic-clip/nowhere/clip.pt")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ModelError, match="no such tag or file"):
+        create_clip("fairbook-tiny", pretrained=str(tmp_path / "missing.pt"))
+
+
+def test_a_checkpoint_file_is_a_valid_pretrained_argument(model, tmp_path):
+    path = tmp_path / "clip.pt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    reloaded, *_ = create_clip("fairbook-tiny", pretrained=str(path), device="cpu")
+    for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)

@@ -16,6 +16,8 @@ Every bad input raises :class:`DataError` with one line naming the problem and i
 """
 from __future__ import annotations
 
+import copy
+
 import functools
 import io
 import json
@@ -327,6 +329,21 @@ class FairVLMed(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self._paths)
+
+    def subset(self, n: int | None, seed: int = 0) -> FairVLMed:
+        """A random ``n``-sample subset (drawn without replacement with ``seed``, kept in file order) sharing this
+        dataset's preprocess and tokenizer; ``None`` or ``n >= len(self)`` returns ``self``. Unlike
+        ``torch.utils.data.Subset`` the result is a :class:`FairVLMed`, so ``groups()`` and ``metadata`` follow."""
+        if n is None or int(n) >= len(self):
+            return self
+        if int(n) < 1:
+            raise DataError(f"subset size must be at least 1 (got {n}); pass None to keep all {len(self)} samples")
+        rows = np.sort(np.random.default_rng(seed).choice(len(self), size=int(n), replace=False))
+        part = copy.copy(self)
+        part.metadata = self.metadata.iloc[rows].reset_index(drop=True)
+        part._paths, part._notes = [self._paths[i] for i in rows], [self._notes[i] for i in rows]
+        part._labels, part._attributes = self._labels[rows], self._attributes[rows]
+        return part
 
     def groups(self, attribute: str) -> np.ndarray:
         """Code of ``attribute`` (any of the dataset's attributes, e.g. "race") for every sample, in item order."""
