@@ -6,6 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DATA   := data/synth-fairvlmed
+CONTROL := data/synth-fairvlmed-nobias
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.py))
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -25,6 +26,7 @@ $(STAMP): pyproject.toml
 
 data: $(STAMP)
 	$(BIN)/fairbook data synth $(DATA)
+	$(BIN)/fairbook data synth $(CONTROL) --bias none
 
 runs: data
 	@for nb in $(NOTEBOOKS); do \

@@ -1,7 +1,10 @@
 """Every notebook executes under params/<stem>/smoke.yaml; the book built from those runs renders in Chromium."""
 import json
+import os
+import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from fairbook import runs
@@ -22,8 +25,11 @@ def test_every_notebook_has_parameters_and_params_files():
 
 
 @pytest.fixture(scope="module")
-def smoke_runs(smoke_data, tmp_path_factory):
-    runs_dir = tmp_path_factory.mktemp("runs")
+def smoke_runs(smoke_data):
+    """Every chapter under its smoke parameters, in order, into runs/<stem>/smoke/ of the checkout: later chapters
+    read earlier ones' smoke runs (chapter 10's checkpoint, chapter 11's baseline), exactly as the default
+    configuration chains runs/<stem>/default/. The default runs are never touched."""
+    runs_dir = ROOT / "runs"
     for nb in NOTEBOOKS:
         runs.run_notebook(nb, [ROOT / "params" / nb.stem / "smoke.yaml"], name="smoke", runs_dir=runs_dir, force=True)
     return runs_dir
@@ -97,3 +103,44 @@ def test_data_chapter_runs_on_an_official_layout_folder_by_changing_one_paramete
     assert metrics["data"] == f"Harvard-FairVLMed (real data at {root})"
     assert metrics["n"] == {"Training": 5, "Validation": 2, "Test": 2}  # unknown attributes dropped from val/test
     assert not (out / "figures" / "cdr-by-race.png").exists(), "no masks in real data, so no CDR figure"
+
+
+def official_copy(synthetic: Path, dest: Path) -> Path:
+    """The smoke SynthFairVLMed rearranged as the official release can look: Testing/ instead of Test/, the other
+    notes file name, and no synthetic manifest (so the loader treats it as real data). npz files are hard links."""
+    for split, name in (("Training", "Training"), ("Validation", "Validation"), ("Test", "Testing")):
+        (dest / name).mkdir(parents=True)
+        for npz in (synthetic / split).glob("*.npz"):
+            os.link(npz, dest / name / npz.name)
+    shutil.copy(synthetic / "gpt-4_summarized_notes.csv", dest / "gpt4_summarized_notes.csv")
+    return dest
+
+
+@pytest.mark.notebook
+def test_fine_tuning_chapters_run_on_an_official_layout_folder(smoke_runs, smoke_data, tmp_path):
+    """Chapters 11 and 12 on a folder in the official layout, changing only where the data (and the baseline) is."""
+    root = official_copy(smoke_data, tmp_path / "Harvard-FairVLMed")
+    label = f"Harvard-FairVLMed (real data at {root})"
+    nb11, nb12 = ROOT / "notebooks" / "11-clip-baseline.py", ROOT / "notebooks" / "12-fairclip.py"
+    out11 = runs.run_notebook(nb11, [ROOT / "params" / nb11.stem / "smoke.yaml"],
+                              {"data_root": str(root), "control_root": None},
+                              runs_dir=tmp_path / "runs")
+    out12 = runs.run_notebook(nb12, [ROOT / "params" / nb12.stem / "smoke.yaml"],
+                              {"data_root": str(root), "baseline_run": str(out11), "attributes": ["race"]},
+                              runs_dir=tmp_path / "runs")
+    for out in (out11, out12):
+        assert json.loads((out / "metrics.json").read_text())["data"] == label
+    saved = sorted(p.relative_to(out12).as_posix() for p in (out12 / "predictions").glob("*/*/*/test.csv"))
+    assert saved == ["predictions/FairCLIP/race/seed-0/test.csv", "predictions/FairCLIP/race/seed-1/test.csv"]
+
+
+@pytest.mark.notebook
+def test_fine_tuning_chapters_save_predictions_that_the_results_chapter_reads(smoke_runs):
+    from fairbook import results
+
+    found = results.collect(smoke_runs / "11-clip-baseline" / "smoke", smoke_runs / "12-fairclip" / "smoke")
+    assert set(found["method"]) == {"CLIP", "FairCLIP"}
+    per_seed = pd.read_csv(smoke_runs / "90-results" / "smoke" / "per-seed.csv")
+    assert len(per_seed) == 4 * len(found)  # every model under each of the four attributes
+    metrics = json.loads((smoke_runs / "11-clip-baseline" / "smoke" / "metrics.json").read_text())
+    assert len(metrics["control_differences"]) == 8, "the bias-free control compares every pair of groups"

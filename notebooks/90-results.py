@@ -1,0 +1,124 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python (fairbook)
+#     language: python
+#     name: fairbook
+# ---
+
+# %% [markdown]
+# # Results: every method side by side
+#
+# This chapter trains nothing. It reads the predictions that the method chapters saved (`fb.results.save`), scores
+# them all with one protocol, and prints the comparison in the layout of Fair-MoE's Table 1. Re-running it after a
+# method chapter has been re-run, or after a sweep, refreshes every number.
+#
+# The protocol, once more: each model's epoch was chosen on validation AUC and its decision threshold is chosen here
+# on its own validation predictions (Youden's J). Test predictions are used for nothing but these tables.
+
+# %%
+import pandas as pd
+
+import fairbook as fb
+
+# %% tags=["parameters"]
+runs_dir = "runs"  # where the chapters' run folders are
+config = "default"  # which configuration of each chapter to read (default, smoke, paper-b16, ...)
+chapters = ["11-clip-baseline", "12-fairclip"]  # chapters whose saved predictions are compared
+baseline = "CLIP"  # the method every other method is compared with, paired on seed
+n_boot = 1000  # bootstrap resamples of the test set
+
+# %% [markdown]
+# ## What was run
+#
+# One row per trained model: its chapter, method, the attribute it trained on (`all` for none) and its seed. Every
+# model must come from the same data, or the comparison means nothing.
+
+# %%
+folders = [fb.runs.resolve(runs_dir) / chapter / config for chapter in chapters]
+runs = fb.results.collect(*folders)
+source = runs["data"].iloc[0]
+fb.results.same_data(runs, source)
+print(f"data: {source}; configuration: {config}")
+runs.groupby(["chapter", "method", "attribute"])["seed"].apply(lambda s: ", ".join(map(str, sorted(s))))
+
+# %% [markdown]
+# ## Table 1
+#
+# Percent, mean ± sample standard deviation over seeds. A method trained on one attribute is listed under that
+# attribute only.
+
+# %%
+evals = fb.results.evaluate(runs, n_boot=n_boot)
+methods = list(dict.fromkeys(runs["method"]))
+table = fb.results.table(evals, methods=methods)
+table
+
+# %% [markdown]
+# The seed means with 95% bootstrap intervals over test resamples (every model scored on the same resamples):
+
+# %%
+fb.results.ci_table(evals, methods=methods)
+
+# %% [markdown]
+# ## Against the baseline
+#
+# Method − baseline, paired on seed: the mean difference, its paired bootstrap interval over test resamples, and the
+# paired t-test across seeds. Higher is better for ES-AUC and AUC, lower for DPD and EOD.
+
+# %%
+paired = fb.results.paired_table(evals, baseline=baseline)
+paired.round(4)
+
+# %% mystnb={"figure": {"caption": "Each method minus the baseline, per attribute and metric: mean over seeds with paired 95% bootstrap intervals.", "name": "fig-results-vs-baseline"}}
+fb.plots.set_style()
+label = paired["method"] + " · " + paired["metric"].str.upper().str.replace("_", "-")
+fig = fb.plots.differences(paired.assign(row=label), "diff", "boot_lo", "boot_hi", label="row", by="attribute",
+                           xlabel=f"method − {baseline}")
+fb.plots.savefig(fig, "methods-minus-baseline")
+
+# %% [markdown]
+# ## Group AUCs
+
+# %%
+for attribute in fb.data.FILTER_ATTRIBUTES:
+    display(fb.results.group_auc_table(evals, attribute, methods=methods))
+
+# %% [markdown]
+# ## Saved for later
+#
+# The per-seed scores behind every table, one row per (model, evaluated attribute), are written next to this
+# notebook as `per-seed.csv`, for plots or tests of one's own.
+
+# %%
+columns = ["chapter", "method", "attribute", "seed", "eval_attribute", "threshold", "auc", "es_auc", "dpd", "eod",
+           "eq_odds", "worst_auc", "auc_delta"]
+per_seed = evals[columns]
+fb.runs.atomic_write_text(fb.runs.output_dir() / "per-seed.csv", per_seed.to_csv(index=False))
+fb.runs.save_metrics({"data": source, "chapters": chapters, "source_config": config,
+                      "table": table, "paired": paired})
+
+# %% [markdown]
+# ## Reading the table
+#
+# The number of clear differences (paired bootstrap interval excluding zero), computed:
+
+# %%
+better = {"es_auc": 1, "auc": 1, "dpd": -1, "eod": -1}
+sign = paired["diff"] * paired["metric"].map(better)
+clear = (paired["boot_lo"] > 0) | (paired["boot_hi"] < 0)
+pd.DataFrame({"clearly better": (clear & (sign > 0)).groupby(paired["method"]).sum(),
+              "clearly worse": (clear & (sign < 0)).groupby(paired["method"]).sum(),
+              "no clear difference": (~clear).groupby(paired["method"]).sum()})
+
+# %% [markdown]
+# - The table is only as good as its protocol: validation-chosen epochs and thresholds, paired seeds, the test
+#   set read once. The papers' tables select on test; their numbers and these are not comparable.
+# - On SynthFairVLMed the numbers describe the synthetic benchmark and the tiny CPU models. They say whether a
+#   method moves the gaps that the generator put in, not how it behaves on real fundus images. Run the
+#   `paper-b16` configurations on the real data for that.
