@@ -190,11 +190,16 @@ class FairCLIPRegulariser:
 
 
 @torch.no_grad()
-def regulariser_scale(model: nn.Module, dataset, attributes, lam: float, blur: float = 1e-4, form: str = "paper",
-                      batch_size: int = 32, seed: int = 0) -> pd.DataFrame:
-    """Size of the weighted FairCLIP term against the contrastive loss on one shuffled training batch, per attribute:
-    a check of the scale of ``lam`` before training (columns ``attribute``, ``clip_loss``, ``regulariser``,
-    ``share`` = regulariser / clip_loss). The model's train/eval mode is left as it is."""
+def regulariser_scale(model: nn.Module, dataset, hooks: Mapping[str, object], batch_size: int = 32,
+                      seed: int = 0) -> pd.DataFrame:
+    """Size of each loss hook against the contrastive loss on one shuffled training batch, before training: a check
+    of the scale of a regulariser's weight (FairCLIP's lambda, FOL's weights).
+
+    ``hooks``: name (e.g. the attribute) -> ``hook(image_features, text_features, logit_scale, batch)`` as
+    :func:`fairbook.train.fit_clip` calls it. One row per hook: ``clip_loss``, ``regulariser``, ``share`` =
+    regulariser / clip_loss, plus the hook's ``last_terms`` (e.g. FOL's ``F_EI`` ...) when it records them.
+    The model's train/eval mode is left as it is.
+    """
     from fairbook.train import _features, clip_loss
 
     device = next(model.parameters()).device
@@ -204,11 +209,10 @@ def regulariser_scale(model: nn.Module, dataset, attributes, lam: float, blur: f
     image, text, scale = _features(model(batch["image"], batch["text"]))
     contrastive = float(clip_loss(image, text, scale))
     rows = []
-    for attribute in attributes:
-        reg = FairCLIPRegulariser(attribute, lam=lam, blur=blur, form=form)
-        value = float(reg.hook(model, dataset, batch_size, seed)(image, text, scale, batch))
-        rows.append({"attribute": attribute, "clip_loss": contrastive, "regulariser": value,
-                     "share": value / contrastive})
+    for name, hook in hooks.items():
+        value = float(hook(image, text, scale, batch))
+        rows.append({"name": name, "clip_loss": contrastive, "regulariser": value, "share": value / contrastive,
+                     **getattr(hook, "last_terms", {})})
     return pd.DataFrame(rows)
 
 

@@ -181,7 +181,8 @@ def training_curve(history, best_epoch: int | None = None):
 def differences(frame, value: str, lo: str, hi: str, label: str, by: str | None = None,
                 xlabel: str = "difference"):
     """Forest plot: one row per ``label`` with its point ``value`` and interval ``[lo, hi]``, a vertical line at 0,
-    and one colour per ``by`` value (rows of different ``by`` values are drawn side by side)."""
+    and one colour per ``by`` value. The interval is drawn as it is, even when a percentile interval does not
+    contain its point estimate (possible for gaps such as DPD, whose bootstrap is biased)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -191,11 +192,29 @@ def differences(frame, value: str, lo: str, hi: str, label: str, by: str | None 
     fig, ax = plt.subplots(figsize=(6, 0.35 * len(rows) + 1.2))
     for i, row in rows.iterrows():
         y = len(rows) - 1 - i
-        key = row[by] if by else None
-        ax.errorbar(row[value], y, xerr=[[row[value] - row[lo]], [row[hi] - row[value]]], fmt="o", capsize=3,
-                    color=colours[key], label=key)
+        colour = colours[row[by] if by else None]
+        ax.hlines(y, row[lo], row[hi], color=colour, lw=1.5)
+        ax.plot(row[value], y, "o", color=colour)
     ax.axvline(0, color="grey", lw=1, ls="--")
     ax.set_yticks(range(len(rows)), [f"{row[by]}: {row[label]}" if by else row[label]
                                      for row in rows.iloc[::-1].to_dict("records")])
     ax.set(xlabel=xlabel)
+    return fig
+
+
+def routing(frame, value: str = "load", ylabel: str | None = None):
+    """Fair-MoE routing diagnostics per group (:func:`fairbook.moe.routing_frame`): one panel per router, experts
+    on the x axis, one bar per group (the pooled group ``all`` left out)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    data = frame[frame["group"] != "all"]
+    names = list(dict.fromkeys(data["router"]))
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        sns.barplot(data=data[data["router"] == name], x="expert", y=value, hue="group", ax=ax,
+                    palette=PALETTE, legend=ax is axes[0][-1])
+        ax.set(title=name, ylabel=(ylabel or value.replace("_", " ")) if ax is axes[0][0] else "")
+    if names:
+        axes[0][-1].legend(title="group", fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
     return fig

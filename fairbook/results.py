@@ -2,7 +2,7 @@
 
 A fine-tuning chapter saves one folder per (method, training attribute, seed) in its run folder::
 
-    runs/<chapter>/<config>/predictions/<method>/<attribute>/seed-<k>/
+    runs/<chapter>/<config>/predictions/<method>/<attribute>/seed-<k>/   (method percent-encoded: "w%2Fo FOL")
         validation.csv, test.csv    y_true, y_score and the four attributes (fairbook.train.save_predictions)
         info.json                   training record (chosen epoch, validation AUC, ...); written last
 
@@ -23,6 +23,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 import numpy as np
 import pandas as pd
@@ -32,8 +33,8 @@ from fairbook.metrics import fairness_report
 from fairbook.runs import atomic_write_text, resolve, to_jsonable
 from fairbook.stats import paired_ttest
 
-__all__ = ["ALL", "PREDICTIONS", "ResultsError", "save", "collect", "same_data", "evaluate", "table", "ci_table",
-           "group_auc_table", "paired_table", "group_differences"]
+__all__ = ["ALL", "PREDICTIONS", "ResultsError", "model_folder", "save", "collect", "same_data", "evaluate", "table", "ci_table",
+           "group_auc_table", "paired_table", "group_differences", "claims", "BETTER"]
 
 PREDICTIONS = "predictions"
 #: Training attribute of a method that uses no sensitive attribute (CLIP).
@@ -44,6 +45,14 @@ TABLE1 = {"es_auc": "ES-AUC", "auc": "AUC", "dpd": "DPD", "eod": "EOD"}
 
 class ResultsError(ValueError):
     """Missing or inconsistent saved results."""
+
+
+def model_folder(run_dir: str | os.PathLike, method: str, attribute: str, seed: int, kind: str = PREDICTIONS) -> Path:
+    """``run_dir/<kind>/<method>/<attribute>/seed-<k>``: where a model's predictions (or, with
+    ``kind="checkpoints"``, its weights) live; the method name is percent-encoded, so "w/o" stays one folder."""
+    if not method.strip():
+        raise ResultsError("method name is empty; name the method, e.g. 'CLIP'")
+    return Path(run_dir) / kind / quote(method, safe=" ") / attribute / f"seed-{int(seed)}"
 
 
 def save(run_dir: str | os.PathLike, method: str, seed: int, scores: Mapping[str, tuple], data: str,
@@ -60,7 +69,7 @@ def save(run_dir: str | os.PathLike, method: str, seed: int, scores: Mapping[str
     missing = {"validation", "test"} - set(scores)
     if missing:
         raise ResultsError(f"scores lack the {', '.join(sorted(missing))} split; pass both validation and test")
-    folder = Path(run_dir) / PREDICTIONS / method / attribute / f"seed-{int(seed)}"
+    folder = model_folder(run_dir, method, attribute, seed)
     folder.mkdir(parents=True, exist_ok=True)
     for split, (y, p, codes) in scores.items():
         save_predictions(folder / f"{split}.csv", y, p, codes, split)
@@ -77,7 +86,7 @@ def collect(*run_dirs: str | os.PathLike) -> pd.DataFrame:
     for run_dir in map(resolve, run_dirs):
         for info in sorted((run_dir / PREDICTIONS).glob("*/*/seed-*/info.json")):
             folder = info.parent
-            rows.append({"chapter": run_dir.parent.name, "method": folder.parent.parent.name,
+            rows.append({"chapter": run_dir.parent.name, "method": unquote(folder.parent.parent.name),
                          "attribute": folder.parent.name, "seed": int(folder.name.removeprefix("seed-")),
                          "data": json.loads(info.read_text()).get("data"), "folder": folder})
     if not rows:
@@ -272,3 +281,24 @@ def group_differences(evals: pd.DataFrame, method: str, level: float = 0.95) -> 
                              "std": values.std(ddof=1) if len(values) > 1 else float("nan"), "ci_lo": lo,
                              "ci_hi": hi, "ci_contains_0": bool(lo <= 0 <= hi) if np.isfinite(lo) else None})
     return pd.DataFrame(rows)
+
+
+#: Direction in which each Table 1 metric improves (+1: higher is better).
+BETTER = {"es_auc": 1, "auc": 1, "dpd": -1, "eod": -1}
+
+
+def claims(paired: pd.DataFrame) -> pd.DataFrame:
+    """Verdict on each row of :func:`paired_table` ("method beats baseline on metric under attribute"):
+    ``better`` when the paired bootstrap interval excludes zero in the improving direction (:data:`BETTER`),
+    ``worse`` when it excludes zero in the other, ``no clear difference`` otherwise."""
+    direction = paired["metric"].map(BETTER)
+    if direction.isna().any():
+        raise ResultsError(f"no direction for metric(s) {sorted(set(paired['metric'][direction.isna()]))}; "
+                           f"claims know {', '.join(BETTER)}")
+    lo, hi = paired["boot_lo"] * direction, paired["boot_hi"] * direction
+    low = pd.concat([lo, hi], axis=1).min(axis=1)
+    high = pd.concat([lo, hi], axis=1).max(axis=1)
+    verdict = pd.Series("no clear difference", index=paired.index)
+    verdict[low > 0] = "better"
+    verdict[high < 0] = "worse"
+    return paired.assign(verdict=verdict)

@@ -44,8 +44,8 @@ from fairbook.runs import atomic_write_text
 __all__ = [
     "CLASSES", "FAIRCLIP_PROMPTS", "FAIRMEDFM_PROMPTS", "FAIRMEDFM_TEMPLATE", "PROMPT_SETS", "TRAINABLE_PARTS",
     "CheckpointError", "TrainConfig", "TrainError", "class_embeddings", "clip_loss", "extract_features",
-    "fit_and_score", "fit_clip", "linear_probe", "load_checkpoint", "lr_factor", "save_predictions", "set_trainable",
-    "validation_auc", "zero_shot_scores",
+    "fit_and_score", "fit_clip", "train_and_save", "linear_probe", "load_checkpoint", "lr_factor", "save_predictions", "set_trainable",
+    "validation_auc", "validation_scores", "zero_shot_scores",
 ]
 
 #: Class order of every prompt set and of the two-way softmax: index 1 is glaucoma.
@@ -292,9 +292,19 @@ def validation_auc(model: nn.Module, tokenizer, loader, prompts: Mapping[str, Se
 
     Not finite (NaN) when the scores are not, e.g. after a diverged update.
     """
+    return validation_scores(model, tokenizer, loader, prompts, device)[0]
+
+
+def validation_scores(model: nn.Module, tokenizer, loader, prompts: Mapping[str, Sequence[str]],
+                      device: str | torch.device | None = None) -> tuple[float, tuple]:
+    """``(AUC, (y, p, codes))``: :func:`validation_auc` together with the :func:`zero_shot_scores` it came from."""
+    scores = zero_shot_scores(model, tokenizer, loader, prompts, device)
+    return _validation_auc(*scores[:2]), scores
+
+
+def _validation_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
-    y_true, y_score, _ = zero_shot_scores(model, tokenizer, loader, prompts, device)
     if len(np.unique(y_true)) < 2:
         raise TrainError("the validation split has only one class, so its AUC is undefined: "
                          "use a validation set with both glaucoma and non-glaucoma samples")
@@ -340,7 +350,8 @@ def fit_clip(model: nn.Module, tokenizer, train_ds, val_ds, config: TrainConfig,
     are left as ``config.trainable`` set them.
 
     Returns ``{"history": [{"epoch", "train_loss", "reg_loss", "val_auc", "seconds"}], "best_epoch",
-    "best_val_auc", "checkpoint", "trainable_params", "steps", "device"}``; ``train_loss`` is the mean
+    "best_val_auc", "checkpoint", "trainable_params", "steps", "device", "val_scores"}`` (``val_scores``: the
+    kept epoch's validation ``(y, p, codes)`` from :func:`zero_shot_scores`); ``train_loss`` is the mean
     objective (contrastive + regulariser), ``reg_loss`` the regulariser's mean alone (0 without one).
     """
     from tqdm.auto import tqdm
@@ -401,12 +412,12 @@ def fit_clip(model: nn.Module, tokenizer, train_ds, val_ds, config: TrainConfig,
             value = float(loss.detach())
             loss_sum += value
             bar.set_postfix(loss=f"{value:.4f}")
-        val = validation_auc(model, tokenizer, val_loader, prompts, device)
+        val, val_scores = validation_scores(model, tokenizer, val_loader, prompts, device)
         n_batches = max(1, len(train_loader))
         history.append({"epoch": epoch, "train_loss": loss_sum / n_batches, "reg_loss": reg_sum / n_batches,
                         "val_auc": val, "seconds": time.perf_counter() - start})
         if math.isfinite(val) and val > best_auc:
-            best_epoch, best_auc = epoch, val
+            best_epoch, best_auc, best_scores = epoch, val, val_scores
             _save_checkpoint(checkpoint, {"state_dict": model.state_dict(), "config": dataclasses.asdict(config),
                                           "epoch": epoch, "val_auc": val})
     if best_epoch is None:
@@ -414,7 +425,7 @@ def fit_clip(model: nn.Module, tokenizer, train_ds, val_ds, config: TrainConfig,
                          "grad_clip, then train again")
     load_checkpoint(checkpoint, model)
     return {"history": history, "best_epoch": best_epoch, "best_val_auc": best_auc, "checkpoint": str(checkpoint),
-            "trainable_params": n_trainable, "steps": total_steps, "device": str(device)}
+            "trainable_params": n_trainable, "steps": total_steps, "device": str(device), "val_scores": best_scores}
 
 
 def fit_and_score(model: nn.Module, tokenizer, train_ds, val_ds, test_ds, config: TrainConfig,
@@ -424,14 +435,45 @@ def fit_and_score(model: nn.Module, tokenizer, train_ds, val_ds, test_ds, config
     one method in every fine-tuning chapter.
 
     Returns :func:`fit_clip`'s dict plus ``scores = {"validation": (y, p, codes), "test": (y, p, codes)}`` with
-    the ``config.prompts`` prompts, ready for :func:`fairbook.results.save`. The test split is scored once, after
-    training; nothing in the training or the epoch choice reads it.
+    the ``config.prompts`` prompts, ready for :func:`fairbook.results.save` (the validation scores are those the
+    kept epoch was chosen with). The test split is scored once, after training; nothing in the training or the
+    epoch choice reads it.
     """
     fit = fit_clip(model, tokenizer, train_ds, val_ds, config, out_dir, regulariser, progress)
-    prompts = PROMPT_SETS[config.prompts]
-    fit["scores"] = {split: zero_shot_scores(model, tokenizer, DataLoader(ds, batch_size=64), prompts)
-                     for split, ds in (("validation", val_ds), ("test", test_ds))}
+    test = zero_shot_scores(model, tokenizer, DataLoader(test_ds, batch_size=64), PROMPT_SETS[config.prompts])
+    fit["scores"] = {"validation": fit.pop("val_scores"), "test": test}
     return fit
+
+
+def train_and_save(run_dir: str | os.PathLike, method: str, seed: int, *, data_root: str | os.PathLike,
+                   config: TrainConfig, model: str = "fairbook-tiny", pretrained: str | None = None,
+                   n_train: int | None = None, attribute: str = "all", patch: Callable[[nn.Module], object] | None = None,
+                   regulariser: Callable[[nn.Module, object], Callable] | None = None, progress: bool = False) -> dict:
+    """One seed of one method, as every fine-tuning chapter runs it; returns :func:`fit_and_score`'s dict plus
+    ``model`` (the trained network, kept epoch loaded).
+
+    ``torch.manual_seed(seed)``, then the model (:func:`fairbook.models.create_clip` with ``pretrained``), changed
+    in place by ``patch(model)`` if given (e.g. :func:`fairbook.moe.add_fo_moe`); ``n_train`` training pairs drawn
+    with ``seed`` (:meth:`fairbook.data.FairVLMed.subset`: the same draw for every method at the same seed, so
+    methods are paired on seed); the loss hook ``regulariser(model, train_dataset)`` if given; training with
+    ``config`` and ``seed``. The predictions go to ``run_dir`` (:func:`fairbook.results.save`, as ``method`` trained
+    on ``attribute``), the checkpoint to ``run_dir/checkpoints/<method>/<attribute>/seed-<k>/best.pt``.
+    """
+    from fairbook.data.fairvlmed import FairVLMed, describe
+    from fairbook.models import create_clip
+    from fairbook.results import model_folder, save
+
+    torch.manual_seed(seed)
+    net, preprocess_train, preprocess_val, tokenizer = create_clip(model, pretrained)
+    if patch is not None:
+        patch(net)
+    train = FairVLMed(data_root, "Training", preprocess_train, tokenizer).subset(n_train, seed)
+    val, test = (FairVLMed(data_root, split, preprocess_val, tokenizer) for split in ("Validation", "Test"))
+    hook = regulariser(net, train) if regulariser is not None else None
+    folder = model_folder(run_dir, method, attribute, seed, kind="checkpoints")
+    fit = fit_and_score(net, tokenizer, train, val, test, config.replace(seed=seed), folder, hook, progress)
+    save(run_dir, method, seed, fit["scores"], describe(data_root), {**fit, "n_train": len(train)}, attribute)
+    return {**fit, "model": net}
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module) -> dict:

@@ -42,7 +42,7 @@ recipe = "fairclip"  # fb.train.TrainConfig preset: the official FairCLIP fine-t
 epochs = 2
 lr = 1e-4
 batch_size = 32
-n_train = 2000  # training pairs drawn per seed (None: the whole training split)
+n_train = 1000  # training pairs drawn per seed (None: the whole training split)
 prompts = "fairmedfm"  # zero-shot prompts: fairmedfm or fairclip
 seeds = [0, 1, 2]
 n_boot = 1000  # bootstrap resamples of the test set
@@ -66,25 +66,15 @@ config
 #
 # ## Fine-tuning, one model per seed
 #
-# `fb.train.fit_and_score` trains, keeps the epoch with the best validation AUC, and scores the validation and test
-# splits zero-shot. `fb.results.save` writes the predictions of both splits to the run folder, where any metric
-# can be recomputed later (chapter 90 reads them).
+# `fb.train.train_and_save` runs one seed of one method the way every fine-tuning chapter does: it builds the model
+# from the pretrained start, draws the seed's training pairs, trains, keeps the epoch with the best validation AUC,
+# scores the validation and test splits zero-shot, and saves both sets of predictions in the run folder. Any metric
+# can be recomputed from them later; chapter 90 reads them.
 
 # %%
 out = fb.runs.output_dir()
-
-
-def train_baseline(root, run_dir, seed):
-    net, preprocess_train, preprocess_val, tokenizer = fb.models.create_clip(model, pretrained)
-    splits = {s: fb.data.FairVLMed(root, s, preprocess_val, tokenizer) for s in ("Validation", "Test")}
-    train = fb.data.FairVLMed(root, "Training", preprocess_train, tokenizer).subset(n_train, seed)
-    fit = fb.train.fit_and_score(net, tokenizer, train, splits["Validation"], splits["Test"],
-                                 config.replace(seed=seed), run_dir / "checkpoints" / f"seed-{seed}")
-    fb.results.save(run_dir, "CLIP", seed, fit["scores"], fb.data.describe(root), fit)
-    return fit
-
-
-fits = {seed: train_baseline(data_root, out, seed) for seed in seeds}
+setup = dict(config=config, model=model, pretrained=pretrained, n_train=n_train)
+fits = {seed: fb.train.train_and_save(out, "CLIP", seed, data_root=data_root, **setup) for seed in seeds}
 pd.DataFrame([{"seed": s, **h} for s, f in fits.items() for h in f["history"]]).round(3)
 
 # %% [markdown]
@@ -142,7 +132,7 @@ fb.plots.savefig(fig, "group-auc-differences")
 if control_root:
     control_dir = out / "control"
     for seed in seeds:
-        train_baseline(control_root, control_dir, seed)
+        fb.train.train_and_save(control_dir, "CLIP", seed, data_root=control_root, **setup)
     control_evals = fb.results.evaluate(fb.results.collect(control_dir), n_boot=n_boot)
     control_gaps = fb.results.group_differences(control_evals, "CLIP")
     display(fb.results.table(control_evals))

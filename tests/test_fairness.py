@@ -257,13 +257,14 @@ def test_regulariser_scale_is_the_weighted_term_over_the_clip_loss():
     generator = torch.Generator().manual_seed(1)
     items = [{"image": torch.randn(3, 96, 96, generator=generator), "text": torch.randint(1, 400, (77,), generator=generator),
               "label": torch.tensor(i % 2), "attributes": torch.tensor([i % 3, i % 2, 0, 0])} for i in range(n)]
-    table = fairness.regulariser_scale(model, items, ["race", "gender"], lam=10.0, batch_size=n)
+    hooks = {a: FairCLIPRegulariser(a, lam=10.0).hook() for a in ("race", "gender")}
+    table = fairness.regulariser_scale(model, items, hooks, batch_size=n)
     batch = {k: torch.stack([item[k] for item in items]) for k in items[0]}  # batch_size = n: the whole set
     with torch.no_grad():
         out = model(batch["image"], batch["text"])
         loss = float(clip_loss(out["image_features"], out["text_features"], out["logit_scale"]))
         race = float(FairCLIPRegulariser("race", lam=10.0)(out["image_features"], out["text_features"],
                                                            out["logit_scale"], batch))
-    row = table.set_index("attribute").loc["race"]
+    row = table.set_index("name").loc["race"]
     assert row["clip_loss"] == pytest.approx(loss, rel=1e-5)
     assert row["regulariser"] == pytest.approx(race, rel=1e-4) and row["share"] == pytest.approx(race / loss, rel=1e-4)

@@ -44,8 +44,11 @@ def test_differences_draws_one_interval_per_row_around_zero():
     fig = plots.differences(frame, "d", "lo", "hi", label="pair", by="attribute", xlabel="AUC difference")
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["gender: b − c", "race: a − c", "race: a − b"]
-    markers = [line for line in ax.lines if line.get_marker() == "o"]  # the points (caps are other markers)
+    markers = [line for line in ax.lines if line.get_marker() == "o"]  # the points
     xy = sorted((float(m.get_ydata()[0]), float(m.get_xdata()[0])) for m in markers)
     assert xy == [(0.0, 0.0), (1.0, -0.2), (2.0, 0.1)]  # rows drawn top to bottom in frame order
+    segments = sorted((tuple(map(tuple, seg)) for c in ax.collections for seg in c.get_segments()),
+                      key=lambda seg: seg[0][1])  # by row
+    assert segments == [((-0.1, 0.0), (0.1, 0.0)), ((-0.3, 1.0), (-0.1, 1.0)), ((0.05, 2.0), (0.2, 2.0))]
     assert [list(line.get_xdata()) for line in ax.lines if line.get_linestyle() == "--"] == [[0, 0]]
     plt.close(fig)

@@ -160,3 +160,11 @@ def test_group_auc_table_lists_group_sizes(evals):
     assert all(col.split(" (n=")[0] in {"Asian", "Black", "White"} for col in table.columns)
     with pytest.raises(ResultsError, match="no evaluation on attribute 'age'"):
         results.group_auc_table(evals, "age")
+
+
+def test_method_names_with_a_slash_round_trip(tmp_path):
+    folder = save_model(tmp_path, "Fair-MoE w/o FOL", 0)
+    assert folder.parent.parent.name == "Fair-MoE w%2Fo FOL"
+    assert list(results.collect(tmp_path)["method"]) == ["Fair-MoE w/o FOL"]
+    with pytest.raises(ResultsError, match="method name is empty"):
+        save_model(tmp_path, " ", 0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -139,9 +140,9 @@ def test_fit_clip_picks_the_best_validation_epoch_and_reloads_it(model, clip, da
     def fake_auc(m, tokenizer, loader, prompts, device=None):
         assert loader.dataset is data["val"]                                     # selection on VALIDATION
         snapshots.append({k: v.clone() for k, v in m.state_dict().items()})
-        return next(scripted)
+        return next(scripted), None
 
-    monkeypatch.setattr(train, "validation_auc", fake_auc)
+    monkeypatch.setattr(train, "validation_scores", fake_auc)
     result = fit_clip(model, clip[3], data["train"], data["val"], quick(epochs=3), tmp_path, progress=False)
     assert result["best_epoch"] == 2 and result["best_val_auc"] == 0.8
     assert [h["val_auc"] for h in result["history"]] == [0.6, 0.8, 0.7]
@@ -175,7 +176,7 @@ def _constant(value: float, calls: list):
 
 
 def test_regulariser_value_enters_the_loss(clip, data, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "validation_auc", lambda *args, **kwargs: 0.5)
+    monkeypatch.setattr(train, "validation_scores", lambda *args, **kwargs: (0.5, None))
     runs = {}
     calls: list = []
     for name, reg in (("plain", None), ("constant", _constant(3.0, calls))):
@@ -187,7 +188,7 @@ def test_regulariser_value_enters_the_loss(clip, data, tmp_path, monkeypatch):
 
 
 def test_regulariser_gradient_changes_the_update(clip, data, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "validation_auc", lambda *args, **kwargs: 0.5)
+    monkeypatch.setattr(train, "validation_scores", lambda *args, **kwargs: (0.5, None))
 
     def pull_apart(image_features, text_features, logit_scale, batch):
         return 10.0 * (image_features * text_features).sum(-1).mean()
@@ -370,3 +371,27 @@ def test_a_checkpoint_file_is_a_valid_pretrained_argument(model, tmp_path):
     reloaded, *_ = create_clip("fairbook-tiny", pretrained=str(path), device="cpu")
     for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_train_and_save_patches_regularises_and_saves_one_seed(tmp_path):
+    root = tmp_path / "data"
+    generate(root, SynthConfig.preset("default", n_train=48, n_val=32, n_test=32), progress=False)
+    calls = []
+
+    def patch(net):
+        calls.append("patch")
+        net.patched = True
+
+    def regulariser(net, train_ds):
+        calls.append(("regulariser", getattr(net, "patched", False), len(train_ds)))
+        return _constant(0.0, [])
+
+    fit = train.train_and_save(tmp_path / "run", "Method", 3, data_root=root, config=quick(prompts="fairmedfm"),
+                               n_train=20, attribute="race", patch=patch, regulariser=regulariser)
+    assert calls == ["patch", ("regulariser", True, 20)] and fit["model"].patched
+    folder = tmp_path / "run" / "predictions" / "Method" / "race" / "seed-3"
+    test = pd.read_csv(folder / "test.csv")
+    assert len(test) == len(FairVLMed(root, "Test")) and set(test["split"]) == {"test"}
+    info = json.loads((folder / "info.json").read_text())
+    assert info["n_train"] == 20 and info["data"].startswith("SynthFairVLMed (synthetic")
+    assert (tmp_path / "run" / "checkpoints" / "Method" / "race" / "seed-3" / "best.pt").is_file()
