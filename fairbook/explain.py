@@ -1,0 +1,428 @@
+"""Token maps that explain an open_clip ViT image tower: attention rollout, Grad-CAM, patch-text similarity.
+
+Every map is a float array of shape (B, gh, gw) on the model's patch grid (:func:`patch_grid`), one value per
+image patch, row-major like the convolutional patch embedding. Masks given at the raw image resolution (the
+optic disc and cup masks of SynthFairVLMed) are taken through the same resize and centre crop as the model's
+preprocess and pooled onto that grid (:func:`mask_to_grid`), so that :func:`mass_inside` can report the share
+of a map's mass that falls inside the disc, per image, for a case study by group.
+
+Choices (see each function):
+
+* rollout readout: CLS-pooled towers (``pool_type="tok"``, e.g. ViT-B-16) read the CLS row of the rollout;
+  average-pooled towers (``pool_type="avg"``, fairbook-tiny) read the mean of the patch rows, because their
+  image embedding is the mean of the final patch tokens; the CLS column is dropped and the map renormalised.
+* gradient map: Grad-CAM (Selvaraju et al. 2017) on the tokens entering the last transformer block, with the
+  cosine image-text similarity as the target score.
+* routing maps of a Mixture-of-Experts block: :func:`routing_maps` reshapes any (B, L, M) per-token tensor.
+
+All model functions put the model in eval mode, run on the model's device and restore every module's
+training flag afterwards. Bad input raises :class:`ExplainError` with one line naming the problem and the fix.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from open_clip.transform import CenterCropOrPad, ResizeKeepRatio
+from open_clip.transformer import VisionTransformer
+from PIL import Image
+from torch import nn
+from torchvision import transforms as T
+
+HEAD_FUSIONS = ("mean", "max", "min")
+
+
+class ExplainError(ValueError):
+    """A model, image batch, text embedding, mask or preprocess that the explanation tools cannot use."""
+
+
+# ------------------------------------------------------------------------------------------------ model, inputs
+def _visual(model: nn.Module) -> VisionTransformer:
+    """The open_clip ViT image tower of a CLIP model (``model.visual``) or the tower itself."""
+    visual = getattr(model, "visual", model)
+    if not isinstance(visual, VisionTransformer):
+        raise ExplainError(
+            f"{type(visual).__name__} is not an open_clip VisionTransformer: pass a ViT CLIP "
+            "(e.g. create_clip('fairbook-tiny')) or its .visual tower"
+        )
+    if visual.attn_pool is not None or visual.pool_type not in ("tok", "avg"):
+        raise ExplainError("only ViT towers pooled by the CLS token ('tok') or the patch mean ('avg') are supported")
+    return visual
+
+
+def patch_grid(model: nn.Module) -> tuple[int, int]:
+    """(gh, gw): rows and columns of the patch grid of an open_clip ViT (image size // patch size)."""
+    return tuple(int(g) for g in _visual(model).grid_size)
+
+
+def _images(visual: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """The batch on the tower's device and dtype, after checking it is (B, 3, H, W) at the tower's input size."""
+    size = tuple(visual.image_size)
+    ok = isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1] == 3
+    if not ok or tuple(images.shape[2:]) != size:
+        shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
+        raise ExplainError(
+            f"images have shape {shape}, expected a tensor (B, 3, {size[0]}, {size[1]}): pass them through the "
+            "model's preprocess"
+        )
+    weight = visual.conv1.weight
+    return images.detach().to(device=weight.device, dtype=weight.dtype)
+
+
+def _text(visual: VisionTransformer, text_features, batch: int) -> torch.Tensor:
+    """Text embeddings as a (B, D) tensor: one row for every image, or one row (or a 1-D vector) for all."""
+    weight = visual.conv1.weight
+    text = torch.as_tensor(text_features).detach().to(device=weight.device, dtype=weight.dtype)
+    text = text[None] if text.ndim == 1 else text
+    dim = int(visual.output_dim)
+    if text.ndim != 2 or text.shape[1] != dim or text.shape[0] not in (1, batch):
+        raise ExplainError(
+            f"text_features have shape {tuple(text.shape)}, expected ({dim},), (1, {dim}) or ({batch}, {dim}): "
+            "pass model.encode_text(tokenizer(prompts)) for one prompt or one per image"
+        )
+    return text.expand(batch, dim)
+
+
+@contextlib.contextmanager
+def _inference(model: nn.Module):
+    """Eval mode (and no gradient checkpointing) for the duration; every module's own flags are restored after."""
+    modes = [(module, module.training) for module in model.modules()]
+    checkpointed = [m for m in model.modules() if getattr(m, "grad_checkpointing", False) is True]
+    model.eval()
+    for module in checkpointed:  # recomputation in backward would re-fire the capture hooks
+        module.grad_checkpointing = False
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        for module in checkpointed:
+            module.grad_checkpointing = True
+
+
+@contextlib.contextmanager
+def _hooks(*handles):
+    """Remove the given hook handles on exit, whatever happens."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _to_grid(values: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
+    """(B, gh * gw) patch values (row-major, CLS already dropped) -> (B, gh, gw) float numpy array."""
+    return values.detach().float().cpu().reshape(values.shape[0], *grid).numpy()
+
+
+# ------------------------------------------------------------------------------------------- attention rollout
+def _attention_probs(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d_head)) per head for self-attention on x (B, L, E): (B, H, L, L).
+
+    Q and K are recomputed from the block's ``in_proj`` weights on the attention input (``ln_1(x)`` in an
+    open_clip ``ResidualAttentionBlock``), the scaled dot-product attention of Vaswani et al. 2017, eq. 1.
+    """
+    B, L, E = x.shape
+    heads = attn.num_heads
+    d = E // heads
+    bias = attn.in_proj_bias[: 2 * E] if attn.in_proj_bias is not None else None
+    q, k = F.linear(x, attn.in_proj_weight[: 2 * E], bias).chunk(2, dim=-1)
+    q = q.reshape(B, L, heads, d).transpose(1, 2)
+    k = k.reshape(B, L, heads, d).transpose(1, 2)
+    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
+
+
+def _attention_modules(visual: VisionTransformer) -> list[nn.MultiheadAttention]:
+    modules = [getattr(block, "attn", None) for block in visual.transformer.resblocks]
+    if not all(isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None for m in modules):
+        raise ExplainError(
+            "every transformer block needs an nn.MultiheadAttention .attn with packed in_proj weights "
+            "(open_clip ResidualAttentionBlock); custom-attention blocks are not supported"
+        )
+    return modules
+
+
+def attention_maps(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """Per-block attention probabilities of a ViT tower, a list of (B, H, L, L) CPU tensors (L = 1 + gh * gw).
+
+    open_clip calls ``nn.MultiheadAttention`` with ``need_weights=False``, so a forward hook on each block's
+    ``attn`` recomputes softmax(Q K^T / sqrt(d_head)) from the block's in_proj weights and the attention
+    input; the forward pass itself is unchanged. Token 0 is CLS, then the patches row by row.
+    """
+    visual = _visual(model)
+    x = _images(visual, images)
+    found: list[torch.Tensor] = []
+
+    def record(module, args, kwargs, output):
+        query = args[0] if args else kwargs["query"]
+        if kwargs.get("attn_mask") is not None:
+            raise ExplainError("attention masks are not supported: explain an image tower, which has none")
+        query = query if module.batch_first else query.transpose(0, 1)
+        found.append(_attention_probs(module, query).float().cpu())
+
+    handles = [m.register_forward_hook(record, with_kwargs=True) for m in _attention_modules(visual)]
+    with _inference(model), torch.no_grad(), _hooks(*handles):
+        visual(x)
+    return found
+
+
+def rollout(attentions, discard_ratio: float = 0.0, head_fusion: str = "mean") -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema 2020, "Quantifying Attention Flow in Transformers", sec. 3):
+    R = Ã_n ... Ã_1 with Ã_l = row-normalised (A_l + I), A_l the head-fused attention of block l.
+
+    ``attentions``: per-block (B, H, L, L) (or (H, L, L)) row-stochastic attention. ``head_fusion`` fuses heads
+    by their mean (the paper), max or min. ``discard_ratio`` in [0, 1) zeroes the smallest ``int(ratio * L)``
+    entries of every row of the fused attention before the identity is added (the noise filter of Gildenblat's
+    vit-explain, applied per row here so that no row is emptied). Returns R, (B, L, L), rows summing to 1.
+    """
+    if head_fusion not in HEAD_FUSIONS:
+        raise ExplainError(f"unknown head_fusion {head_fusion!r}: choose one of {', '.join(HEAD_FUSIONS)}")
+    if not 0.0 <= float(discard_ratio) < 1.0:
+        raise ExplainError(f"discard_ratio must lie in [0, 1), got {discard_ratio}")
+    attentions = [torch.as_tensor(a, dtype=torch.float64) for a in attentions]
+    if not attentions:
+        raise ExplainError("no attention matrices given: pass one (B, H, L, L) tensor per block")
+    attentions = [a[None] if a.ndim == 3 else a for a in attentions]
+    B, _, L, _ = attentions[0].shape
+    eye = torch.eye(L, dtype=torch.float64)
+    result = eye.expand(B, L, L)
+    for a in attentions:
+        if a.ndim != 4 or a.shape[0] != B or a.shape[2:] != (L, L):
+            raise ExplainError(f"attention of shape {tuple(a.shape)} does not match ({B}, H, {L}, {L})")
+        fused = a.mean(1) if head_fusion == "mean" else a.amax(1) if head_fusion == "max" else a.amin(1)
+        drop = int(discard_ratio * L)
+        if drop:
+            smallest = fused.topk(drop, dim=-1, largest=False).indices
+            fused = fused.scatter(-1, smallest, 0.0)
+        fused = fused + eye
+        result = (fused / fused.sum(-1, keepdim=True)) @ result
+    return result
+
+
+def _readout(rolled: torch.Tensor, visual: VisionTransformer) -> torch.Tensor:
+    """(B, L, L) rollout -> (B, gh * gw) patch weights summing to 1 (zeros when no mass reaches a patch)."""
+    if visual.pool_type == "tok":
+        patches = rolled[:, 0, 1:]  # the CLS output token is the image embedding
+    else:
+        patches = rolled[:, 1:, 1:].mean(1)  # the mean of the patch output tokens is the image embedding
+    return patches / patches.sum(-1, keepdim=True).clamp_min(torch.finfo(patches.dtype).tiny)
+
+
+def attention_rollout(model: nn.Module, images: torch.Tensor, discard_ratio: float = 0.0,
+                      head_fusion: str = "mean") -> np.ndarray:
+    """Attention-rollout map (Abnar & Zuidema 2020) of every image: (B, gh, gw), non-negative, each summing to 1.
+
+    Readout: a CLS-pooled tower (``pool_type="tok"``, ViT-B-16) uses the CLS row of the rollout, as in the
+    paper. An average-pooled tower (``pool_type="avg"``, fairbook-tiny) has no CLS readout; its embedding is
+    the mean of the final patch tokens, so under rollout's linear-mixing assumption the flow from input token j
+    into it is the mean of the patch rows, (1/N) sum_i R[i, j]; that is what is used. In both cases the column
+    of the input CLS token (no location) is dropped and the map renormalised over the patches.
+    See :func:`rollout` for ``discard_ratio`` and ``head_fusion``.
+    """
+    visual = _visual(model)
+    rolled = rollout(attention_maps(model, images), discard_ratio, head_fusion)
+    return _to_grid(_readout(rolled, visual), patch_grid(visual))
+
+
+# ------------------------------------------------------------------------------------ gradient and similarity
+def gradcam_map(model: nn.Module, images: torch.Tensor, text_features) -> np.ndarray:
+    """Grad-CAM for a ViT (Selvaraju et al. 2017, eqs. 1-2) on the tokens entering the last block: (B, gh, gw).
+
+    Target score y = cos(f(x), t): the cosine between the image embedding and the text embedding ``t``
+    (e.g. the glaucoma prompt's; (D,) or (1, D) for every image, or (B, D)). With A the (N, C) patch tokens
+    that the last transformer block reads (CLS excluded), the channel weights are the patch-averaged gradients
+    alpha_c = (1/N) sum_k dy/dA_kc and the map is ReLU(sum_c alpha_c A_jc) for patch j. The last block's
+    *input* is used, not its output, because in a CLS-pooled tower the output patch tokens do not reach the
+    embedding (their gradient is zero). Only this score is differentiated; parameter gradients are untouched.
+    """
+    visual = _visual(model)
+    x = _images(visual, images)
+    text = _text(visual, text_features, x.shape[0])
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(module, args):
+        tokens = args[0].detach().requires_grad_(True)
+        captured["tokens"] = tokens
+        return (tokens, *args[1:])
+
+    handle = visual.transformer.resblocks[-1].register_forward_pre_hook(capture)
+    with _inference(model), torch.enable_grad(), _hooks(handle):
+        features = visual(x)
+        features = features[0] if isinstance(features, tuple) else features
+        score = F.cosine_similarity(features, text, dim=-1)
+        (grad,) = torch.autograd.grad(score.sum(), captured["tokens"])
+    tokens = captured["tokens"].detach()
+    if not visual.transformer.batch_first:
+        tokens, grad = tokens.transpose(0, 1), grad.transpose(0, 1)
+    weights = grad[:, 1:].mean(1, keepdim=True)
+    return _to_grid(torch.relu((weights * tokens[:, 1:]).sum(-1)), patch_grid(visual))
+
+
+def image_text_similarity_map(model: nn.Module, images: torch.Tensor, text_features) -> np.ndarray:
+    """Cosine between every patch token and a text embedding: (B, gh, gw), values in [-1, 1].
+
+    Each final patch token goes through the same head as the pooled token, ``ln_post`` then ``proj`` (CLIP,
+    Radford et al. 2021, the image encoder's final projection), and is compared with the text embedding by
+    cosine similarity, the score CLIP's contrastive objective gives the whole image (Radford et al. 2021,
+    fig. 3 pseudocode: logits = cosine of the projected, L2-normalised embeddings, times a temperature).
+    ``text_features``: (D,) or (1, D) for every image, or (B, D).
+    """
+    visual = _visual(model)
+    x = _images(visual, images)
+    text = _text(visual, text_features, x.shape[0])
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(module, args, output):
+        captured["tokens"] = output  # Transformer.forward returns (B, L, E) whatever its batch_first
+
+    handle = visual.transformer.register_forward_hook(capture)
+    with _inference(model), torch.no_grad(), _hooks(handle):
+        visual(x)
+        patches = visual.ln_post(captured["tokens"][:, 1:])
+        if visual.proj is not None:
+            patches = patches @ visual.proj
+        similarity = F.cosine_similarity(patches, text[:, None, :], dim=-1)
+    return _to_grid(similarity, patch_grid(visual))
+
+
+# ------------------------------------------------------------------------------------------------ routing maps
+def routing_maps(weights, grid: tuple[int, int]) -> np.ndarray:
+    """Per-token weights of M experts, (B, L, M) with L = 1 + gh * gw (CLS first), as expert maps (B, M, gh, gw).
+
+    The extension point for the router of a Mixture-of-Experts block (e.g. gate probabilities or top-k masks
+    of a patched last block): the CLS token is dropped and the patch tokens are laid out row-major, like the
+    patch embedding. ``grid`` is :func:`patch_grid` of the model.
+    """
+    weights = torch.as_tensor(weights)
+    gh, gw = int(grid[0]), int(grid[1])
+    if weights.ndim != 3 or weights.shape[1] != 1 + gh * gw:
+        raise ExplainError(
+            f"routing weights have shape {tuple(weights.shape)}, expected (B, {1 + gh * gw}, M): one row per token, "
+            f"CLS first, for a {gh} x {gw} patch grid"
+        )
+    patches = weights[:, 1:].transpose(1, 2)  # (B, M, N)
+    return patches.detach().float().cpu().reshape(weights.shape[0], -1, gh, gw).numpy()
+
+
+# ------------------------------------------------------------------------------------------------- geometry
+def upsample_map(maps, model: nn.Module) -> np.ndarray:
+    """(B, gh, gw) patch maps -> (B, H, W) at the model's input size: each pixel takes the value of its patch
+    (nearest-neighbour, exact: a patch is a patch_size square of the preprocessed image)."""
+    visual = _visual(model)
+    maps = np.asarray(maps, dtype=np.float64)
+    grid = patch_grid(visual)
+    if maps.ndim != 3 or maps.shape[1:] != grid:
+        raise ExplainError(f"maps have shape {maps.shape}, expected (B, {grid[0]}, {grid[1]}) for this model")
+    ph, pw = (int(p) for p in visual.patch_size)
+    return np.repeat(np.repeat(maps, ph, axis=1), pw, axis=2)
+
+
+def _geometry(preprocess, raw_hw: tuple[int, int]) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+    """The raw-image window (y0, y1, x0, x1) that the preprocess maps onto its output, and the output (h, w).
+
+    Resizes scale the window onto a new pixel size (sizes taken by running the resize on a blank image, so
+    torchvision's own rounding applies); centre crops shift it by torchvision's offset round((h - th) / 2), or
+    by -((th - h) // 2) where they pad. Colour, tensor and normalisation steps do not move pixels.
+    """
+    h, w = raw_hw
+    y0, y1, x0, x1 = 0.0, float(h), 0.0, float(w)
+    for step in getattr(preprocess, "transforms", [preprocess]):
+        if type(step).__name__.startswith("Random"):
+            raise ExplainError(
+                f"the preprocess contains {type(step).__name__}: pass the evaluation preprocess (preprocess_val)"
+            )
+        if isinstance(step, (T.Resize, ResizeKeepRatio)):
+            w, h = step(Image.new("F", (w, h))).size
+        elif isinstance(step, (T.CenterCrop, CenterCropOrPad)):
+            size = step.size
+            th, tw = (size, size) if isinstance(size, int) else (size[0], size[-1])
+            top = round((h - th) / 2) if th <= h else -((th - h) // 2)
+            left = round((w - tw) / 2) if tw <= w else -((tw - w) // 2)
+            sy, sx = (y1 - y0) / h, (x1 - x0) / w
+            y0, x0 = y0 + top * sy, x0 + left * sx
+            y1, x1 = y0 + th * sy, x0 + tw * sx
+            h, w = th, tw
+    return (y0, y1, x0, x1), (h, w)
+
+
+def _cell_weights(lo: float, hi: float, out_len: int, cell: int, raw_len: int) -> np.ndarray:
+    """(out_len // cell, raw_len) overlap fractions: row k = share of output cell k (in raw coordinates
+    [lo + k * cell * s, lo + (k + 1) * cell * s), s = (hi - lo) / out_len) covered by each raw pixel."""
+    step = (hi - lo) / out_len * cell
+    edges = lo + step * np.arange(out_len // cell + 1)
+    pixels = np.arange(raw_len)[None, :]
+    overlap = np.minimum(edges[1:, None], pixels + 1) - np.maximum(edges[:-1, None], pixels)
+    return np.clip(overlap, 0.0, None) / step
+
+
+def _masks(masks) -> np.ndarray:
+    masks = np.asarray(masks, dtype=np.float64)
+    masks = masks[None] if masks.ndim == 2 else masks
+    if masks.ndim != 3 or masks.size == 0 or masks.min() < 0 or masks.max() > 1:
+        raise ExplainError(
+            f"masks must be (H, W) or (B, H, W) arrays with values in [0, 1], got shape {masks.shape}: "
+            "pass disc_mask / cup_mask from the npz files"
+        )
+    return masks
+
+
+def _pool_mask(masks, preprocess, cell: int) -> tuple[np.ndarray, tuple[int, int]]:
+    masks = _masks(masks)
+    (y0, y1, x0, x1), (h, w) = _geometry(preprocess, masks.shape[1:])
+    rows = _cell_weights(y0, y1, h, cell, masks.shape[1])
+    cols = _cell_weights(x0, x1, w, cell, masks.shape[2])
+    pooled = rows @ masks @ cols.T  # (k, H) @ (B, H, W) @ (W, l)
+    return np.clip(pooled, 0.0, 1.0), (h, w)  # rounding can give 1 + 1e-16
+
+
+def transform_mask(masks, preprocess) -> np.ndarray:
+    """Raw-resolution masks (H, W) or (B, H, W) taken through the preprocess's resize and centre crop:
+    (B, S, S) at the model's input size, each pixel the fraction of its area inside the mask (exact area
+    resampling instead of the image's bicubic kernel, so values stay in [0, 1]; padding counts as outside)."""
+    return _pool_mask(masks, preprocess, 1)[0]
+
+
+def mask_to_grid(masks, preprocess, model: nn.Module) -> np.ndarray:
+    """Raw-resolution masks (H, W) or (B, H, W) -> (B, gh, gw): the fraction of each patch of the preprocessed
+    image that lies inside the mask (same resize and centre crop as ``preprocess``, the model's
+    preprocess_val; exact area overlap)."""
+    visual = _visual(model)
+    pooled, size = _pool_mask(masks, preprocess, int(visual.patch_size[0]))
+    if size != tuple(visual.image_size) or visual.patch_size[0] != visual.patch_size[1]:
+        raise ExplainError(
+            f"the preprocess outputs {size[0]} x {size[1]} images but the model reads {tuple(visual.image_size)} "
+            "with square patches: pass this model's own preprocess_val"
+        )
+    return pooled
+
+
+def mass_inside(maps, masks) -> np.ndarray:
+    """Share of each map's mass inside a mask, per image: sum_j m_j w_j / sum_j m_j with m = max(map, 0).
+
+    ``maps``: (B, gh, gw) token maps (negative values count as zero); ``masks``: (B, gh, gw), or (1, gh, gw) or
+    (gh, gw) for every image: the fraction of each patch inside the region (:func:`mask_to_grid`), so a patch
+    half inside contributes half its mass. This is the "share of attention mass inside the optic disc" of the
+    case study. Images whose map has no positive mass get NaN.
+    """
+    maps = np.clip(np.asarray(maps, dtype=np.float64), 0.0, None)
+    masks = np.asarray(masks, dtype=np.float64)
+    if maps.ndim == 3 and masks.shape in (maps.shape[1:], (1, *maps.shape[1:])):
+        masks = np.broadcast_to(masks, maps.shape)  # one mask for every image
+    if maps.ndim != 3 or masks.shape != maps.shape or maps.size == 0 or masks.min() < 0 or masks.max() > 1:
+        raise ExplainError(
+            f"maps {maps.shape} and masks {masks.shape} must both be (B, gh, gw) with masks in [0, 1]: "
+            "pool raw masks with mask_to_grid"
+        )
+    total = maps.sum(axis=(1, 2))
+    inside = (maps * masks).sum(axis=(1, 2))
+    return np.where(total > 0, inside / np.where(total > 0, total, 1.0), np.nan)
+
+
+__all__ = [
+    "ExplainError", "HEAD_FUSIONS", "attention_maps", "attention_rollout", "gradcam_map",
+    "image_text_similarity_map", "mask_to_grid", "mass_inside", "patch_grid", "rollout", "routing_maps",
+    "transform_mask", "upsample_map",
+]
