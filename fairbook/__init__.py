@@ -1,16 +1,18 @@
 """fairbook: a notebook-first research handbook on fairness in medical vision-language models.
 
 Notebooks use one import, ``import fairbook as fb``, and reach the package through its concept modules:
-``fb.data`` (FairVLMed loader, synthetic generator, summaries), ``fb.models``, ``fb.metrics``, ``fb.stats``,
-``fb.fairness`` (fairness losses and mitigations), ``fb.train``, ``fb.results`` (saved predictions and the
-comparison tables), ``fb.plots``, ``fb.widgets`` and ``fb.runs`` (papermill runner, sweeps, run folders). Modules load on first use.
+``fb.data`` (FairVLMed loader, synthetic generator, summaries), ``fb.models``, ``fb.moe`` (Fair-MoE layers and
+loss), ``fb.fairness`` (fairness losses and mitigations), ``fb.train``, ``fb.metrics``, ``fb.stats``,
+``fb.results`` (saved predictions and the comparison tables), ``fb.explain`` (attention and similarity maps),
+``fb.plots``, ``fb.widgets`` and ``fb.runs`` (papermill runner, sweeps, run folders). Modules load on first use.
 """
 from __future__ import annotations
 
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["book", "data", "fairness", "metrics", "models", "plots", "results", "runs", "stats", "train", "widgets"]
+__all__ = ["book", "data", "explain", "fairness", "metrics", "models", "moe", "plots", "results", "runs", "stats",
+           "train", "widgets"]
 
 
 def __getattr__(name: str):

@@ -29,7 +29,8 @@ import fairbook as fb
 # %% tags=["parameters"]
 runs_dir = "runs"  # where the chapters' run folders are
 config = "default"  # which configuration of each chapter to read (default, smoke, paper-b16, ...)
-chapters = ["11-clip-baseline", "12-fairclip"]  # chapters whose saved predictions are compared
+chapters = ["11-clip-baseline", "12-fairclip", "13-fair-moe", "20-ablation-fo-moe", "21-ablation-fol",
+            "22-ablation-components"]  # chapters whose saved predictions are compared
 baseline = "CLIP"  # the method every other method is compared with, paired on seed
 n_boot = 1000  # bootstrap resamples of the test set
 
@@ -109,12 +110,8 @@ fb.runs.save_metrics({"data": source, "chapters": chapters, "source_config": con
 # The number of clear differences (paired bootstrap interval excluding zero), computed:
 
 # %%
-better = {"es_auc": 1, "auc": 1, "dpd": -1, "eod": -1}
-sign = paired["diff"] * paired["metric"].map(better)
-clear = (paired["boot_lo"] > 0) | (paired["boot_hi"] < 0)
-pd.DataFrame({"clearly better": (clear & (sign > 0)).groupby(paired["method"]).sum(),
-              "clearly worse": (clear & (sign < 0)).groupby(paired["method"]).sum(),
-              "no clear difference": (~clear).groupby(paired["method"]).sum()})
+verdicts = fb.results.claims(paired)
+pd.crosstab(verdicts["method"], verdicts["verdict"])
 
 # %% [markdown]
 # - The table is only as good as its protocol: validation-chosen epochs and thresholds, paired seeds, the test
