@@ -45,6 +45,7 @@ bench: data
 	$(BIN)/python bench/learnability.py $(DATA)
 	$(BIN)/python bench/bench_metrics.py
 	$(BIN)/python bench/bench_clip_step.py
+	$(BIN)/python bench/bench_moe.py
 
 clean:
 	rm -rf runs book/_build book/notebooks

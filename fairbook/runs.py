@@ -35,6 +35,8 @@ RUN_DIR_ENV = "FAIRBOOK_RUN_DIR"
 RUN_CONFIG_ENV = "FAIRBOOK_RUN_CONFIG"
 #: Seconds one cell may run before the run fails (a hung kernel must not hang a sweep or CI forever).
 CELL_TIMEOUT = int(os.environ.get("FAIRBOOK_CELL_TIMEOUT", 3600))
+#: Longest run-folder name :func:`config_name` makes (file systems allow 255 bytes; temporary names add more).
+MAX_CONFIG_NAME = 120
 
 
 class ParameterError(ValueError):
@@ -180,10 +182,17 @@ def check_params(notebook: str | os.PathLike, params: dict) -> None:
 
 
 def config_name(files: Iterable[str | os.PathLike] = (), overrides: dict | None = None) -> str:
-    """``default`` for ``-p params/x/default.yaml``; ``default__seed-1`` with ``--set seed=1``."""
+    """``default`` for ``-p params/x/default.yaml``; ``default__seed-1`` with ``--set seed=1``.
+
+    Names longer than :data:`MAX_CONFIG_NAME` characters (overrides holding paths) keep their first part and end
+    with a digest of the whole, so that the folder name stays valid and unique.
+    """
     parts = ["+".join(Path(f).stem for f in files) or "defaults"]
     parts += [f"{k}-{v}" for k, v in (overrides or {}).items()]
-    return re.sub(r"[^A-Za-z0-9_.+=-]", "_", "__".join(parts))
+    name = re.sub(r"[^A-Za-z0-9_.+=-]", "_", "__".join(parts))
+    if len(name) > MAX_CONFIG_NAME:
+        name = f"{name[:MAX_CONFIG_NAME - 13]}__{hashlib.sha256(name.encode()).hexdigest()[:11]}"
+    return name
 
 
 def _package_digest() -> str:

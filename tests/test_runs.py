@@ -139,3 +139,12 @@ def test_to_jsonable_turns_pandas_into_plain_json():
     assert runs.to_jsonable(frame) == [{"attribute": "race", "auc": 0.7}, {"attribute": "gender", "auc": None}]
     assert runs.to_jsonable(frame["auc"]) == {"race": 0.7, "gender": None}
     assert json.loads(json.dumps(runs.to_jsonable({"t": frame}))) == {"t": runs.to_jsonable(frame)}
+
+
+def test_long_override_values_give_a_short_unique_config_name():
+    long_a = {"data_root": "/tmp/" + "a" * 300}
+    long_b = {"data_root": "/tmp/" + "a" * 299 + "b"}
+    name_a, name_b = runs.config_name(["smoke.yaml"], long_a), runs.config_name(["smoke.yaml"], long_b)
+    assert len(name_a) == runs.MAX_CONFIG_NAME and name_a.startswith("smoke__data_root-_tmp_aaa")
+    assert name_a != name_b
+    assert runs.config_name(["smoke.yaml"], {"seed": 1}) == "smoke__seed-1"
