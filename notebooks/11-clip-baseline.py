@@ -30,6 +30,7 @@
 
 # %%
 import pandas as pd
+from torch.utils.data import DataLoader
 
 import fairbook as fb
 
@@ -146,6 +147,27 @@ if control_root:
     fb.plots.savefig(fig, "control-race-differences")
 
 # %% [markdown]
+# ## A linear probe on the frozen start
+#
+# Zero-shot scoring is one way to use CLIP; FairMedFM's other standard usage is a linear probe: a logistic
+# regression on the frozen image features, its regularisation chosen on validation AUC (`fb.train.linear_probe`).
+# Here it probes the pretrained start itself, with the first seed's training draw. Nothing is fine-tuned, so it
+# shows how much of the glaucoma signal, and of the race gap, is already in the features.
+
+# %%
+net, preprocess_train, preprocess_val, tokenizer = fb.models.create_clip(model, pretrained)
+probe_splits = [fb.data.FairVLMed(data_root, "Training", preprocess_val, tokenizer).subset(n_train, seeds[0]),
+                *(fb.data.FairVLMed(data_root, s, preprocess_val, tokenizer) for s in ("Validation", "Test"))]
+probe = fb.train.linear_probe(net, *(DataLoader(ds, batch_size=64) for ds in probe_splits))
+test_probe, val_probe = probe["test"], probe["val"]
+probe_report = fb.metrics.fairness_report(
+    test_probe["y_true"], test_probe["y_score"],
+    {a: probe_splits[2].metadata[f"{a}_name"] for a in fb.data.FILTER_ATTRIBUTES}, threshold="youden",
+    validation=(val_probe["y_true"], val_probe["y_score"]), n_boot=n_boot)
+print(f"C = {probe['C']:g} (chosen on validation AUC)")
+fb.metrics.ci_table(probe_report, ["auc", "es_auc", "dpd", "eod", "auc_delta"])
+
+# %% [markdown]
 # ## Record the numbers
 
 # %%
@@ -161,6 +183,8 @@ summary = {
              for a, rows in evals.groupby("eval_attribute")},
     "race_differences": race.set_index("groups")[["diff", "ci_lo", "ci_hi"]],
 }
+summary["linear_probe_frozen_start"] = {a: {k: e[k] for k in ("auc", "es_auc", "dpd", "eod")} | {"ci": e["ci"]}
+                                        for a, e in probe_report["attributes"].items()}
 if control_root:
     summary["control_differences"] = control_gaps.set_index(["attribute", "groups"])[["diff", "ci_lo", "ci_hi"]]
 fb.runs.save_metrics(summary)

@@ -138,8 +138,10 @@ def test_fine_tuning_chapters_run_on_an_official_layout_folder(smoke_runs, smoke
 def test_fine_tuning_chapters_save_predictions_that_the_results_chapter_reads(smoke_runs):
     from fairbook import results
 
-    found = results.collect(smoke_runs / "11-clip-baseline" / "smoke", smoke_runs / "12-fairclip" / "smoke")
-    assert set(found["method"]) == {"CLIP", "FairCLIP"}
+    chapters = runs.notebook_parameters(ROOT / "notebooks" / "90-results.py")["chapters"]
+    found = results.collect(*(smoke_runs / chapter / "smoke" for chapter in chapters))
+    assert {"CLIP", "FairCLIP", "Fair-MoE", "FairCLIP w. FO-MoE", "Fair-MoE w/o FOL"} <= set(found["method"])
+    assert set(found["chapter"]) == set(chapters), "every method chapter saves predictions"
     per_seed = pd.read_csv(smoke_runs / "90-results" / "smoke" / "per-seed.csv")
     assert len(per_seed) == 4 * len(found)  # every model under each of the four attributes
     metrics = json.loads((smoke_runs / "11-clip-baseline" / "smoke" / "metrics.json").read_text())
