@@ -49,6 +49,12 @@ from fairbook.train import TrainConfig, clip_loss
 VARIANTS = ("clip", "fairclip-paper", "fairclip-code")
 
 
+def endless(loader):
+    """Batches of ``loader`` for ever, reshuffled at each pass."""
+    while True:
+        yield from loader
+
+
 class MemoryPairs(Dataset):
     """In-memory (image, note tokens, label, attributes) items shaped like :class:`fairbook.data.FairVLMed`'s,
     with its ``groups(attribute)`` method (what :class:`GroupBatches` needs)."""
@@ -85,18 +91,11 @@ class Stepper:
         self.groups = GroupBatches(data, "race", batch_size=batch, seed=seed) if variant == "fairclip-code" else None
         self.loader = DataLoader(data, batch_size=batch, shuffle=True, drop_last=True,
                                  generator=torch.Generator().manual_seed(seed))
-        self.batches = iter(())
+        self.batches = endless(self.loader)
         self.reg_values: list[float] = []
 
-    def _batch(self) -> dict:
-        try:
-            return next(self.batches)
-        except StopIteration:
-            self.batches = iter(self.loader)
-            return next(self.batches)
-
     def __call__(self) -> float:
-        b = self._batch()
+        b = next(self.batches)
         start = time.perf_counter()
         out = self.model(b["image"], b["text"])
         image, text, scale = out["image_features"], out["text_features"], out["logit_scale"]

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from bench_clip_step import MemoryPairs
+from bench_clip_step import MemoryPairs, endless
 from fairbook.fairness import FairCLIPRegulariser
 from fairbook.models import create_clip
 from fairbook.moe import FairnessOrientedLoss, add_fo_moe, moe_parameter_names, routers
@@ -77,18 +77,11 @@ class Stepper:
                                            weight_decay=config.weight_decay)
         self.loader = DataLoader(data, batch_size=batch, shuffle=True, drop_last=True,
                                  generator=torch.Generator().manual_seed(seed))
-        self.batches = iter(())
+        self.batches = endless(self.loader)
         self.fol_values: list[float] = []
 
-    def _batch(self) -> dict:
-        try:
-            return next(self.batches)
-        except StopIteration:
-            self.batches = iter(self.loader)
-            return next(self.batches)
-
     def __call__(self) -> float:
-        b = self._batch()
+        b = next(self.batches)
         start, cpu = time.perf_counter(), time.process_time()
         out = self.model(b["image"], b["text"])
         image, text, scale = out["image_features"], out["text_features"], out["logit_scale"]

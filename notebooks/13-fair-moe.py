@@ -97,7 +97,9 @@ train_full = fb.data.FairVLMed(data_root, "Training", preprocess_train, tokenize
 
 
 fol_args = dict(weight=fol_weight, lam=lam, blur=blur, form=form)
-fb.fairness.regulariser_scale(net, train_full, {a: fb.moe.fol(net, a, **fol_args) for a in attributes}, batch_size)
+scale = fb.fairness.regulariser_scale(net, train_full, {a: fb.moe.fol(net, a, **fol_args) for a in attributes},
+                                     batch_size)
+scale
 
 # %% [markdown]
 # Group statistics $O_{\cdot\mid p}$ come from the training batch itself: the rows of group $p$'s samples. The
@@ -209,8 +211,23 @@ verdicts = fb.results.claims(paired)
 verdicts.pivot_table(index=["attribute", "metric"], columns="baseline", values="verdict", aggfunc="first")
 
 # %% [markdown]
+# Two facts about the training itself, computed: how strong FOL was at the start for each attribute (one weight
+# for all), and how many experts each router actually used on the test split (load above 1%).
+
+# %%
+used = routing[routing["group"] == "all"].groupby("router", sort=False)["load"].apply(lambda l: int((l > 0.01).sum()))
+print("FOL / contrastive loss at the start:", scale.set_index("name")["share"].round(4).to_dict())
+print("experts with more than 1% of the load:", used.to_dict(), f"(of {n_experts} patch, {feature_experts} feature)")
+
+# %% [markdown]
 # - The paper reports Fair-MoE above CLIP and FairCLIP in ES-AUC and AUC for every attribute. On this benchmark each
 #   claim is checked with a paired interval; the table above says which held.
 # - Fair-MoE adds parameters (the experts are copies of the last block's MLP), so "better than CLIP" mixes the
 #   effect of capacity with the effect of FOL. Chapter 21 separates them by training the same architecture
 #   without FOL.
+# - One FOL weight is not one strength: the F terms depend on how unequal the groups' routing already is, so the
+#   same weight regularises some attributes far more than others (the shares above).
+# - When a router uses only as many experts as each token keeps ($K_1$ or $k_2$), routing has collapsed: every
+#   token goes to the same experts, whatever its group, and FOL has little left to equalise. Neither the paper
+#   nor fairbook adds a load-balancing loss; with experts that start as identical copies, nothing pushes the gate
+#   to spread the load.

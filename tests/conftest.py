@@ -21,3 +21,33 @@ def smoke_data():
     generate(root, SynthConfig.preset("default", **sizes), progress=False)
     generate(resolve(SMOKE_CONTROL), SynthConfig.preset("none", **sizes), progress=False)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny CPU runs: one thread is nearly as fast and leaves the other core to the rest of the suite."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    """(model, preprocess_train, preprocess_val, tokenizer) of a randomly initialised fairbook-tiny CLIP on CPU."""
+    import torch
+
+    from fairbook.models import create_clip
+
+    torch.manual_seed(0)
+    return create_clip("fairbook-tiny", device="cpu")
+
+
+@pytest.fixture()
+def model(clip):
+    """A fresh copy of the same randomly initialised tiny CLIP for every test."""
+    import copy
+
+    return copy.deepcopy(clip[0])

@@ -22,24 +22,7 @@ from fairbook.moe import (
 from fairbook.train import TrainConfig, clip_loss, fit_clip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def clip():
-    torch.manual_seed(0)
-    model, preprocess_train, preprocess_val, tokenizer = create_clip("fairbook-tiny", device="cpu")
-    return model, preprocess_train, preprocess_val, tokenizer
-
-
-@pytest.fixture()
-def model(clip):
-    return copy.deepcopy(clip[0])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,26 +29,7 @@ UPSTREAM_FROZEN = {"token_embedding.weight", "positional_embedding", "ln_final.w
                    "text_projection", "logit_scale"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny CPU runs: one thread is nearly as fast and leaves the other core to the rest of the suite."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def clip():
-    torch.manual_seed(0)
-    model, preprocess_train, preprocess_val, tokenizer = create_clip("fairbook-tiny", device="cpu")
-    return model, preprocess_train, preprocess_val, tokenizer
-
-
-@pytest.fixture()
-def model(clip):
-    """A fresh copy of the same randomly initialised tiny CLIP for every test."""
-    return copy.deepcopy(clip[0])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
