@@ -33,7 +33,7 @@ from fairbook.metrics import fairness_report
 from fairbook.runs import atomic_write_text, resolve, to_jsonable
 from fairbook.stats import paired_ttest
 
-__all__ = ["ALL", "PREDICTIONS", "ResultsError", "model_folder", "save", "collect", "same_data", "evaluate", "table", "ci_table",
+__all__ = ["ALL", "PREDICTIONS", "ResultsError", "model_folder", "save", "load_model", "collect", "same_data", "evaluate", "table", "ci_table",
            "group_auc_table", "paired_table", "group_differences", "claims", "BETTER"]
 
 PREDICTIONS = "predictions"
@@ -76,6 +76,32 @@ def save(run_dir: str | os.PathLike, method: str, seed: int, scores: Mapping[str
     record = {"data": data, **{k: v for k, v in (info or {}).items() if k != "scores"}}
     atomic_write_text(folder / "info.json", json.dumps(to_jsonable(record), indent=1) + "\n")
     return folder
+
+
+def load_model(run_dir: str | os.PathLike, method: str, attribute: str, seed: int):
+    """Rebuild a model that :func:`fairbook.train.train_and_save` trained and load its kept epoch; returns
+    ``(model, preprocess_val, tokenizer)``, the model in eval mode.
+
+    The architecture comes from the model's ``info.json`` (``model``, ``pretrained`` and the
+    :func:`fairbook.moe.add_fo_moe` arguments ``moe``), the weights from its ``best.pt``."""
+    from fairbook.models import create_clip
+    from fairbook.moe import add_fo_moe
+    from fairbook.train import load_checkpoint
+
+    run_dir = resolve(run_dir)
+    info_path = model_folder(run_dir, method, attribute, seed) / "info.json"
+    if not info_path.is_file():
+        raise ResultsError(f"no saved model {method!r} ({attribute}, seed {seed}) in {run_dir}: run the chapter "
+                           "that trains it first, or pick a method, attribute and seed from fb.results.collect")
+    info = json.loads(info_path.read_text())
+    if "model" not in info:
+        raise ResultsError(f"{info_path} does not record the architecture (saved by an older fairbook): run that "
+                           "chapter again")
+    net, _, preprocess_val, tokenizer = create_clip(info["model"], info["pretrained"])
+    if info.get("moe") is not None:
+        add_fo_moe(net, **info["moe"])
+    load_checkpoint(model_folder(run_dir, method, attribute, seed, kind="checkpoints") / "best.pt", net)
+    return net.eval(), preprocess_val, tokenizer
 
 
 def collect(*run_dirs: str | os.PathLike) -> pd.DataFrame:

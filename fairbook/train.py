@@ -447,17 +447,19 @@ def fit_and_score(model: nn.Module, tokenizer, train_ds, val_ds, test_ds, config
 
 def train_and_save(run_dir: str | os.PathLike, method: str, seed: int, *, data_root: str | os.PathLike,
                    config: TrainConfig, model: str = "fairbook-tiny", pretrained: str | None = None,
-                   n_train: int | None = None, attribute: str = "all", patch: Callable[[nn.Module], object] | None = None,
+                   n_train: int | None = None, attribute: str = "all", moe: Mapping | None = None,
                    regulariser: Callable[[nn.Module, object], Callable] | None = None, progress: bool = False) -> dict:
     """One seed of one method, as every fine-tuning chapter runs it; returns :func:`fit_and_score`'s dict plus
     ``model`` (the trained network, kept epoch loaded).
 
-    ``torch.manual_seed(seed)``, then the model (:func:`fairbook.models.create_clip` with ``pretrained``), changed
-    in place by ``patch(model)`` if given (e.g. :func:`fairbook.moe.add_fo_moe`); ``n_train`` training pairs drawn
+    ``torch.manual_seed(seed)``, then the model (:func:`fairbook.models.create_clip` with ``pretrained``), made
+    Fair-MoE by :func:`fairbook.moe.add_fo_moe` with the keyword arguments ``moe`` if given; ``n_train`` training pairs drawn
     with ``seed`` (:meth:`fairbook.data.FairVLMed.subset`: the same draw for every method at the same seed, so
     methods are paired on seed); the loss hook ``regulariser(model, train_dataset)`` if given; training with
     ``config`` and ``seed``. The predictions go to ``run_dir`` (:func:`fairbook.results.save`, as ``method`` trained
     on ``attribute``), the checkpoint to ``run_dir/checkpoints/<method>/<attribute>/seed-<k>/best.pt``.
+    ``info.json`` records ``model``, ``pretrained`` and ``moe`` (architecture) and the checkpoint path relative to
+    ``run_dir``, so that :func:`fairbook.results.load_model` can rebuild the trained network.
     """
     from fairbook.data.fairvlmed import FairVLMed, describe
     from fairbook.models import create_clip
@@ -465,14 +467,18 @@ def train_and_save(run_dir: str | os.PathLike, method: str, seed: int, *, data_r
 
     torch.manual_seed(seed)
     net, preprocess_train, preprocess_val, tokenizer = create_clip(model, pretrained)
-    if patch is not None:
-        patch(net)
+    if moe is not None:
+        from fairbook.moe import add_fo_moe
+        add_fo_moe(net, **moe)
     train = FairVLMed(data_root, "Training", preprocess_train, tokenizer).subset(n_train, seed)
     val, test = (FairVLMed(data_root, split, preprocess_val, tokenizer) for split in ("Validation", "Test"))
     hook = regulariser(net, train) if regulariser is not None else None
     folder = model_folder(run_dir, method, attribute, seed, kind="checkpoints")
     fit = fit_and_score(net, tokenizer, train, val, test, config.replace(seed=seed), folder, hook, progress)
-    save(run_dir, method, seed, fit["scores"], describe(data_root), {**fit, "n_train": len(train)}, attribute)
+    architecture = {"model": model, "pretrained": pretrained, "moe": dict(moe) if moe is not None else None,
+                    "checkpoint": str((folder / "best.pt").relative_to(run_dir))}
+    save(run_dir, method, seed, fit["scores"], describe(data_root), {**fit, **architecture, "n_train": len(train)},
+         attribute)
     return {**fit, "model": net}
 
 

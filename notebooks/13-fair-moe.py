@@ -115,7 +115,7 @@ histories = []
 for attribute in attributes:
     for seed in seeds:
         fit = fb.train.train_and_save(out, "Fair-MoE", seed, attribute=attribute,
-                                      patch=lambda net: fb.moe.add_fo_moe(net, **moe_args),
+                                      moe=moe_args,
                                       regulariser=lambda net, train: fb.moe.fol(net, attribute, **fol_args),
                                       **setup)
         histories += [{"attribute": attribute, "seed": seed, **h} for h in fit["history"]]
@@ -165,10 +165,7 @@ fb.plots.savefig(fig, "fair-moe-paired")
 # capacity drops, and the variance of its gate weights, for each race group.
 
 # %%
-net, *_ = fb.models.create_clip(model, pretrained)
-fb.moe.add_fo_moe(net, **moe_args)
-fb.train.load_checkpoint(fb.results.model_folder(out, "Fair-MoE", attributes[0], seeds[0], "checkpoints") / "best.pt",
-                         net)
+net, preprocess_val, tokenizer = fb.results.load_model(out, "Fair-MoE", attributes[0], seeds[0])
 test = fb.data.FairVLMed(data_root, "Test", preprocess_val, tokenizer)
 routing = fb.moe.routing_frame(net, DataLoader(test, batch_size=64), attributes[0])
 routing.groupby(["router", "group"])[["load", "dropped", "gate_var"]].agg(["min", "max"]).round(4)

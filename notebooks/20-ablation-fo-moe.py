@@ -64,7 +64,7 @@ for attribute in attributes:
     for seed in seeds:
         fairclip = fb.fairness.FairCLIPRegulariser(attribute, lam=lam, blur=blur, form=fairclip_form)
         fb.train.train_and_save(out, "FairCLIP w. FO-MoE", seed, attribute=attribute,
-                                patch=lambda net: fb.moe.add_fo_moe(net, **moe_args),
+                                moe=moe_args,
                                 regulariser=lambda net, train: fairclip.hook(net, train, batch_size, seed), **setup)
 
 # %% [markdown]

@@ -58,7 +58,7 @@ out = fb.runs.output_dir()
 for seed in seeds:
     fb.train.train_and_save(out, "Fair-MoE w/o FOL", seed, data_root=data_root, config=config, model=model,
                             pretrained=pretrained, n_train=n_train,
-                            patch=lambda net: fb.moe.add_fo_moe(net, **moe_args))
+                            moe=moe_args)
 
 # %% [markdown]
 # ## Table 3

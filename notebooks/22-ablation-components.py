@@ -91,7 +91,7 @@ for name in variants:
     for attribute in attributes:
         for seed in seeds:
             fb.train.train_and_save(out, f"Fair-MoE {name}", seed, attribute=attribute,
-                                    patch=lambda net: fb.moe.add_fo_moe(net, **moe_args, **layers),
+                                    moe={**moe_args, **layers},
                                     regulariser=lambda net, train: fb.moe.fol(net, attribute, keep=keep, **fol_args),
                                     **setup)
 

@@ -19,6 +19,7 @@ from fairbook.data.fairvlmed import FairVLMed
 from fairbook.data.synthetic import SynthConfig, generate
 from fairbook.metrics import report_from_csv
 from fairbook.models import create_clip
+from fairbook.results import ResultsError
 from fairbook.train import (
     FAIRCLIP_PROMPTS, FAIRMEDFM_PROMPTS, CheckpointError, TrainConfig, TrainError, class_embeddings, clip_loss,
     extract_features, fit_clip, linear_probe, load_checkpoint, lr_factor, save_predictions, set_trainable,
@@ -354,25 +355,33 @@ def test_a_checkpoint_file_is_a_valid_pretrained_argument(model, tmp_path):
         torch.testing.assert_close(a, b, msg=name)
 
 
-def test_train_and_save_patches_regularises_and_saves_one_seed(tmp_path):
+def test_train_and_save_patches_regularises_saves_and_reloads_one_seed(tmp_path):
+    from fairbook.moe import routers
+    from fairbook.results import load_model
+
     root = tmp_path / "data"
     generate(root, SynthConfig.preset("default", n_train=48, n_val=32, n_test=32), progress=False)
     calls = []
-
-    def patch(net):
-        calls.append("patch")
-        net.patched = True
+    moe = dict(n_experts=2, top_k=1, feature_experts=2, feature_top_k=1)
 
     def regulariser(net, train_ds):
-        calls.append(("regulariser", getattr(net, "patched", False), len(train_ds)))
+        calls.append((len(routers(net)), len(train_ds)))
         return _constant(0.0, [])
 
     fit = train.train_and_save(tmp_path / "run", "Method", 3, data_root=root, config=quick(prompts="fairmedfm"),
-                               n_train=20, attribute="race", patch=patch, regulariser=regulariser)
-    assert calls == ["patch", ("regulariser", True, 20)] and fit["model"].patched
+                               n_train=20, attribute="race", moe=moe, regulariser=regulariser)
+    assert calls == [(4, 20)]  # patched (four routers) before the regulariser saw the 20 drawn pairs
     folder = tmp_path / "run" / "predictions" / "Method" / "race" / "seed-3"
     test = pd.read_csv(folder / "test.csv")
     assert len(test) == len(FairVLMed(root, "Test")) and set(test["split"]) == {"test"}
     info = json.loads((folder / "info.json").read_text())
     assert info["n_train"] == 20 and info["data"].startswith("SynthFairVLMed (synthetic")
-    assert (tmp_path / "run" / "checkpoints" / "Method" / "race" / "seed-3" / "best.pt").is_file()
+    assert info["moe"] == moe and info["checkpoint"] == "checkpoints/Method/race/seed-3/best.pt"
+    assert (tmp_path / "run" / info["checkpoint"]).is_file()
+    # the reloaded model reproduces the saved test scores
+    net, preprocess, tokenizer = load_model(tmp_path / "run", "Method", "race", 3)
+    loader = DataLoader(FairVLMed(root, "Test", preprocess, tokenizer), batch_size=16)
+    scores = zero_shot_scores(net, tokenizer, loader, FAIRMEDFM_PROMPTS)
+    np.testing.assert_allclose(scores[1], test["y_score"].to_numpy(), atol=1e-5)
+    with pytest.raises(ResultsError, match="no saved model 'Other'"):
+        load_model(tmp_path / "run", "Other", "race", 3)
