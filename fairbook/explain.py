@@ -24,6 +24,7 @@ import contextlib
 import math
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from open_clip.transform import CenterCropOrPad, ResizeKeepRatio
@@ -228,6 +229,56 @@ def attention_rollout(model: nn.Module, images: torch.Tensor, discard_ratio: flo
 
 
 # ------------------------------------------------------------------------------------ gradient and similarity
+def _attention_with_probs(module: nn.MultiheadAttention, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-attention output of ``module`` on ``query`` (B, L, E), computed from explicit probabilities so that
+    they sit in the autograd graph: ``(out_proj(softmax(Q K^T / sqrt(d)) V), probabilities)``."""
+    B, L, E = query.shape
+    heads = module.num_heads
+    probs = _attention_probs(module, query)
+    bias = module.in_proj_bias[2 * E:] if module.in_proj_bias is not None else None
+    v = F.linear(query, module.in_proj_weight[2 * E:], bias).reshape(B, L, heads, E // heads).transpose(1, 2)
+    return module.out_proj((probs @ v).transpose(1, 2).reshape(B, L, E)), probs
+
+
+def gradient_attention_map(model: nn.Module, images: torch.Tensor, text_features) -> np.ndarray:
+    """Gradient-weighted attention relevance (Chefer, Gur & Wolf 2021, "Generic Attention-model Explainability",
+    eqs. 5-6) for the target score y = cos(f(x), t): (B, gh, gw), non-negative.
+
+    For every block, A_bar = mean over heads of (dy/dA * A)^+, and R <- R + A_bar R from R = I. The map is the
+    relevance of each input patch for the pooled output: the CLS row of R - I for a CLS-pooled tower, the mean of
+    the patch rows of R - I for an average-pooled one (as :func:`attention_rollout` reads out); the CLS column is
+    dropped. The attention is recomputed from each block's weights with the probabilities in the autograd graph;
+    the block outputs are unchanged (up to float rounding).
+    """
+    visual = _visual(model)
+    x = _images(visual, images)
+    text = _text(visual, text_features, x.shape[0])
+    found: list[torch.Tensor] = []
+
+    def replace(module, args, kwargs, output):
+        query = args[0] if args else kwargs["query"]
+        query = query if module.batch_first else query.transpose(0, 1)
+        out, probs = _attention_with_probs(module, query)
+        found.append(probs)
+        return (out if module.batch_first else out.transpose(0, 1), None)
+
+    handles = [m.register_forward_hook(replace, with_kwargs=True) for m in _attention_modules(visual)]
+    with _inference(model), torch.enable_grad(), _hooks(*handles):
+        features = visual(x)
+        features = features[0] if isinstance(features, tuple) else features
+        score = F.cosine_similarity(features, text, dim=-1)
+        grads = torch.autograd.grad(score.sum(), found)
+    B, _, L, _ = found[0].shape
+    eye = torch.eye(L, dtype=torch.float64)
+    relevance = eye.repeat(B, 1, 1)
+    for probs, grad in zip(found, grads):
+        weighted = (grad.double() * probs.detach().double()).clamp_min(0).mean(1)
+        relevance = relevance + weighted @ relevance
+    relevance = relevance - eye
+    patches = relevance[:, 0, 1:] if visual.pool_type == "tok" else relevance[:, 1:, 1:].mean(1)
+    return _to_grid(patches, patch_grid(visual))
+
+
 def gradcam_map(model: nn.Module, images: torch.Tensor, text_features) -> np.ndarray:
     """Grad-CAM for a ViT (Selvaraju et al. 2017, eqs. 1-2) on the tokens entering the last block: (B, gh, gw).
 
@@ -237,6 +288,9 @@ def gradcam_map(model: nn.Module, images: torch.Tensor, text_features) -> np.nda
     alpha_c = (1/N) sum_k dy/dA_kc and the map is ReLU(sum_c alpha_c A_jc) for patch j. The last block's
     *input* is used, not its output, because in a CLS-pooled tower the output patch tokens do not reach the
     embedding (their gradient is zero). Only this score is differentiated; parameter gradients are untouched.
+    In fairbook's planted-signal check (a label shown by one patch only) this channel-averaged map often misses
+    the patch, while :func:`gradient_attention_map` and :func:`attention_rollout` find it; the case study
+    chapter uses those two.
     """
     visual = _visual(model)
     x = _images(visual, images)
@@ -421,8 +475,118 @@ def mass_inside(maps, masks) -> np.ndarray:
     return np.where(total > 0, inside / np.where(total > 0, total, 1.0), np.nan)
 
 
+# ---------------------------------------------------------------------------------------------- case studies
+#: Token maps a case study can compute by name (:func:`token_maps`).
+MAP_METHODS = ("rollout", "gradient-attention", "gradcam", "similarity")
+
+
+def sample_cases(dataset, attribute: str, per_cell: int, seed: int = 0) -> np.ndarray:
+    """Item indices of ``dataset`` (a :class:`fairbook.data.FairVLMed`): ``per_cell`` items drawn without
+    replacement from every (group of ``attribute``, label) cell, fewer where a cell is smaller; seeded, sorted.
+    Equal label counts per group keep the label mix from differing between the groups being compared."""
+    codes, labels = np.asarray(dataset.groups(attribute)), np.asarray(dataset.metadata["glaucoma"])
+    rng = np.random.default_rng(seed)
+    rows = []
+    for code in np.unique(codes[codes >= 0]):
+        for label in (0, 1):
+            cell = np.flatnonzero((codes == code) & (labels == label))
+            rows.append(rng.choice(cell, size=min(int(per_cell), len(cell)), replace=False))
+    return np.sort(np.concatenate(rows)) if rows else np.empty(0, dtype=int)
+
+
+def region_masks(dataset, rows, key: str = "disc_mask") -> np.ndarray:
+    """The ``key`` masks (e.g. SynthFairVLMed's ``disc_mask``, at the raw image resolution) of items ``rows``:
+    (B, H, W) floats in [0, 1]. The real Harvard-FairVLMed has no masks: that raises :class:`ExplainError`."""
+    masks = []
+    for row in np.asarray(rows, dtype=int):
+        path = dataset.metadata["path"].iloc[row]
+        with np.load(path) as npz:
+            if key not in npz.files:
+                raise ExplainError(f"{path} has no {key!r} array (the real Harvard-FairVLMed has no masks): region "
+                                   "shares need SynthFairVLMed or masks added to the npz files")
+            masks.append(np.asarray(npz[key], dtype=np.float64))
+    return np.stack(masks)
+
+
+def token_maps(model: nn.Module, images: torch.Tensor, method: str, text_features=None,
+               batch_size: int = 64) -> np.ndarray:
+    """(B, gh, gw) maps of ``method`` (:data:`MAP_METHODS`: :func:`attention_rollout`,
+    :func:`gradient_attention_map`, :func:`gradcam_map`, :func:`image_text_similarity_map`) for a batch of preprocessed images, computed ``batch_size`` at a time.
+    ``text_features`` (the target text embedding) is needed by "gradcam" and "similarity"."""
+    if method not in MAP_METHODS:
+        raise ExplainError(f"unknown map method {method!r}: choose one of {', '.join(MAP_METHODS)}")
+    if method != "rollout" and text_features is None:
+        raise ExplainError(f"method {method!r} needs text_features: pass the embedding of the target prompt")
+    maps = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        if method == "rollout":
+            maps.append(attention_rollout(model, chunk))
+        elif method == "gradient-attention":
+            maps.append(gradient_attention_map(model, chunk, text_features))
+        elif method == "gradcam":
+            maps.append(gradcam_map(model, chunk, text_features))
+        else:
+            maps.append(image_text_similarity_map(model, chunk, text_features))
+    return np.concatenate(maps)
+
+
+def share_table(shares: pd.DataFrame, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Mean share of map mass inside a region, per model and group, with seed spread and a bootstrap interval.
+
+    ``shares``: one row per (``model``, ``seed``, ``case``) with the case's ``group`` and its ``share``
+    (:func:`mass_inside`). Returns one row per (model, group): ``n`` cases, ``share`` (mean over cases of the
+    seed-mean share), ``std`` (sample std over seeds of the per-seed mean), and ``lo``/``hi``: the percentile
+    interval of the share over ``n_boot`` resamples of the cases within the group (the same resamples for every
+    model, so the intervals of two models describe the same case draws). Cases whose map had no mass (NaN
+    share) are left out of that model's numbers.
+    """
+    missing = {"model", "seed", "case", "group", "share"} - set(shares.columns)
+    if missing:
+        raise ExplainError(f"shares lack the column(s) {', '.join(sorted(missing))}; build one row per model, seed "
+                           "and case with its group and share")
+    rows = []
+    per_case = shares.groupby(["model", "group", "case"], sort=False)["share"].mean().reset_index()
+    rng = np.random.default_rng(seed)
+    draws = {}
+    for group, cases in per_case.groupby("group", sort=False)["case"]:
+        unique = np.unique(cases.to_numpy())
+        draws[group] = unique[rng.integers(0, len(unique), size=(int(n_boot), len(unique)))]
+    alpha = (1.0 - level) / 2
+    for (model, group), frame in per_case.groupby(["model", "group"], sort=False):
+        values = frame.set_index("case")["share"]
+        boot = np.nanmean(values.reindex(draws[group].ravel()).to_numpy().reshape(draws[group].shape), axis=1)
+        per_seed = shares[(shares["model"] == model) & (shares["group"] == group)].groupby("seed")["share"].mean()
+        rows.append({"model": model, "group": group, "n": int(values.notna().sum()), "share": float(values.mean()),
+                     "std": float(per_seed.std(ddof=1)) if len(per_seed) > 1 else float("nan"),
+                     "lo": float(np.nanquantile(boot, alpha)), "hi": float(np.nanquantile(boot, 1 - alpha))})
+    return pd.DataFrame(rows)
+
+
+def patch_routing(model: nn.Module, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Which image patches each expert of Fair-MoE's image patch MoE took, and which the capacity dropped.
+
+    Runs the image tower of a model patched by :func:`fairbook.moe.add_fo_moe` and reads the ``EI`` router's
+    :class:`fairbook.moe.Routing`: returns ``(weights, dropped)``, each (B, M1, gh, gw) (:func:`routing_maps`):
+    ``weights`` the kept gate weights ``W_hat`` (0 where Top_r or Top_c removed the assignment), ``dropped`` 1
+    where Top_r assigned the patch to the expert and Top_c removed it.
+    """
+    from fairbook.moe import routers
+
+    router = routers(model).get("EI")
+    if router is None:
+        raise ExplainError("the model has no image patch MoE: pass a Fair-MoE model (fairbook.moe.add_fo_moe "
+                           "with image=True, patch=True)")
+    visual = _visual(model)
+    with _inference(model), torch.no_grad():
+        visual(_images(visual, images))
+    routing, grid = router.routing, patch_grid(visual)
+    return routing_maps(routing.routed.float(), grid), routing_maps(routing.dropped.float(), grid)
+
+
 __all__ = [
-    "ExplainError", "HEAD_FUSIONS", "attention_maps", "attention_rollout", "gradcam_map",
-    "image_text_similarity_map", "mask_to_grid", "mass_inside", "patch_grid", "rollout", "routing_maps",
-    "transform_mask", "upsample_map",
+    "ExplainError", "HEAD_FUSIONS", "MAP_METHODS", "attention_maps", "attention_rollout", "gradcam_map",
+    "gradient_attention_map",
+    "image_text_similarity_map", "mask_to_grid", "mass_inside", "patch_grid", "patch_routing", "region_masks",
+    "rollout", "routing_maps", "sample_cases", "share_table", "token_maps", "transform_mask", "upsample_map",
 ]

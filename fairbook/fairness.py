@@ -198,21 +198,25 @@ def regulariser_scale(model: nn.Module, dataset, hooks: Mapping[str, object], ba
     ``hooks``: name (e.g. the attribute) -> ``hook(image_features, text_features, logit_scale, batch)`` as
     :func:`fairbook.train.fit_clip` calls it. One row per hook: ``clip_loss``, ``regulariser``, ``share`` =
     regulariser / clip_loss, plus the hook's ``last_terms`` (e.g. FOL's ``F_EI`` ...) when it records them.
-    The model's train/eval mode is left as it is.
+    The model's train/eval mode is left as it is. The batch, its augmentation and any sampling inside the hooks
+    draw from generators seeded with ``seed`` (the global torch state is restored afterwards), so the table is
+    the same at every execution for the same model.
     """
     from fairbook.train import _features, clip_loss
 
     device = next(model.parameters()).device
-    batch = next(iter(DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                                 generator=torch.Generator().manual_seed(seed))))
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    image, text, scale = _features(model(batch["image"], batch["text"]))
-    contrastive = float(clip_loss(image, text, scale))
-    rows = []
-    for name, hook in hooks.items():
-        value = float(hook(image, text, scale, batch))
-        rows.append({"name": name, "clip_loss": contrastive, "regulariser": value, "share": value / contrastive,
-                     **getattr(hook, "last_terms", {})})
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        batch = next(iter(DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                     generator=torch.Generator().manual_seed(seed))))
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        image, text, scale = _features(model(batch["image"], batch["text"]))
+        contrastive = float(clip_loss(image, text, scale))
+        rows = []
+        for name, hook in hooks.items():
+            value = float(hook(image, text, scale, batch))
+            rows.append({"name": name, "clip_loss": contrastive, "regulariser": value, "share": value / contrastive,
+                         **getattr(hook, "last_terms", {})})
     return pd.DataFrame(rows)
 
 

@@ -9,6 +9,8 @@ is summarised in ``shared/reference/methods.md`` (section "Fair-MoE"). Each comp
   tower. ``W = softmax(G(I))``, ``W_hat = Top_c(Top_r(W, K1), C (N+1) K1 / M1)``, output ``sum_j W_hat_j E_j(I)``.
 * :class:`FeatureMoE` (Sec. 2.1, "Feature-based MoE"): after each encoder, ``I3 = sum_b W_hat_b E_b(I0)`` with
   ``W_hat = Top_r(softmax(G(I0)), k2)``.
+* :class:`LowRankExperts`: a fairbook option (``expert_rank``), not in the paper or the code: the M1 patch
+  experts share the block's MLP and each adds rank-r updates, so that FO-MoE adds few parameters.
 * :func:`add_fo_moe`: patches a CLIP in place (image/text x patch/feature, the ablations of Table 4 b-c).
 * :class:`FairnessOrientedLoss` (Sec. 2.2, FOL): ``F_EI + F_ET + F_FI + F_FT + L_distance`` with
   ``F_r = sum_p sum_j (Var(O_j) - Var(O_{p,j}))^2``; the distance is :class:`fairbook.fairness.FairCLIPRegulariser`.
@@ -46,8 +48,8 @@ from fairbook.data.attributes import ATTRIBUTES, FILTER_ATTRIBUTES, UNKNOWN, dec
 from fairbook.fairness import FairCLIPRegulariser
 
 __all__ = [
-    "FORMS", "ROUTERS", "FairnessOrientedLoss", "FeatureMoE", "MoEError", "PatchMoE", "Routing", "RoutingLog",
-    "add_fo_moe", "expert_capacity", "fol", "group_variance_gap", "moe_parameter_names", "routers", "routing_frame",
+    "FORMS", "ROUTERS", "FairnessOrientedLoss", "FeatureMoE", "LowRankExperts", "MoEError", "PatchMoE", "Routing",
+    "RoutingLog", "add_fo_moe", "expert_capacity", "fol", "group_variance_gap", "moe_parameter_names", "routers", "routing_frame",
     "split_rows", "top_c_mask", "top_r_mask",
 ]
 
@@ -172,6 +174,55 @@ class _Router(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------- patch MoE
+class LowRankExperts(nn.Module):
+    """M1 patch experts that share one MLP and differ by low-rank updates (fairbook option, not in the paper).
+
+    Expert j is the block's MLP with its two linear layers changed by rank-r products, as in LoRA (Hu et al.
+    2022, eq. 3): ``c_fc(x) + x A_j^T B_j^T`` and ``c_proj(h) + h C_j^T D_j^T``. ``B_j`` and ``D_j`` start at zero, so
+    every expert starts equal to the pretrained MLP, as the paper's copies do. The shared MLP is trained too. Extra
+    parameters: ``M1 * r * 2 * (d + h)`` for width d and hidden size h, against ``(M1 - 1) * (2 d h + d + h)`` for
+    full copies (ViT-B/16 image tower, M1 = 10, r = 64: 4.9 M instead of 42.5 M). The experts' compute is that of
+    full copies. ``experts[j]`` is expert j as a callable.
+    """
+
+    def __init__(self, mlp: nn.Module, n_experts: int, rank: int) -> None:
+        super().__init__()
+        fc, proj = getattr(mlp, "c_fc", None), getattr(mlp, "c_proj", None)
+        if not (isinstance(fc, nn.Linear) and isinstance(proj, nn.Linear)):
+            raise MoEError(f"low-rank experts need an MLP with nn.Linear c_fc and c_proj (open_clip's), got "
+                           f"{type(mlp).__name__}; use full experts (expert_rank=None)")
+        if int(rank) < 1:
+            raise MoEError(f"expert_rank must be a positive integer, got {rank}; or None for full experts")
+        self.mlp, self.rank = mlp, int(rank)
+        d, h, m, r = fc.in_features, fc.out_features, int(n_experts), int(rank)
+
+        def down(n_in: int) -> nn.Parameter:  # LoRA's A: random, scaled like nn.Linear's default init
+            return nn.Parameter(torch.empty(m, r, n_in).uniform_(-1, 1).mul_(n_in ** -0.5).to(fc.weight))
+
+        self.fc_down, self.fc_up = down(d), nn.Parameter(torch.zeros(m, h, r).to(fc.weight))
+        self.proj_down, self.proj_up = down(h), nn.Parameter(torch.zeros(m, d, r).to(fc.weight))
+
+    def __len__(self) -> int:
+        return self.fc_down.shape[0]
+
+    def __getitem__(self, j: int):
+        return lambda x: self.expert(j, x)
+
+    def __iter__(self):
+        return (self[j] for j in range(len(self)))
+
+    def expert(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``j`` applied to tokens ``x`` (..., d): the shared MLP's layers in order, with the updates."""
+        for name, layer in self.mlp.named_children():
+            y = layer(x)
+            if name == "c_fc":
+                y = y + (x @ self.fc_down[j].T.to(x.dtype)) @ self.fc_up[j].T.to(x.dtype)
+            elif name == "c_proj":
+                y = y + (x @ self.proj_down[j].T.to(x.dtype)) @ self.proj_up[j].T.to(x.dtype)
+            x = y
+        return x
+
+
 class PatchMoE(_Router):
     """Patch Embedding-based MoE (Sec. 2.1, Fig. 2), a drop-in replacement for a transformer block's MLP.
 
@@ -192,12 +243,16 @@ class PatchMoE(_Router):
       code). With the causal mask they never change the EOT token's attention output, but they can take an
       expert's slots and so drop real tokens, EOT included; they also count as FOL rows.
 
+    * ``expert_rank=r`` replaces the copies by :class:`LowRankExperts` (fairbook option; default None: full
+      copies, as in the paper and the code).
+
     Dispatch gathers, for each expert, only the tokens routed to it, so the expert compute is about ``K1``
     MLPs per token rather than ``M1``. :attr:`routing` holds the last forward's :class:`Routing`.
     """
 
     def __init__(self, mlp: nn.Module, n_experts: int = 10, top_k: int = 3, capacity: float = 0.8,
-                 subtract_input: bool = False, renormalise: bool = False, batch_first: bool = True) -> None:
+                 subtract_input: bool = False, renormalise: bool = False, batch_first: bool = True,
+                 expert_rank: int | None = None) -> None:
         super().__init__()
         _check_routing(n_experts, top_k, capacity)
         linear = next((m for m in mlp.modules() if isinstance(m, nn.Linear)), None)
@@ -207,14 +262,17 @@ class PatchMoE(_Router):
         dim = linear.in_features
         self.n_experts, self.top_k, self.capacity = int(n_experts), int(top_k), float(capacity)
         self.subtract_input, self.renormalise, self.batch_first = subtract_input, renormalise, batch_first
-        self.experts = nn.ModuleList(copy.deepcopy(mlp) for _ in range(self.n_experts))
+        if expert_rank is None:
+            self.experts = nn.ModuleList(copy.deepcopy(mlp) for _ in range(self.n_experts))
+        else:
+            self.experts = LowRankExperts(mlp, self.n_experts, expert_rank)
         self.gate = _gate(dim, self.n_experts, nn.ReLU()).to(linear.weight)
 
     @property
     def c_fc(self) -> nn.Module:
-        """The first expert's ``c_fc``: open_clip reads ``resblocks[0].mlp.c_fc`` for the tower's weight dtype,
-        which is this layer when a tower has a single block."""
-        return self.experts[0].c_fc
+        """The first expert's (or the shared MLP's) ``c_fc``: open_clip reads ``resblocks[0].mlp.c_fc`` for the
+        tower's weight dtype, which is this layer when a tower has a single block."""
+        return self.experts.mlp.c_fc if isinstance(self.experts, LowRankExperts) else self.experts[0].c_fc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x if self.batch_first else x.transpose(0, 1)
@@ -331,7 +389,7 @@ def _n_feature_experts(feature_experts: int | str | None, form: str) -> int:
 def add_fo_moe(model: nn.Module, *, image: bool = True, text: bool = True, patch: bool = True, feature: bool = True,
                n_experts: int = 10, top_k: int = 3, capacity: float = 0.8,
                feature_experts: int | str | None = None, feature_top_k: int = PAPER_FEATURE_TOP_K,
-               form: str = "paper", renormalise: bool = False) -> nn.Module:
+               form: str = "paper", renormalise: bool = False, expert_rank: int | None = None) -> nn.Module:
     """Turn an open_clip ``CLIP`` into Fair-MoE in place (FO-MoE, Sec. 2.1, Fig. 1) and return it.
 
     ``patch``: the MLP of the last block of each chosen tower becomes a :class:`PatchMoE` (``n_experts`` = M1,
@@ -341,6 +399,8 @@ def add_fo_moe(model: nn.Module, *, image: bool = True, text: bool = True, patch
     with ``patch``/``feature`` they give the ablations of Table 4 (b, c). ``form="code"`` switches both layers to
     the official code (patch MoE returns output minus input; dense feature MoE with random experts).
     ``renormalise``: kept gate weights divided by their sum in both layers (fairbook option, off in paper and code).
+    ``expert_rank``: patch experts that share the MLP and differ by rank-r updates (:class:`LowRankExperts`;
+    fairbook option for parameter budgets, None in paper and code).
 
     Nothing fairbook's training loop sees changes: ``model(image, tokens)`` still returns open_clip's dict and
     ``encode_image`` / ``encode_text`` include the MoEs, so :func:`fairbook.train.fit_clip`,
@@ -362,7 +422,8 @@ def add_fo_moe(model: nn.Module, *, image: bool = True, text: bool = True, patch
     for _, transformer in towers if patch else []:
         block = transformer.resblocks[-1]
         block.mlp = PatchMoE(block.mlp, n_experts, top_k, capacity, subtract_input=form == "code",
-                             renormalise=renormalise, batch_first=getattr(transformer, "batch_first", True))
+                             renormalise=renormalise, batch_first=getattr(transformer, "batch_first", True),
+                             expert_rank=expert_rank)
     if feature and image:
         reference = model.visual.proj if model.visual.proj is not None else next(model.visual.parameters())
         dim = int(model.visual.output_dim)
@@ -376,7 +437,7 @@ def add_fo_moe(model: nn.Module, *, image: bool = True, text: bool = True, patch
         model.encode_text = types.MethodType(_encode_text_with_moe, model)
     model.fo_moe_config = dict(image=image, text=text, patch=patch, feature=feature, n_experts=n_experts,
                                top_k=top_k, capacity=capacity, feature_experts=m2, feature_top_k=feature_top_k,
-                               form=form, renormalise=renormalise)
+                               form=form, renormalise=renormalise, expert_rank=expert_rank)
     return model
 
 

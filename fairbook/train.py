@@ -445,6 +445,21 @@ def fit_and_score(model: nn.Module, tokenizer, train_ds, val_ds, test_ds, config
     return fit
 
 
+def build_model(model: str = "fairbook-tiny", pretrained: str | None = None, moe: Mapping | None = None,
+                seed: int = 0):
+    """The network a fine-tuning chapter starts from at ``seed``: ``torch.manual_seed(seed)``, then
+    :func:`fairbook.models.create_clip`, then :func:`fairbook.moe.add_fo_moe` with the keyword arguments ``moe``
+    if given (its gates are initialised from the seeded generator). Returns ``create_clip``'s 4-tuple."""
+    from fairbook.models import create_clip
+    from fairbook.moe import add_fo_moe
+
+    torch.manual_seed(seed)
+    net, preprocess_train, preprocess_val, tokenizer = create_clip(model, pretrained)
+    if moe is not None:
+        add_fo_moe(net, **moe)
+    return net, preprocess_train, preprocess_val, tokenizer
+
+
 def train_and_save(run_dir: str | os.PathLike, method: str, seed: int, *, data_root: str | os.PathLike,
                    config: TrainConfig, model: str = "fairbook-tiny", pretrained: str | None = None,
                    n_train: int | None = None, attribute: str = "all", moe: Mapping | None = None,
@@ -452,8 +467,7 @@ def train_and_save(run_dir: str | os.PathLike, method: str, seed: int, *, data_r
     """One seed of one method, as every fine-tuning chapter runs it; returns :func:`fit_and_score`'s dict plus
     ``model`` (the trained network, kept epoch loaded).
 
-    ``torch.manual_seed(seed)``, then the model (:func:`fairbook.models.create_clip` with ``pretrained``), made
-    Fair-MoE by :func:`fairbook.moe.add_fo_moe` with the keyword arguments ``moe`` if given; ``n_train`` training pairs drawn
+    The model from :func:`build_model` (``model``, ``pretrained``, ``moe``, ``seed``); ``n_train`` training pairs drawn
     with ``seed`` (:meth:`fairbook.data.FairVLMed.subset`: the same draw for every method at the same seed, so
     methods are paired on seed); the loss hook ``regulariser(model, train_dataset)`` if given; training with
     ``config`` and ``seed``. The predictions go to ``run_dir`` (:func:`fairbook.results.save`, as ``method`` trained
@@ -462,14 +476,9 @@ def train_and_save(run_dir: str | os.PathLike, method: str, seed: int, *, data_r
     ``run_dir``, so that :func:`fairbook.results.load_model` can rebuild the trained network.
     """
     from fairbook.data.fairvlmed import FairVLMed, describe
-    from fairbook.models import create_clip
     from fairbook.results import model_folder, save
 
-    torch.manual_seed(seed)
-    net, preprocess_train, preprocess_val, tokenizer = create_clip(model, pretrained)
-    if moe is not None:
-        from fairbook.moe import add_fo_moe
-        add_fo_moe(net, **moe)
+    net, preprocess_train, preprocess_val, tokenizer = build_model(model, pretrained, moe, seed)
     train = FairVLMed(data_root, "Training", preprocess_train, tokenizer).subset(n_train, seed)
     val, test = (FairVLMed(data_root, split, preprocess_val, tokenizer) for split in ("Validation", "Test"))
     hook = regulariser(net, train) if regulariser is not None else None

@@ -70,16 +70,16 @@ n_boot = 1000
 #
 # `fb.moe.add_fo_moe` patches an open_clip CLIP in place. Nothing the training loop sees changes, so Fair-MoE
 # trains with the same `fb.train` code, recipe, training draws and epoch selection as CLIP and FairCLIP.
+# `fb.train.build_model` builds the start of one seed's model (here the first seed's), gates included.
 
 # %%
 source = fb.data.describe(data_root)
 config = fb.train.TrainConfig.preset(recipe, epochs=epochs, lr=lr, batch_size=batch_size, prompts=prompts)
 moe_args = dict(n_experts=n_experts, top_k=top_k, capacity=capacity, feature_experts=feature_experts,
                 feature_top_k=feature_top_k, form=form)
-net, preprocess_train, preprocess_val, tokenizer = fb.models.create_clip(model, pretrained)
-clip_params = sum(p.numel() for p in net.parameters())
-fb.moe.add_fo_moe(net, **moe_args)
-moe_params = sum(p.numel() for p in net.parameters())
+clip, *_ = fb.models.create_clip(model, pretrained)
+net, preprocess_train, preprocess_val, tokenizer = fb.train.build_model(model, pretrained, moe_args, seeds[0])
+clip_params, moe_params = (sum(p.numel() for p in m.parameters()) for m in (clip, net))
 print(f"{model}: {clip_params:,} parameters as CLIP, {moe_params:,} as Fair-MoE ({moe_params / clip_params:.2f}x)")
 {name: type(layer).__name__ for name, layer in fb.moe.routers(net).items()}
 
@@ -90,7 +90,8 @@ print(f"{model}: {clip_params:,} parameters as CLIP, {moe_params:,} as Fair-MoE 
 # scripts weigh FOL by $10^{-4}$, which would leave it with no effect on this model. As in chapter 12 we chose the
 # weights *a priori*, without looking at any validation or test result: `fol_weight` makes the F terms a visible but
 # minor part of the loss at the start. `fb.moe.fol` builds the loss: the four F terms with group statistics from
-# the training batch, plus FairCLIP's Sinkhorn term. Here is each term on one training batch:
+# the training batch, plus FairCLIP's Sinkhorn term. Here is each term on one seeded training batch, for the first
+# seed's starting model:
 
 # %%
 train_full = fb.data.FairVLMed(data_root, "Training", preprocess_train, tokenizer)

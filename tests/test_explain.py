@@ -307,3 +307,125 @@ def test_bad_inputs_give_one_line_errors(tiny, images):
     _one_line_error("must both be \\(B, gh, gw\\)", ex.mass_inside, np.ones((2, 6, 6)), np.ones((2, 5, 5)))
     _one_line_error("expected \\(B, 37, M\\)", ex.routing_maps, torch.zeros(2, 36, 4), (6, 6))
     _one_line_error("expected \\(B, 6, 6\\)", ex.upsample_map, np.zeros((1, 5, 5)), model)
+
+
+# ------------------------------------------------------------------------------------- gradient-weighted attention
+def test_gradient_attention_keeps_the_forward_and_matches_hand_computation(tiny, images):
+    """The hooked forward (attention recomputed with explicit probabilities) gives the tower's own output, and
+    the map equals Chefer et al.'s recursion written out by hand from the recorded attentions and gradients."""
+    model, _, text = tiny
+    with torch.no_grad():
+        expected = model.visual(images)
+    found = []
+
+    def replace(module, args, kwargs, output):
+        out, probs = ex._attention_with_probs(module, args[0] if args else kwargs["query"])
+        found.append(probs)
+        return out, None
+
+    handles = [m.register_forward_hook(replace, with_kwargs=True) for m in ex._attention_modules(model.visual)]
+    with ex._hooks(*handles):
+        got = model.visual(images)
+        score = torch.nn.functional.cosine_similarity(got, text.expand(len(images), -1), dim=-1).sum()
+        grads = torch.autograd.grad(score, found)
+    torch.testing.assert_close(got.detach(), expected, atol=1e-5, rtol=1e-4)
+    L = found[0].shape[-1]
+    relevance = torch.eye(L, dtype=torch.float64).repeat(len(images), 1, 1)
+    for a, g in zip(found, grads):
+        relevance = relevance + (a.detach().double() * g.double()).clamp_min(0).mean(1) @ relevance
+    by_hand = (relevance - torch.eye(L, dtype=torch.float64))[:, 1:, 1:].mean(1)  # avg-pooled tower
+    maps = ex.gradient_attention_map(model, images, text)
+    np.testing.assert_allclose(maps.reshape(len(images), -1), by_hand.numpy(), rtol=1e-4, atol=1e-7)
+    assert maps.min() >= 0 and maps.sum() > 0
+
+
+def _planted_vit(pool_type: str, layers: int, steps: int):
+    """A small ViT trained so that cos(f(x), t) separates the labels, where the label only shows in patch (1, 2)
+    of a 4 x 4 grid (+1 or -1 added to that patch's pixels, noise elsewhere). Returns the tower, t and test data."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=8, width=32, layers=layers, heads=2, mlp_ratio=2.0,
+                            output_dim=8, pool_type=pool_type)
+    target = torch.nn.functional.normalize(torch.ones(8), dim=0)
+    generator = torch.Generator().manual_seed(1)
+
+    def batch(n):
+        x = torch.randn(n, 3, 32, 32, generator=generator)
+        y = torch.randint(0, 2, (n,), generator=generator)
+        x[:, :, 8:16, 16:24] += (2.0 * y - 1)[:, None, None, None]
+        return x, y
+
+    optimiser = torch.optim.Adam(vit.parameters(), lr=3e-3)
+    for _ in range(steps):
+        x, y = batch(64)
+        logit = 10 * torch.nn.functional.cosine_similarity(vit(x), target[None], dim=-1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y.float())
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return vit, target, batch(200)
+
+
+@pytest.mark.parametrize("pool_type, layers, steps, method, at_least", [
+    ("avg", 2, 150, "gradient-attention", 0.95),   # fairbook-tiny's pooling
+    ("avg", 2, 150, "rollout", 0.9),
+    ("tok", 2, 400, "gradient-attention", 0.7),    # ViT-B/16's pooling
+])
+def test_planted_signal_is_found_where_it_was_planted(one_thread, pool_type, layers, steps, method, at_least):
+    """The label depends only on patch (1, 2): for the positive images (where the evidence raises the target
+    score) the map's largest value falls on that patch in most images, and its mass share there is several times
+    the 1/16 a uniform map would give."""
+    vit, target, (x, y) = _planted_vit(pool_type, layers, steps)
+    with torch.no_grad():
+        accuracy = ((torch.nn.functional.cosine_similarity(vit(x), target[None], dim=-1) > 0).long() == y)
+    assert accuracy.float().mean() > 0.95  # the model did learn the planted rule
+    positive = x[y == 1]
+    maps = ex.token_maps(vit, positive, method, target)
+    region = np.zeros((4, 4))
+    region[1, 2] = 1
+    hits = (maps.reshape(len(maps), -1).argmax(1) == 1 * 4 + 2).mean()
+    assert hits >= at_least
+    assert np.nanmean(ex.mass_inside(maps, region)) > 2.5 / 16
+
+
+# ------------------------------------------------------------------------------------------------- case studies
+def test_sample_cases_balances_groups_and_labels(smoke_data):
+    from fairbook.data.fairvlmed import FairVLMed
+
+    test = FairVLMed(smoke_data, "Test")
+    rows = ex.sample_cases(test, "race", per_cell=3, seed=0)
+    cells = test.metadata.iloc[rows].groupby(["race", "glaucoma"]).size()
+    available = test.metadata.groupby(["race", "glaucoma"]).size()
+    assert (cells == available.clip(upper=3)).all() and len(set(rows)) == len(rows)
+    np.testing.assert_array_equal(rows, ex.sample_cases(test, "race", per_cell=3, seed=0))
+    masks = ex.region_masks(test, rows[:2])
+    assert masks.shape == (2, 128, 166) and set(np.unique(masks)) <= {0.0, 1.0} and masks.sum() > 0
+    _one_line_error("has no 'vessel_mask' array", ex.region_masks, test, rows[:1], "vessel_mask")
+
+
+def test_share_table_hand_worked():
+    import pandas as pd
+
+    shares = pd.DataFrame({
+        "model": ["A"] * 6, "seed": [0, 0, 0, 1, 1, 1], "case": [1, 2, 3, 1, 2, 3],
+        "group": ["g", "g", "h", "g", "g", "h"], "share": [0.2, 0.4, 0.9, 0.4, 0.6, 0.7]})
+    table = ex.share_table(shares, n_boot=200, seed=0).set_index("group")
+    # group g: case means 0.3 and 0.5 -> 0.4; seed means 0.3 and 0.5 -> std 0.1414
+    assert table.loc["g", "share"] == pytest.approx(0.4) and table.loc["g", "n"] == 2
+    assert table.loc["g", "std"] == pytest.approx(np.std([0.3, 0.5], ddof=1))
+    assert 0.3 <= table.loc["g", "lo"] <= 0.4 <= table.loc["g", "hi"] <= 0.5
+    # group h: one case -> every resample is that case
+    assert table.loc["h", "share"] == pytest.approx(0.8) and table.loc["h", "lo"] == table.loc["h", "hi"] == 0.8
+    _one_line_error("lack the column", ex.share_table, shares.drop(columns="seed"))
+
+
+def test_patch_routing_reads_the_image_patch_router(tiny, images):
+    from fairbook.moe import add_fo_moe, routers
+
+    model = add_fo_moe(copy.deepcopy(tiny[0]), n_experts=4, top_k=2, capacity=0.5)
+    weights, dropped = ex.patch_routing(model, images)
+    assert weights.shape == dropped.shape == (2, 4, 6, 6)
+    routing = routers(model)["EI"].routing
+    np.testing.assert_allclose(weights, ex.routing_maps(routing.routed, (6, 6)))
+    assert ((weights > 0).sum(1) <= 2).all() and dropped.sum() > 0  # at most K1 kept; C = 0.5 drops some
+    assert not ((weights > 0) & (dropped > 0)).any()  # an assignment is kept or dropped, not both
+    _one_line_error("has no image patch MoE", ex.patch_routing, tiny[0], images)

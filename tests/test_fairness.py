@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -268,3 +269,30 @@ def test_regulariser_scale_is_the_weighted_term_over_the_clip_loss():
     row = table.set_index("name").loc["race"]
     assert row["clip_loss"] == pytest.approx(loss, rel=1e-5)
     assert row["regulariser"] == pytest.approx(race, rel=1e-4) and row["share"] == pytest.approx(race / loss, rel=1e-4)
+
+
+def test_regulariser_scale_is_reproducible_under_random_augmentation():
+    """Items that draw from torch's global generator (as torchvision's random crops do) give the same table at
+    every call with the same seed, and the caller's generator state is left as it was."""
+    from fairbook.models import create_clip
+
+    torch.manual_seed(0)
+    model, *_ = create_clip("fairbook-tiny", device="cpu")
+
+    class Augmented(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return {"image": torch.randn(3, 96, 96), "text": torch.full((77,), 5 + i), "label": torch.tensor(i % 2),
+                    "attributes": torch.tensor([i % 3, i % 2, 0, 0])}
+
+    hooks = {"race": FairCLIPRegulariser("race", lam=10.0).hook()}
+    state = torch.get_rng_state()
+    first = fairness.regulariser_scale(model, Augmented(), hooks, batch_size=8, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.rand(5)  # move the global generator on
+    again = fairness.regulariser_scale(model, Augmented(), hooks, batch_size=8, seed=3)
+    other = fairness.regulariser_scale(model, Augmented(), hooks, batch_size=8, seed=4)
+    pd.testing.assert_frame_equal(first, again)
+    assert first.loc[0, "regulariser"] != other.loc[0, "regulariser"]

@@ -130,6 +130,46 @@ def test_experts_start_as_copies_and_output_scales_by_kept_mass():
     torch.testing.assert_close(renormalised(x), mlp(x))
 
 
+def _open_clip_mlp(dim: int = 8, hidden: int = 32) -> nn.Sequential:
+    from collections import OrderedDict
+
+    torch.manual_seed(3)
+    return nn.Sequential(OrderedDict(c_fc=nn.Linear(dim, hidden), gelu=nn.GELU(), c_proj=nn.Linear(hidden, dim)))
+
+
+def test_low_rank_experts_start_as_the_mlp_and_count_their_parameters():
+    mlp = _open_clip_mlp()
+    x = torch.randn(2, 5, 8)
+    single = PatchMoE(mlp, n_experts=1, top_k=1, capacity=1.0, expert_rank=2)
+    torch.testing.assert_close(single(x), mlp(x))  # B = D = 0 at the start
+    layer = PatchMoE(mlp, n_experts=4, top_k=2, capacity=10.0, expert_rank=3)
+    own = sum(p.numel() for p in layer.experts.parameters()) - sum(p.numel() for p in mlp.parameters())
+    assert own == 4 * 3 * 2 * (8 + 32)  # M1 * r * 2 * (d + h)
+    assert layer.c_fc is mlp.c_fc
+    # a hand-computed expert: give expert 1 non-zero updates and compare with the formula
+    with torch.no_grad():
+        layer.experts.fc_up[1].normal_()
+        layer.experts.proj_up[1].normal_()
+    e = layer.experts
+    hidden = torch.nn.functional.gelu(mlp.c_fc(x) + x @ e.fc_down[1].T @ e.fc_up[1].T)
+    expected = mlp.c_proj(hidden) + hidden @ e.proj_down[1].T @ e.proj_up[1].T
+    torch.testing.assert_close(e[1](x), expected)
+    torch.testing.assert_close(e[0](x), mlp(x))  # the others are untouched
+    with pytest.raises(MoEError, match="positive integer"):
+        PatchMoE(mlp, n_experts=2, top_k=1, expert_rank=0)
+    with pytest.raises(MoEError, match="c_fc and c_proj"):
+        PatchMoE(_mlp(), n_experts=2, top_k=1, expert_rank=2)
+
+
+def test_low_rank_experts_learn_and_patch_a_clip(clip):
+    model = add_fo_moe(copy.deepcopy(clip[0]), expert_rank=4)
+    layer = model.visual.transformer.resblocks[-1].mlp
+    assert isinstance(layer.experts, moe.LowRankExperts) and model.fo_moe_config["expert_rank"] == 4
+    images = torch.randn(2, 3, 96, 96)
+    model.encode_image(images).sum().backward()
+    assert layer.experts.fc_up.grad.abs().sum() > 0  # the zero-initialised factors receive gradient
+
+
 def test_code_form_subtracts_input():
     mlp = _mlp()
     x = torch.randn(2, 6, 8)
