@@ -13,7 +13,14 @@ Choices (see each function):
   image embedding is the mean of the final patch tokens; the CLS column is dropped and the map renormalised.
 * gradient map: Grad-CAM (Selvaraju et al. 2017) on the tokens entering the last transformer block, with the
   cosine image-text similarity as the target score.
-* routing maps of a Mixture-of-Experts block: :func:`routing_maps` reshapes any (B, L, M) per-token tensor.
+* gradient-weighted attention (Chefer, Gur & Wolf 2021): attention probabilities weighted by their gradients,
+  accumulated over the blocks like rollout (:func:`gradient_attention_map`).
+* routing maps of a Mixture-of-Experts block: :func:`routing_maps` reshapes any (B, L, M) per-token tensor;
+  :func:`patch_routing` reads Fair-MoE's image patch router.
+
+For the case-study chapter: :func:`sample_cases` (cases balanced by group and label), :func:`region_masks`,
+:func:`region_shares` (share of each map inside the disc, and the flat-map level), :func:`share_table` and
+:func:`share_differences` (bootstrap intervals over cases, spread over seeds) and :func:`dropped_shares`.
 
 All model functions put the model in eval mode, run on the model's device and restore every module's
 training flag afterwards. Bad input raises :class:`ExplainError` with one line naming the problem and the fix.
@@ -531,6 +538,65 @@ def token_maps(model: nn.Module, images: torch.Tensor, method: str, text_feature
     return np.concatenate(maps)
 
 
+def case_images(dataset, rows) -> torch.Tensor:
+    """(B, 3, H, W) preprocessed images of items ``rows`` of ``dataset`` (its own preprocess, e.g. preprocess_val)."""
+    return torch.stack([dataset[int(row)]["image"] for row in rows])
+
+
+def decision_direction(model: nn.Module, tokenizer, prompts) -> torch.Tensor:
+    """t+ - t-: the difference of the positive and negative class embeddings
+    (:func:`fairbook.train.class_embeddings`). For a unit image embedding f, f . (t+ - t-) is the zero-shot logit
+    difference divided by the logit scale, and cos(f, t+ - t-) is proportional to it, so a map whose target is
+    this direction explains the model's glaucoma decision rather than its match with one prompt."""
+    from fairbook.train import class_embeddings
+
+    with torch.no_grad():
+        negative, positive = class_embeddings(model, tokenizer, prompts)
+    return positive - negative
+
+
+def region_shares(model: nn.Module, images: torch.Tensor, masks, preprocess, methods=("rollout",),
+                  target=None) -> pd.DataFrame:
+    """Share of each map's mass inside a region, for every image and map method: one row per (method, item).
+
+    ``masks``: the raw-resolution masks of the images (:func:`region_masks`), pooled onto the patch grid through
+    ``preprocess`` (the model's preprocess_val, :func:`mask_to_grid`); ``target``: the text direction for the
+    gradient and similarity maps (:func:`decision_direction`). Method "uniform" is the share of a flat map, i.e.
+    the region's share of the image: the level a map that ignores the image would reach.
+    """
+    grid = mask_to_grid(masks, preprocess, model)
+    frames = []
+    for method in methods:
+        maps = np.ones(grid.shape) if method == "uniform" else token_maps(model, images, method, target)
+        frames.append(pd.DataFrame({"method": method, "item": np.arange(len(grid)),
+                                    "share": mass_inside(maps, grid)}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _case_draws(per_case: pd.DataFrame, n_boot: int, seed: int) -> dict:
+    """{group: (n_boot, n) resampled case ids}: the cases of each group drawn with replacement, one row per
+    resample; the same draws serve every model, so intervals and paired differences share them."""
+    rng = np.random.default_rng(seed)
+    draws = {}
+    for group, ids in per_case.groupby("group", sort=False)["case"]:
+        unique = np.unique(ids.to_numpy())
+        draws[group] = unique[rng.integers(0, len(unique), size=(int(n_boot), len(unique)))]
+    return draws
+
+
+def _resampled_means(values: pd.Series, draws: np.ndarray) -> np.ndarray:
+    """Mean of ``values`` (indexed by case) over each row of ``draws``; NaN cases are skipped."""
+    return np.nanmean(values.reindex(draws.ravel()).to_numpy().reshape(draws.shape), axis=1)
+
+
+def _per_case(shares: pd.DataFrame) -> pd.DataFrame:
+    missing = {"model", "seed", "case", "group", "share"} - set(shares.columns)
+    if missing:
+        raise ExplainError(f"shares lack the column(s) {', '.join(sorted(missing))}; build one row per model, seed "
+                           "and case with its group and share")
+    return shares.groupby(["model", "group", "case"], sort=False)["share"].mean().reset_index()
+
+
 def share_table(shares: pd.DataFrame, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
     """Mean share of map mass inside a region, per model and group, with seed spread and a bootstrap interval.
 
@@ -541,26 +607,71 @@ def share_table(shares: pd.DataFrame, n_boot: int = 1000, level: float = 0.95, s
     model, so the intervals of two models describe the same case draws). Cases whose map had no mass (NaN
     share) are left out of that model's numbers.
     """
-    missing = {"model", "seed", "case", "group", "share"} - set(shares.columns)
-    if missing:
-        raise ExplainError(f"shares lack the column(s) {', '.join(sorted(missing))}; build one row per model, seed "
-                           "and case with its group and share")
-    rows = []
-    per_case = shares.groupby(["model", "group", "case"], sort=False)["share"].mean().reset_index()
-    rng = np.random.default_rng(seed)
-    draws = {}
-    for group, cases in per_case.groupby("group", sort=False)["case"]:
-        unique = np.unique(cases.to_numpy())
-        draws[group] = unique[rng.integers(0, len(unique), size=(int(n_boot), len(unique)))]
-    alpha = (1.0 - level) / 2
+    per_case = _per_case(shares)
+    draws, alpha, rows = _case_draws(per_case, n_boot, seed), (1.0 - level) / 2, []
     for (model, group), frame in per_case.groupby(["model", "group"], sort=False):
         values = frame.set_index("case")["share"]
-        boot = np.nanmean(values.reindex(draws[group].ravel()).to_numpy().reshape(draws[group].shape), axis=1)
+        boot = _resampled_means(values, draws[group])
         per_seed = shares[(shares["model"] == model) & (shares["group"] == group)].groupby("seed")["share"].mean()
         rows.append({"model": model, "group": group, "n": int(values.notna().sum()), "share": float(values.mean()),
                      "std": float(per_seed.std(ddof=1)) if len(per_seed) > 1 else float("nan"),
                      "lo": float(np.nanquantile(boot, alpha)), "hi": float(np.nanquantile(boot, 1 - alpha))})
     return pd.DataFrame(rows)
+
+
+def share_differences(shares: pd.DataFrame, baseline: str, n_boot: int = 1000, level: float = 0.95,
+                      seed: int = 0) -> pd.DataFrame:
+    """Paired difference of region shares against ``baseline``, per model and group, on the same cases.
+
+    For every case, the model's seed-mean share minus the baseline's; ``diff`` is the mean over the group's cases
+    and ``lo``/``hi`` its percentile interval over ``n_boot`` resamples of those cases (paired: a resample
+    takes both models' values of the case). That interval covers the choice of cases for fixed trained models;
+    ``std`` is the sample std over seeds of the per-seed difference (seed k against the baseline's seed k), the
+    training variation, which the interval does not contain. ``shares`` as for :func:`share_table`.
+    """
+    per_case = _per_case(shares)
+    if baseline not in set(per_case["model"]):
+        raise ExplainError(f"baseline {baseline!r} is not among the models {sorted(set(per_case['model']))}; "
+                           "pass one of them")
+    wide = per_case.pivot_table(index=["group", "case"], columns="model", values="share")
+    by_seed = shares.groupby(["model", "group", "seed"])["share"].mean()
+    draws, alpha, rows = _case_draws(per_case, n_boot, seed), (1.0 - level) / 2, []
+    for model in [m for m in dict.fromkeys(per_case["model"]) if m != baseline]:
+        for group in draws:
+            diff = (wide.loc[group, model] - wide.loc[group, baseline])
+            boot = _resampled_means(diff, draws[group])
+            seeds = (by_seed.loc[(model, group)] - by_seed.loc[(baseline, group)]).dropna()
+            rows.append({"model": model, "baseline": baseline, "group": group, "n": int(diff.notna().sum()),
+                         "diff": float(diff.mean()), "std": float(seeds.std(ddof=1)) if len(seeds) > 1 else np.nan,
+                         "lo": float(np.nanquantile(boot, alpha)), "hi": float(np.nanquantile(boot, 1 - alpha))})
+    return pd.DataFrame(rows)
+
+
+def dropped_shares(weights, dropped, grid) -> pd.DataFrame:
+    """Share of the Top_r assignments that the capacity limit removed, inside the region and outside it: one row
+    per (item, region) with ``region`` "inside" or "outside" and ``share``.
+
+    ``weights``, ``dropped``: (B, M, gh, gw) from :func:`patch_routing` (an assignment is kept where its weight is
+    positive, dropped where ``dropped`` is 1); ``grid``: (B, gh, gw) region fractions per patch
+    (:func:`mask_to_grid`), so a patch partly inside counts with its inside fraction.
+    """
+    kept, lost = (np.asarray(weights) > 0).sum(1), (np.asarray(dropped) > 0).sum(1)
+    grid = np.asarray(grid, dtype=float)
+    if kept.shape != grid.shape or lost.shape != grid.shape:
+        raise ExplainError(f"weights {np.shape(weights)}, dropped {np.shape(dropped)} and grid {grid.shape} do not "
+                           "match: pass (B, M, gh, gw), (B, M, gh, gw) and (B, gh, gw) of the same images")
+    frames = []
+    for region, weight in (("inside", grid), ("outside", 1.0 - grid)):
+        assigned = (weight * (kept + lost)).sum(axis=(1, 2))
+        share = np.where(assigned > 0, (weight * lost).sum(axis=(1, 2)) / np.where(assigned > 0, assigned, 1.0),
+                         np.nan)
+        frames.append(pd.DataFrame({"item": np.arange(len(grid)), "region": region, "share": share}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def patch_size(model: nn.Module) -> int:
+    """Side of a (square) patch of the model's ViT tower, in pixels of the preprocessed image."""
+    return int(_visual(model).patch_size[0])
 
 
 def patch_routing(model: nn.Module, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -585,8 +696,9 @@ def patch_routing(model: nn.Module, images: torch.Tensor) -> tuple[np.ndarray, n
 
 
 __all__ = [
-    "ExplainError", "HEAD_FUSIONS", "MAP_METHODS", "attention_maps", "attention_rollout", "gradcam_map",
-    "gradient_attention_map",
-    "image_text_similarity_map", "mask_to_grid", "mass_inside", "patch_grid", "patch_routing", "region_masks",
-    "rollout", "routing_maps", "sample_cases", "share_table", "token_maps", "transform_mask", "upsample_map",
+    "ExplainError", "HEAD_FUSIONS", "MAP_METHODS", "attention_maps", "attention_rollout", "case_images",
+    "decision_direction", "dropped_shares", "gradcam_map", "gradient_attention_map",
+    "image_text_similarity_map", "mask_to_grid", "mass_inside", "patch_grid", "patch_routing", "patch_size",
+    "region_masks", "region_shares", "rollout", "routing_maps", "sample_cases", "share_differences",
+    "share_table", "token_maps", "transform_mask", "upsample_map",
 ]

@@ -218,3 +218,156 @@ def routing(frame, value: str = "load", ylabel: str | None = None):
     if names:
         axes[0][-1].legend(title="group", fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
     return fig
+
+
+def case_gallery(picks, models, note_chars: int = 90):
+    """Case gallery in the manner of Fair-MoE's Fig. 3(a): one row per group, one panel per case chosen by
+    :func:`fairbook.cases.gallery_cases`. Above each image: group, label, agreement pattern and the start of the
+    note; below it, for each of ``models``, the score (mean over seeds [lowest, highest seed]) and the number of
+    seeds that got the case right."""
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    from fairbook.data.fairvlmed import load_image
+
+    groups = list(dict.fromkeys(picks["group"]))
+    ncols = int(picks["group"].value_counts().max()) if len(picks) else 1
+    fig, axes = plt.subplots(max(len(groups), 1), ncols, figsize=(3.0 * ncols, 3.7 * max(len(groups), 1)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for ax_row, group in zip(axes, groups):
+        for ax, case in zip(ax_row, picks[picks["group"] == group].to_dict("records")):
+            ax.set_visible(True)
+            ax.imshow(load_image(case["path"]), cmap="gray")
+            ax.set(xticks=[], yticks=[])
+            note = textwrap.shorten(case["note"], note_chars, placeholder="…")
+            label = "glaucoma" if case["label"] else "no glaucoma"
+            title = [f"{group} · {label} · {case['pattern']}", *textwrap.wrap(note, 40)]
+            ax.set_title("\n".join(title), fontsize=7, loc="left")
+            ax.set_xlabel("\n".join(
+                f"{m}: {case[f'{m} score']:.3f} [{case[f'{m} score min']:.3f}, {case[f'{m} score max']:.3f}] · "
+                f"right {case[f'{m} right seeds']}/{case[f'{m} seeds']}" for m in models), fontsize=7, loc="left")
+    return fig
+
+
+def _display(image):
+    """A preprocessed image tensor (3, H, W) or array (H, W) as a grey (H, W) array scaled to [0, 1]."""
+    import numpy as np
+
+    image = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image, dtype=float)
+    image = image.mean(0) if image.ndim == 3 else image
+    return (image - image.min()) / max(float(image.max() - image.min()), 1e-12)
+
+
+def attention_grid(images, maps: dict, masks, labels):
+    """Token maps over fundus images: one row per case (``labels[i]`` on the left), the image in the first column
+    and one column per entry of ``maps`` ({model: (B, H, W) maps at the image size, e.g. upsampled with
+    :func:`fairbook.explain.upsample_map`}); the optic disc outline (``masks``, (B, H, W) at the image size,
+    :func:`fairbook.explain.transform_mask`) is drawn in every panel. Each map is scaled to its own maximum."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(len(images), 1 + len(maps), figsize=(1.7 * (1 + len(maps)), 1.7 * len(images)),
+                             squeeze=False)
+    for i, row in enumerate(axes):
+        grey = _display(images[i])
+        for j, ax in enumerate(row):
+            ax.imshow(grey, cmap="gray")
+            if j:
+                heat = np.asarray(list(maps.values())[j - 1][i], dtype=float)
+                ax.imshow(heat / max(heat.max(), 1e-12), cmap="inferno", alpha=0.55, vmin=0, vmax=1)
+            ax.contour(masks[i], levels=[0.5], colors="cyan", linewidths=0.8)
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_title("image" if j == 0 else list(maps)[j - 1], fontsize=8)
+        row[0].set_ylabel(labels[i], fontsize=7)
+    return fig
+
+
+def routing_overlay(images, weights, dropped, labels, patch: int):
+    """Fair-MoE's image patch routing over fundus images (:func:`fairbook.explain.patch_routing`): each patch is
+    coloured by the expert that holds the largest kept gate weight for it, a patch that every expert dropped is
+    left clear, and an x marks a patch with at least one assignment dropped by the capacity.
+    ``weights``/``dropped``: (B, M, gh, gw); ``patch``: the patch size in pixels."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import seaborn as sns
+
+    n_experts = weights.shape[1]
+    colours = sns.color_palette("tab10", n_experts)
+    fig, axes = plt.subplots(1, len(images), figsize=(2.0 * len(images), 2.3), squeeze=False)
+    for ax, image, w, d, label in zip(axes[0], images, weights, dropped, labels):
+        ax.imshow(_display(image), cmap="gray")
+        overlay = np.zeros((*w.shape[1:], 4))
+        for (r, c), top in np.ndenumerate(np.where(w.max(0) > 0, w.argmax(0), -1)):
+            if top >= 0:
+                overlay[r, c] = (*colours[top], 0.45)
+        ax.imshow(np.kron(overlay, np.ones((patch, patch, 1))))
+        rows, cols = np.nonzero(d.any(0))
+        ax.plot((cols + 0.5) * patch, (rows + 0.5) * patch, "x", color="white", ms=5)
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_xlabel(label, fontsize=7)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[j]) for j in range(n_experts)]
+    fig.legend(handles, [f"expert {j}" for j in range(n_experts)], fontsize="x-small", ncol=min(n_experts, 5),
+               loc="lower center", bbox_to_anchor=(0.5, -0.12))
+    return fig
+
+
+def tsne_grid(points, colour_by=("group", "label")):
+    """t-SNE maps of image features (:func:`fairbook.representation.tsne_points`): one row per model, one column
+    per colouring (by group, by label), as in Fair-MoE's Fig. 3(b). t-SNE axes have no units, so no ticks; each
+    column has its own colours and one legend."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    models = list(dict.fromkeys(points["model"]))
+    fig, axes = plt.subplots(len(models), len(colour_by), figsize=(3.3 * len(colour_by), 2.9 * len(models)),
+                             squeeze=False)
+    offset = 0
+    for j, hue in enumerate(colour_by):
+        order = sorted(points[hue].unique())
+        colours = dict(zip(order, sns.color_palette(PALETTE, offset + len(order))[offset:]))
+        offset += len(order)
+        for i, model in enumerate(models):
+            ax = axes[i][j]
+            sns.scatterplot(data=points[points["model"] == model], x="x", y="y", hue=hue, hue_order=order,
+                            palette=colours, s=7, linewidth=0, alpha=0.8, ax=ax, legend=i == 0)
+            ax.set(xticks=[], yticks=[], xlabel="t-sne 1" if i == len(models) - 1 else "",
+                   ylabel=f"{model}\nt-sne 2" if j == 0 else "")
+        axes[0][j].set_title(f"by {hue}")
+        axes[0][j].legend(title=None, fontsize="x-small", markerscale=1.5, loc="best")
+    return fig
+
+
+def region_shares(table, reference=None):
+    """Share of the map inside a region per group (:func:`fairbook.explain.share_table` rows with a ``method``
+    column): one panel per method, groups on the y axis, one colour per model, intervals ``[lo, hi]``; the
+    ``reference`` table's share per group (a flat map) is drawn as a grey bar."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    methods = list(dict.fromkeys(table["method"]))
+    models = list(dict.fromkeys(table["model"]))
+    groups = list(dict.fromkeys(table["group"]))
+    colours = dict(zip(models, sns.color_palette(PALETTE, len(models))))
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 0.6 * len(groups) + 1.4),
+                             sharey=True, squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        if reference is not None:
+            for y, group in enumerate(groups):
+                level = reference.loc[reference["group"] == group, "share"].mean()
+                ax.barh(y, level, height=0.8, color="lightgrey", zorder=0)
+        for k, model in enumerate(models):
+            rows = table[(table["method"] == method) & (table["model"] == model)].set_index("group")
+            for y, group in enumerate(groups):
+                if group in rows.index:
+                    offset = y + 0.25 * (k - (len(models) - 1) / 2)
+                    ax.hlines(offset, rows.at[group, "lo"], rows.at[group, "hi"], color=colours[model], lw=1.5)
+                    ax.plot(rows.at[group, "share"], offset, "o", color=colours[model],
+                            label=model if y == 0 else None)
+        ax.set(title=method, xlabel="share inside the disc")
+        ax.set_yticks(range(len(groups)), groups)
+    axes[0][-1].legend(fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
+    return fig

@@ -58,6 +58,7 @@ top_k = 3  # K1
 capacity = 0.8  # C
 feature_experts = 4  # M2 (the paper gives no value; the official code uses the number of groups)
 feature_top_k = 2  # k2
+expert_rank = None  # None: each patch expert a full copy of the MLP (paper); r: low-rank experts (fairbook option)
 form = "paper"  # "paper" or "code" (official code's layers and FOL)
 fol_weight = 1000.0  # weight of each F term (see "Choosing the weights")
 lam = 100.0  # weight of the Sinkhorn distance term (chapter 12's lambda)
@@ -71,12 +72,16 @@ n_boot = 1000
 # `fb.moe.add_fo_moe` patches an open_clip CLIP in place. Nothing the training loop sees changes, so Fair-MoE
 # trains with the same `fb.train` code, recipe, training draws and epoch selection as CLIP and FairCLIP.
 # `fb.train.build_model` builds the start of one seed's model (here the first seed's), gates included.
+#
+# The paper's experts are full copies of the MLP, so on ViT-B/16 Fair-MoE has 1.43 times CLIP's parameters
+# (`bench/bench_moe.py`). `expert_rank=r` is a fairbook option, not in the paper: the experts share the MLP and
+# differ by rank-r updates (`fb.moe.LowRankExperts`). With r = 64 the ratio on ViT-B/16 is 1.07.
 
 # %%
 source = fb.data.describe(data_root)
 config = fb.train.TrainConfig.preset(recipe, epochs=epochs, lr=lr, batch_size=batch_size, prompts=prompts)
 moe_args = dict(n_experts=n_experts, top_k=top_k, capacity=capacity, feature_experts=feature_experts,
-                feature_top_k=feature_top_k, form=form)
+                feature_top_k=feature_top_k, form=form, expert_rank=expert_rank)
 clip, *_ = fb.models.create_clip(model, pretrained)
 net, preprocess_train, preprocess_val, tokenizer = fb.train.build_model(model, pretrained, moe_args, seeds[0])
 clip_params, moe_params = (sum(p.numel() for p in m.parameters()) for m in (clip, net))

@@ -429,3 +429,34 @@ def test_patch_routing_reads_the_image_patch_router(tiny, images):
     assert ((weights > 0).sum(1) <= 2).all() and dropped.sum() > 0  # at most K1 kept; C = 0.5 drops some
     assert not ((weights > 0) & (dropped > 0)).any()  # an assignment is kept or dropped, not both
     _one_line_error("has no image patch MoE", ex.patch_routing, tiny[0], images)
+
+
+def test_share_differences_are_paired_by_case_and_seed():
+    import pandas as pd
+
+    # two cases of group g, two seeds; B = A + 0.1 on every case and seed except seed 1 of case 2 (+0.3)
+    a = pd.DataFrame({"model": "A", "seed": [0, 0, 1, 1], "case": [1, 2, 1, 2], "group": "g",
+                      "share": [0.2, 0.5, 0.3, 0.4]})
+    b = a.assign(model="B", share=a["share"] + [0.1, 0.1, 0.1, 0.3])
+    table = ex.share_differences(pd.concat([a, b]), baseline="A", n_boot=300, seed=0)
+    row = table.iloc[0]
+    # per case (seed mean): case 1 +0.1, case 2 +0.2 -> 0.15; per seed: +0.1 and +0.2 -> std 0.0707
+    assert (row["model"], row["baseline"], row["n"]) == ("B", "A", 2)
+    assert row["diff"] == pytest.approx(0.15) and row["std"] == pytest.approx(np.std([0.1, 0.2], ddof=1))
+    assert row["lo"] == pytest.approx(0.1) and row["hi"] == pytest.approx(0.2)  # resamples of 2 cases
+    _one_line_error("baseline 'C' is not among", ex.share_differences, a, "C")
+
+
+def test_dropped_shares_inside_and_outside_hand_worked():
+    # 2 experts, 2 x 2 patches, K1 = 2 assignments per patch; 1 = kept weight > 0 or dropped
+    weights = np.zeros((1, 2, 2, 2))
+    dropped = np.zeros((1, 2, 2, 2))
+    weights[0, :, 0, 0] = 0.5                          # patch (0, 0): both kept
+    weights[0, 0, 0, 1], dropped[0, 1, 0, 1] = 0.5, 1  # patch (0, 1): one kept, one dropped
+    dropped[0, :, 1, 0] = 1                            # patch (1, 0): both dropped
+    weights[0, :, 1, 1] = 0.5                          # patch (1, 1): both kept
+    grid = np.array([[[1.0, 0.5], [0.0, 0.0]]])        # (0, 0) inside, (0, 1) half inside
+    table = ex.dropped_shares(weights, dropped, grid).set_index("region")["share"]
+    assert table["inside"] == pytest.approx(0.5 * 1 / (1 * 2 + 0.5 * 2))  # 0.5 dropped of 3 weighted assignments
+    assert table["outside"] == pytest.approx((0.5 * 1 + 2) / (0.5 * 2 + 2 + 2))  # 2.5 of 5
+    _one_line_error("do not match", ex.dropped_shares, weights, dropped, grid[0])
