@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -487,11 +488,16 @@ def mass_inside(maps, masks) -> np.ndarray:
 MAP_METHODS = ("rollout", "gradient-attention", "gradcam", "similarity")
 
 
-def sample_cases(dataset, attribute: str, per_cell: int, seed: int = 0) -> np.ndarray:
+def sample_cases(dataset, by, per_cell: int, seed: int = 0) -> np.ndarray:
     """Item indices of ``dataset`` (a :class:`fairbook.data.FairVLMed`): ``per_cell`` items drawn without
-    replacement from every (group of ``attribute``, label) cell, fewer where a cell is smaller; seeded, sorted.
+    replacement from every (group, label) cell, fewer where a cell is smaller; seeded, sorted. ``by``: an
+    attribute name (its groups; unknown left out) or one integer code per item (negative codes left out).
     Equal label counts per group keep the label mix from differing between the groups being compared."""
-    codes, labels = np.asarray(dataset.groups(attribute)), np.asarray(dataset.metadata["glaucoma"])
+    codes = np.asarray(dataset.groups(by) if isinstance(by, str) else by)
+    labels = np.asarray(dataset.metadata["glaucoma"])
+    if codes.shape != labels.shape:
+        raise ExplainError(f"by has {codes.size} codes for {labels.size} items: pass an attribute name or one "
+                           "code per item")
     rng = np.random.default_rng(seed)
     rows = []
     for code in np.unique(codes[codes >= 0]):
@@ -559,7 +565,8 @@ def region_shares(model: nn.Module, images: torch.Tensor, masks, preprocess, met
                   target=None) -> pd.DataFrame:
     """Share of each map's mass inside a region, for every image and map method: one row per (method, item).
 
-    ``masks``: the raw-resolution masks of the images (:func:`region_masks`), pooled onto the patch grid through
+    ``masks``: the raw-resolution masks of the images (:func:`region_masks`), or one (H, W) mask for all of them,
+    pooled onto the patch grid through
     ``preprocess`` (the model's preprocess_val, :func:`mask_to_grid`); ``target``: the text direction for the
     gradient and similarity maps (:func:`decision_direction`). Method "uniform" is the share of a flat map, i.e.
     the region's share of the image: the level a map that ignores the image would reach.
@@ -567,9 +574,30 @@ def region_shares(model: nn.Module, images: torch.Tensor, masks, preprocess, met
     grid = mask_to_grid(masks, preprocess, model)
     frames = []
     for method in methods:
-        maps = np.ones(grid.shape) if method == "uniform" else token_maps(model, images, method, target)
-        frames.append(pd.DataFrame({"method": method, "item": np.arange(len(grid)),
+        maps = np.ones((len(images), *grid.shape[1:])) if method == "uniform" else token_maps(model, images, method, target)
+        frames.append(pd.DataFrame({"method": method, "item": np.arange(len(images)),
                                     "share": mass_inside(maps, grid)}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def model_shares(models: Mapping[str, tuple[str, str, str]], seeds, images: torch.Tensor, masks, methods,
+                 prompts: str = "fairmedfm") -> pd.DataFrame:
+    """:func:`region_shares` of every trained model and seed: one row per (model, seed, method, item).
+
+    ``models``: {name: (run folder, method, training attribute)} as :func:`fairbook.results.load_model` reads
+    them; the target direction of the gradient and similarity maps is :func:`decision_direction` of the model
+    with the ``prompts`` set of :data:`fairbook.train.PROMPT_SETS`.
+    """
+    from fairbook.results import load_model
+    from fairbook.train import PROMPT_SETS
+
+    frames = []
+    for name, (run, method, attribute) in models.items():
+        for seed in seeds:
+            net, preprocess, tokenizer = load_model(run, method, attribute, seed)
+            target = decision_direction(net, tokenizer, PROMPT_SETS[prompts])
+            shares = region_shares(net, images, masks, preprocess, methods, target)
+            frames.append(shares.assign(model=name, seed=seed))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -647,6 +675,32 @@ def share_differences(shares: pd.DataFrame, baseline: str, n_boot: int = 1000, l
     return pd.DataFrame(rows)
 
 
+def share_gap(shares: pd.DataFrame, first: str, second: str, n_boot: int = 1000, level: float = 0.95,
+              seed: int = 0) -> pd.DataFrame:
+    """Difference of the mean ``share`` between two groups of cases, per model: ``first`` minus ``second``.
+
+    ``shares`` as for :func:`share_table` (the ``share`` column may hold any per-case value, e.g. a score).
+    ``gap`` is the difference of the group means of the seed-mean values; ``std`` the sample std over seeds of
+    the per-seed gap; ``lo``/``hi`` its percentile interval over ``n_boot`` resamples that draw the cases of each
+    group independently (the groups hold different cases).
+    """
+    per_case = _per_case(shares)
+    missing = {first, second} - set(per_case["group"])
+    if missing:
+        raise ExplainError(f"no cases in group(s) {', '.join(sorted(missing))}; choose among "
+                           f"{sorted(set(per_case['group']))}")
+    draws, alpha, rows = _case_draws(per_case, n_boot, seed), (1.0 - level) / 2, []
+    by_seed = shares.groupby(["model", "group", "seed"])["share"].mean()
+    for model, frame in per_case.groupby("model", sort=False):
+        values = {g: frame[frame["group"] == g].set_index("case")["share"] for g in (first, second)}
+        boot = _resampled_means(values[first], draws[first]) - _resampled_means(values[second], draws[second])
+        seeds = (by_seed.loc[(model, first)] - by_seed.loc[(model, second)]).dropna()
+        rows.append({"model": model, "first": first, "second": second, "gap": float(values[first].mean()
+                     - values[second].mean()), "std": float(seeds.std(ddof=1)) if len(seeds) > 1 else np.nan,
+                     "lo": float(np.nanquantile(boot, alpha)), "hi": float(np.nanquantile(boot, 1 - alpha))})
+    return pd.DataFrame(rows)
+
+
 def dropped_shares(weights, dropped, grid) -> pd.DataFrame:
     """Share of the Top_r assignments that the capacity limit removed, inside the region and outside it: one row
     per (item, region) with ``region`` "inside" or "outside" and ``share``.
@@ -698,7 +752,7 @@ def patch_routing(model: nn.Module, images: torch.Tensor) -> tuple[np.ndarray, n
 __all__ = [
     "ExplainError", "HEAD_FUSIONS", "MAP_METHODS", "attention_maps", "attention_rollout", "case_images",
     "decision_direction", "dropped_shares", "gradcam_map", "gradient_attention_map",
-    "image_text_similarity_map", "mask_to_grid", "mass_inside", "patch_grid", "patch_routing", "patch_size",
-    "region_masks", "region_shares", "rollout", "routing_maps", "sample_cases", "share_differences",
-    "share_table", "token_maps", "transform_mask", "upsample_map",
+    "image_text_similarity_map", "mask_to_grid", "mass_inside", "model_shares", "patch_grid", "patch_routing",
+    "patch_size", "region_masks", "region_shares", "rollout", "routing_maps", "sample_cases",
+    "share_differences", "share_gap", "share_table", "token_maps", "transform_mask", "upsample_map",
 ]

@@ -80,14 +80,7 @@ print(f"{len(rows)} cases, images {tuple(images.shape)}, patch grid {fb.explain.
 # ## Disc shares for every model and seed
 
 # %%
-frames = []
-for name, (run, method, trained_on) in models.items():
-    for seed in seeds:
-        net, preprocess, tokenizer = fb.results.load_model(run, method, trained_on, seed)
-        target = fb.explain.decision_direction(net, tokenizer, fb.train.PROMPT_SETS[prompts])
-        shares = fb.explain.region_shares(net, images, masks, preprocess, ["uniform", *methods], target)
-        frames.append(shares.assign(model=name, seed=seed))
-shares = pd.concat(frames, ignore_index=True)
+shares = fb.explain.model_shares(models, seeds, images, masks, ["uniform", *methods], prompts)
 shares["case"] = rows[shares["item"]]
 shares["group"] = cases["group"].to_numpy()[shares["item"]]
 shares.groupby(["method", "model"])["share"].mean().unstack().round(3)
@@ -174,6 +167,48 @@ dropped_table = dropped_table.rename(columns={"model": "region"})
 dropped_table.round(4)
 
 # %% [markdown]
+# ## A planted shortcut: the device marker
+#
+# SynthFairVLMed plants a shortcut for one group (its mechanism e). In the training split, that group's images
+# carry a small bright device marker in 80% of the glaucoma cases and 20% of the healthy ones. In validation and
+# test the marker shows in half of the group's images, whatever the label. A model that learned the shortcut
+# would put explanation mass on the marker, and it would score marked images higher than unmarked ones of the
+# same group. We measure both, on that group's test images. The shares use the same maps as above, with the
+# marker's square as the region; the cases are drawn per (marker, label) cell.
+
+# %%
+truth = fb.data.synthetic.load_truth(data_root)
+marker_race = fb.data.synthetic.load_manifest(data_root)["config"]["artefact_race"]
+marked = test.metadata["filename"].map(truth["marker"]).where(test.metadata["race"] == marker_race, -1)
+marker_rows = fb.explain.sample_cases(test, marked.to_numpy(), per_cell, seed=1)
+box = fb.data.synthetic.marker_mask(*masks.shape[1:])
+on_marker = fb.explain.model_shares(models, seeds, fb.explain.case_images(test, marker_rows), box,
+                                    ["uniform", *methods], prompts)
+on_marker["case"] = marker_rows[on_marker["item"]]
+on_marker["group"] = marked.iloc[on_marker["case"]].map({1: "marked", 0: "unmarked"}).to_numpy()
+marker_table = pd.concat({m: fb.explain.share_table(on_marker[on_marker["method"] == m], n_boot=n_boot)
+                          for m in ["uniform", *methods]}, names=["method"]).reset_index(level=0)
+marker_table = marker_table[(marker_table["method"] != "uniform") | (marker_table["model"] == "CLIP")]
+cell = marker_table.apply(lambda r: f"{100 * r['share']:.2f} [{100 * r['lo']:.2f}, {100 * r['hi']:.2f}]", axis=1)
+marker_table.assign(cell=cell).pivot_table(index=["method", "model"], columns="group", values="cell",
+                                           aggfunc="first")
+
+# %% [markdown]
+# Percent of the map on the marker's square, mean over cases of the seed-mean share, 95% intervals over cases;
+# the "uniform" row is the square's share of the image. Now the scores: for every test image of the group, the
+# model's glaucoma score, marked minus unmarked (mean over seeds; ± the std over seeds of the per-seed gap;
+# interval over resamples of the cases of each kind).
+
+# %%
+chosen = fb.cases.select_models(fb.results.collect(clip_run, fairclip_run, fair_moe_run), attribute, list(models),
+                                seeds)
+scores = fb.cases.seed_verdicts(chosen, data_root)
+scores = scores.assign(model=scores["method"], share=scores["score"],
+                       group=marked.map({1: "marked", 0: "unmarked"}).to_numpy()[scores["case"]])
+shift = fb.explain.share_gap(scores.dropna(subset=["group"]), "marked", "unmarked", n_boot=n_boot)
+shift.round(4)
+
+# %% [markdown]
 # ## Record the numbers
 
 # %%
@@ -185,6 +220,8 @@ fb.runs.save_metrics({
     "disc_share": summary,
     "paired_vs_clip": paired,
     "capacity_drops_fair_moe": dropped_table,
+    "marker_share": marker_table,
+    "marker_score_shift": shift,
 })
 
 # %% [markdown]
@@ -201,6 +238,11 @@ print(lift.pivot_table(index=["method", "model"], columns="group", values="lift"
 clear = paired[((paired["lo"] > 0) | (paired["hi"] < 0)) & (paired["diff"].abs() > 2 * paired["std"])]
 print(f"{len(clear)} of {len(paired)} paired differences from CLIP exclude 0 over cases and exceed twice their "
       f"seed std; the largest of all is {100 * paired['diff'].abs().max():.1f} points:")
+marked_share = marker_table[marker_table["group"] == "marked"].set_index(["method", "model"])["share"]
+print("share of the map on the marker in marked images, as a multiple of the square's share of the image:",
+      (marked_share / marked_share.loc[("uniform", "CLIP")]).drop("uniform").round(2).to_dict())
+print("score gap marked - unmarked with its interval:",
+      {r["model"]: f"{r['gap']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]" for r in shift.to_dict("records")})
 clear[["method", "model", "group", "diff", "std", "lo", "hi"]].round(4)
 
 # %% [markdown]
@@ -209,6 +251,10 @@ clear[["method", "model", "group", "diff", "std", "lo", "hi"]].round(4)
 #   the model looks at the same place whatever the group.
 # - The papers' figures imply that the fairness methods move attention towards the disc for the disadvantaged
 #   group. On this benchmark the paired differences above say whether they did; the printed count is the answer.
+# - The marker lines say whether the models took the planted shortcut. A multiple below 1 means the maps look at
+#   the marker less than a flat map would. A score gap whose interval holds 0 means that marked images are not
+#   scored higher. When both hold, the shortcut was not learned in this configuration. Then this benchmark
+#   cannot show a fairness method removing it, and a chapter that claimed so would be wrong.
 # - Explanations are themselves models of the model. The two maps agree on ranking models only if the table
 #   says so, and neither is ground truth. The planted-signal test shows that they can find a signal; it does not
 #   show that they find all of it.

@@ -460,3 +460,22 @@ def test_dropped_shares_inside_and_outside_hand_worked():
     assert table["inside"] == pytest.approx(0.5 * 1 / (1 * 2 + 0.5 * 2))  # 0.5 dropped of 3 weighted assignments
     assert table["outside"] == pytest.approx((0.5 * 1 + 2) / (0.5 * 2 + 2 + 2))  # 2.5 of 5
     _one_line_error("do not match", ex.dropped_shares, weights, dropped, grid[0])
+
+
+def test_share_gap_hand_worked_and_sample_cases_by_codes(smoke_data):
+    import pandas as pd
+
+    from fairbook.data.fairvlmed import FairVLMed
+
+    # marked cases 1, 2 (values 0.6, 0.8 at seed 0; 0.7, 0.9 at seed 1); unmarked case 3 (0.5, 0.5)
+    shares = pd.DataFrame({"model": "A", "seed": [0, 0, 0, 1, 1, 1], "case": [1, 2, 3, 1, 2, 3],
+                           "group": ["m", "m", "u", "m", "m", "u"], "share": [0.6, 0.8, 0.5, 0.7, 0.9, 0.5]})
+    row = ex.share_gap(shares, "m", "u", n_boot=400).iloc[0]
+    assert row["gap"] == pytest.approx(0.75 - 0.5) and row["std"] == pytest.approx(np.std([0.2, 0.3], ddof=1))
+    assert row["lo"] == pytest.approx(0.15) and row["hi"] == pytest.approx(0.35)  # case means 0.65 or 0.85
+    _one_line_error("no cases in group", ex.share_gap, shares, "m", "x")
+    test = FairVLMed(smoke_data, "Test")
+    codes = np.where(test.metadata["race"] == 1, test.metadata["gender"], -1)
+    rows = ex.sample_cases(test, codes, per_cell=2, seed=0)
+    assert (test.metadata["race"].iloc[rows] == 1).all() and len(rows) == 8  # 2 genders x 2 labels x 2
+    _one_line_error("codes for", ex.sample_cases, test, codes[:-1], 2)

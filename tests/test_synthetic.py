@@ -12,7 +12,9 @@ from sklearn.metrics import roc_auc_score
 
 from fairbook.data import synthetic
 from fairbook.data.attributes import ATTRIBUTES, FILTER_ATTRIBUTES, REQUIRED_NPZ_KEYS, SPLITS
-from fairbook.data.synthetic import SynthConfig, SynthConfigError, generate, load_manifest, sample_records
+from fairbook.data.synthetic import (
+    SynthConfig, SynthConfigError, generate, load_manifest, load_truth, marker_mask, sample_records,
+)
 
 TINY = dict(n_train=60, n_val=20, n_test=40)
 INT_KEYS = ("glaucoma", "race", "gender", "ethnicity", "language", "maritalstatus")
@@ -198,6 +200,14 @@ def test_artefact_correlates_with_label_in_training_only(records, tiny):
     for key, sample in data.items():
         drawn = bool(np.all(sample["slo_fundus"][5:9, left + 1 : left + 5] == 240))
         assert drawn == truth[key.split("/")[1]], key
+    # the marker's mask is the drawn square: rows 4-9, columns left-1 .. left+4 (6 x 6)
+    mask = marker_mask(128, 166)
+    assert mask.sum() == 36 and mask[4:10, left:left + 6].all()
+    marked = next(s["slo_fundus"] for k, s in data.items() if truth[k.split("/")[1]])
+    assert (marked[mask == 1] != 240).sum() == 20  # the 20-pixel dark border, the 16 inner pixels bright
+    assert load_truth(root).loc[sorted(truth)[0], "marker"] == int(truth[sorted(truth)[0]])
+    with pytest.raises(ValueError, match="no synthetic_truth.csv"):
+        load_truth(root / "Training")
 
 
 def test_disease_signal_in_masks_and_visual_field(records, tiny):

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 
@@ -300,10 +301,35 @@ def render_fundus(
     scene = gaussian_filter(scene, blur) + rng.normal(0, noise, (h, w))
     image = np.clip(np.rint(scene * 255), 0, 255).astype(np.uint8)
     if marker:
-        top, left = 4, (w - h) // 2 + 6
-        image[top : top + 6, left : left + 6] = 20
-        image[top + 1 : top + 5, left + 1 : left + 5] = 240
+        (top, bottom), (left, right) = marker_box(h, w)
+        image[top:bottom, left:right] = 20
+        image[top + 1:bottom - 1, left + 1:right - 1] = 240
     return image, (rho < 1.0).astype(np.uint8), (rho < cup_r).astype(np.uint8)
+
+
+def marker_box(height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((top, bottom), (left, right)) pixel bounds of the device marker (mechanism e) in an image of that size:
+    a 6 x 6 square, 4 rows from the top and 6 columns into the centred square that CLIP's crop keeps."""
+    top, left = 4, (width - height) // 2 + 6
+    return (top, top + 6), (left, left + 6)
+
+
+def marker_mask(height: int, width: int) -> np.ndarray:
+    """(height, width) float mask, 1 on the device marker's square (:func:`marker_box`), 0 elsewhere."""
+    mask = np.zeros((height, width))
+    (top, bottom), (left, right) = marker_box(height, width)
+    mask[top:bottom, left:right] = 1.0
+    return mask
+
+
+def load_truth(root: str | os.PathLike) -> pd.DataFrame:
+    """``synthetic_truth.csv`` of a SynthFairVLMed folder, indexed by filename: the true label, the recorded
+    label, the cup-to-disc ratio, the device-marker flag and whether the note reveals the diagnosis."""
+    path = Path(root) / TRUTH_FILE
+    if not path.is_file():
+        raise SynthConfigError(f"no {TRUTH_FILE} in {root}: the ground truth exists only for SynthFairVLMed "
+                               "folders; make one with `fairbook data synth DIR`")
+    return pd.read_csv(path).set_index("filename")
 
 
 # ------------------------------------------------------------------------------------------- visual fields
@@ -591,4 +617,4 @@ def load_manifest(out_dir: str | os.PathLike) -> dict:
 
 
 __all__ = ["SynthConfig", "SynthConfigError", "PRESETS", "generate", "sample_records", "render_fundus", "load_manifest",
-           "FIELD_POINTS"]
+           "FIELD_POINTS", "load_truth", "marker_box", "marker_mask"]
