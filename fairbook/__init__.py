@@ -11,8 +11,8 @@ from __future__ import annotations
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["book", "data", "explain", "fairness", "metrics", "models", "moe", "plots", "results", "runs", "stats",
-           "train", "widgets"]
+__all__ = ["book", "cases", "data", "explain", "fairness", "metrics", "models", "moe", "plots", "representation",
+           "results", "runs", "stats", "train", "widgets"]
 
 
 def __getattr__(name: str):
