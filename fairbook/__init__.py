@@ -4,6 +4,7 @@ Notebooks use one import, ``import fairbook as fb``, and reach the package throu
 ``fb.data`` (FairVLMed loader, synthetic generator, summaries), ``fb.models``, ``fb.moe`` (Fair-MoE layers and
 loss), ``fb.fairness`` (fairness losses and mitigations), ``fb.train``, ``fb.metrics``, ``fb.stats``,
 ``fb.results`` (saved predictions and the comparison tables), ``fb.explain`` (attention and similarity maps),
+``fb.representation`` (what image features encode about the groups), ``fb.cases`` (per-case comparisons),
 ``fb.plots``, ``fb.widgets`` and ``fb.runs`` (papermill runner, sweeps, run folders). Modules load on first use.
 """
 from __future__ import annotations
