@@ -601,6 +601,19 @@ def model_shares(models: Mapping[str, tuple[str, str, str]], seeds, images: torc
     return pd.concat(frames, ignore_index=True)
 
 
+def relative_shares(shares: pd.DataFrame) -> pd.DataFrame:
+    """Each map's share divided by the flat map's share on the same case (method "uniform" of
+    :func:`region_shares`): 1 means no concentration on the region, 3 three times the share a map that ignores
+    the image would put there. Same rows as ``shares`` without the "uniform" ones, ready for :func:`share_table`."""
+    keys = ["model", "seed", "case"]
+    if "uniform" not in set(shares.get("method", [])):
+        raise ExplainError("shares have no 'uniform' rows: compute region_shares with 'uniform' among the methods")
+    flat = shares[shares["method"] == "uniform"].set_index(keys)["share"]
+    maps = shares[shares["method"] != "uniform"]
+    level = flat.reindex(pd.MultiIndex.from_frame(maps[keys])).to_numpy()
+    return maps.assign(share=maps["share"].to_numpy() / level)
+
+
 def _case_draws(per_case: pd.DataFrame, n_boot: int, seed: int) -> dict:
     """{group: (n_boot, n) resampled case ids}: the cases of each group drawn with replacement, one row per
     resample; the same draws serve every model, so intervals and paired differences share them."""
@@ -753,6 +766,6 @@ __all__ = [
     "ExplainError", "HEAD_FUSIONS", "MAP_METHODS", "attention_maps", "attention_rollout", "case_images",
     "decision_direction", "dropped_shares", "gradcam_map", "gradient_attention_map",
     "image_text_similarity_map", "mask_to_grid", "mass_inside", "model_shares", "patch_grid", "patch_routing",
-    "patch_size", "region_masks", "region_shares", "rollout", "routing_maps", "sample_cases",
+    "patch_size", "region_masks", "region_shares", "relative_shares", "rollout", "routing_maps", "sample_cases",
     "share_differences", "share_gap", "share_table", "token_maps", "transform_mask", "upsample_map",
 ]

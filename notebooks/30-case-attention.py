@@ -83,7 +83,8 @@ print(f"{len(rows)} cases, images {tuple(images.shape)}, patch grid {fb.explain.
 shares = fb.explain.model_shares(models, seeds, images, masks, ["uniform", *methods], prompts)
 shares["case"] = rows[shares["item"]]
 shares["group"] = cases["group"].to_numpy()[shares["item"]]
-shares.groupby(["method", "model"])["share"].mean().unstack().round(3)
+print(f"{len(shares):,} shares: {shares['model'].nunique()} models x {len(seeds)} seeds x "
+      f"{shares['method'].nunique()} maps (with the flat map) x {len(rows)} cases")
 
 # %% [markdown]
 # ## Share of the map inside the disc, per group
@@ -227,20 +228,27 @@ fb.runs.save_metrics({
 # %% [markdown]
 # ## Takeaways
 #
-# Computed from the tables above: for each map, each model's disc share as a multiple of the flat-map level
-# (1 = no concentration on the disc), and the differences from CLIP that are clear in both senses: the paired
-# interval over cases excludes 0 and the difference exceeds twice its spread over seeds.
+# Computed from the shares above: for each map, each model's disc share as a multiple of the flat-map level on the
+# same case (1 = no concentration on the disc; mean over cases [95% interval over cases]), and the differences from
+# CLIP that are clear in both senses: the paired interval over cases excludes 0 and the difference exceeds twice
+# its spread over seeds.
 
 # %%
-level = flat.set_index("group")["share"]
-lift = summary[summary["method"] != "uniform"].assign(lift=lambda f: f["share"] / f["group"].map(level))
-print(lift.pivot_table(index=["method", "model"], columns="group", values="lift").round(2))
+relative = fb.explain.relative_shares(shares)
+lift = pd.concat({m: fb.explain.share_table(relative[relative["method"] == m], n_boot=n_boot) for m in methods},
+                 names=["method"]).reset_index(level=0)
+cell = lift.apply(lambda r: f"{r['share']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]", axis=1)
+print(lift.assign(cell=cell).pivot_table(index=["method", "model"], columns="group", values="cell", aggfunc="first"))
 clear = paired[((paired["lo"] > 0) | (paired["hi"] < 0)) & (paired["diff"].abs() > 2 * paired["std"])]
 print(f"{len(clear)} of {len(paired)} paired differences from CLIP exclude 0 over cases and exceed twice their "
       f"seed std; the largest of all is {100 * paired['diff'].abs().max():.1f} points:")
-marked_share = marker_table[marker_table["group"] == "marked"].set_index(["method", "model"])["share"]
-print("share of the map on the marker in marked images, as a multiple of the square's share of the image:",
-      (marked_share / marked_share.loc[("uniform", "CLIP")]).drop("uniform").round(2).to_dict())
+on_marker_relative = fb.explain.relative_shares(on_marker)
+on_marker_relative = on_marker_relative[on_marker_relative["group"] == "marked"]
+marker_lift = pd.concat({m: fb.explain.share_table(on_marker_relative[on_marker_relative["method"] == m],
+                                                   n_boot=n_boot) for m in methods}, names=["method"])
+print("map on the marker in marked images, as a multiple of the square's share of the image:",
+      {f"{m} {r['model']}": f"{r['share']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]"
+       for (m, _), r in marker_lift.iterrows()})
 print("score gap marked - unmarked with its interval:",
       {r["model"]: f"{r['gap']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]" for r in shift.to_dict("records")})
 clear[["method", "model", "group", "diff", "std", "lo", "hi"]].round(4)

@@ -479,3 +479,14 @@ def test_share_gap_hand_worked_and_sample_cases_by_codes(smoke_data):
     rows = ex.sample_cases(test, codes, per_cell=2, seed=0)
     assert (test.metadata["race"].iloc[rows] == 1).all() and len(rows) == 8  # 2 genders x 2 labels x 2
     _one_line_error("codes for", ex.sample_cases, test, codes[:-1], 2)
+
+
+def test_relative_shares_divide_by_the_flat_map_of_the_same_case():
+    import pandas as pd
+
+    shares = pd.DataFrame({"model": "A", "seed": 0, "case": [1, 2, 1, 2], "group": "g",
+                           "method": ["uniform", "uniform", "rollout", "rollout"], "share": [0.1, 0.2, 0.3, 0.3]})
+    relative = ex.relative_shares(shares)
+    assert relative["method"].tolist() == ["rollout", "rollout"]
+    np.testing.assert_allclose(relative["share"], [3.0, 1.5])
+    _one_line_error("no 'uniform' rows", ex.relative_shares, shares[shares["method"] == "rollout"])
