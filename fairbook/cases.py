@@ -33,7 +33,7 @@ from fairbook.data.attributes import ATTRIBUTES, FILTER_ATTRIBUTES, check_attrib
 from fairbook.data.fairvlmed import describe, load_metadata
 from fairbook.data.summary import wilson_interval
 from fairbook.metrics import choose_threshold
-from fairbook.results import ALL, _read, same_data
+from fairbook.results import ALL, read_predictions, same_data
 from fairbook.runs import resolve
 
 __all__ = ["CasesError", "select_models", "aligned_predictions", "seed_verdicts", "case_frame", "patterns",
@@ -72,7 +72,7 @@ def aligned_predictions(folder: str | os.PathLike, split: str, metadata: pd.Data
 
     Prediction files carry no case id; they follow :class:`fairbook.data.FairVLMed` item order. Labels and the four
     attributes must equal the dataset's (``metadata`` from :func:`fairbook.data.load_metadata`), row by row."""
-    pred = _read(folder, split)
+    pred = read_predictions(folder, split)
     path = f"{folder}/{split}.csv"
     if len(pred) != len(metadata):
         raise CasesError(f"{path} has {len(pred)} rows but the dataset's {_SPLITS[split]} split has {len(metadata)} "

@@ -33,7 +33,7 @@ from fairbook.metrics import fairness_report
 from fairbook.runs import atomic_write_text, resolve, to_jsonable
 from fairbook.stats import paired_ttest
 
-__all__ = ["ALL", "PREDICTIONS", "ResultsError", "model_folder", "save", "load_model", "collect", "same_data", "evaluate", "table", "ci_table",
+__all__ = ["ALL", "PREDICTIONS", "ResultsError", "model_folder", "save", "load_model", "read_predictions", "collect", "same_data", "evaluate", "table", "ci_table",
            "group_auc_table", "paired_table", "group_differences", "claims", "BETTER"]
 
 PREDICTIONS = "predictions"
@@ -131,7 +131,7 @@ def same_data(runs: pd.DataFrame, data: str) -> pd.DataFrame:
     return runs
 
 
-def _read(folder: Path, split: str) -> pd.DataFrame:
+def read_predictions(folder: Path, split: str) -> pd.DataFrame:
     path = folder / f"{split}.csv"
     if not path.is_file():
         raise ResultsError(f"{path} is missing: the saved run is incomplete; run its chapter again")
@@ -149,7 +149,7 @@ def evaluate(runs: pd.DataFrame, attributes: Sequence[str] = FILTER_ATTRIBUTES, 
     """
     rows = []
     for run in runs.to_dict("records"):
-        test, val = _read(run["folder"], "test"), _read(run["folder"], "validation")
+        test, val = read_predictions(run["folder"], "test"), read_predictions(run["folder"], "validation")
         report = fairness_report(test["y_true"], test["y_score"], {a: test[a] for a in attributes},
                                  threshold=threshold, validation=(val["y_true"], val["y_score"]),
                                  n_boot=n_boot, seed=boot_seed, keep_boot=n_boot > 0)

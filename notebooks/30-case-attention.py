@@ -190,9 +190,7 @@ on_marker["group"] = marked.iloc[on_marker["case"]].map({1: "marked", 0: "unmark
 marker_table = pd.concat({m: fb.explain.share_table(on_marker[on_marker["method"] == m], n_boot=n_boot)
                           for m in ["uniform", *methods]}, names=["method"]).reset_index(level=0)
 marker_table = marker_table[(marker_table["method"] != "uniform") | (marker_table["model"] == "CLIP")]
-cell = marker_table.apply(lambda r: f"{100 * r['share']:.2f} [{100 * r['lo']:.2f}, {100 * r['hi']:.2f}]", axis=1)
-marker_table.assign(cell=cell).pivot_table(index=["method", "model"], columns="group", values="cell",
-                                           aggfunc="first")
+fb.cases.interval_table(marker_table, ["method", "model"], "group", "share", decimals=2)
 
 # %% [markdown]
 # Percent of the map on the marker's square, mean over cases of the seed-mean share, 95% intervals over cases;
@@ -237,8 +235,7 @@ fb.runs.save_metrics({
 relative = fb.explain.relative_shares(shares)
 lift = pd.concat({m: fb.explain.share_table(relative[relative["method"] == m], n_boot=n_boot) for m in methods},
                  names=["method"]).reset_index(level=0)
-cell = lift.apply(lambda r: f"{r['share']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]", axis=1)
-print(lift.assign(cell=cell).pivot_table(index=["method", "model"], columns="group", values="cell", aggfunc="first"))
+print(fb.cases.interval_table(lift, ["method", "model"], "group", "share", scale=1, decimals=2))
 clear = paired[((paired["lo"] > 0) | (paired["hi"] < 0)) & (paired["diff"].abs() > 2 * paired["std"])]
 print(f"{len(clear)} of {len(paired)} paired differences from CLIP exclude 0 over cases and exceed twice their "
       f"seed std; the largest of all is {100 * paired['diff'].abs().max():.1f} points:")

@@ -68,8 +68,7 @@ print(source)
 
 # %%
 runs = fb.results.same_data(fb.results.collect(clip_run, fairclip_run, fair_moe_run), source)
-chosen = pd.concat([runs[(runs["method"] == m) & (runs["attribute"] == a) & runs["seed"].isin(seeds)]
-                    for m, (_, a) in models.items()])
+chosen = fb.cases.select_models(runs, attribute, list(models), seeds)
 architecture = sorted({json.loads((f / "info.json").read_text())["model"] for f in chosen["folder"]})
 print("architecture:", ", ".join(architecture))
 chosen.groupby(["method", "attribute"], sort=False)["seed"].apply(list).to_frame("seeds")
