@@ -1,7 +1,8 @@
 """The ``fairbook`` command: data, runs, sweeps, metrics and the book.
 
-Every error a user can cause (a missing dataset, an unknown parameter, a broken file) is printed as one line
-``fairbook: error: ...`` with exit status 2. Set ``FAIRBOOK_DEBUG=1`` to see the traceback instead.
+Every error a user can cause (a missing dataset, an unknown parameter, a broken file, a bad option) is printed as
+one line ``fairbook: error: ...`` with exit status 2. An unexpected error (a bug) is also one line, with exit status
+1. Set ``FAIRBOOK_DEBUG=1`` to see the traceback instead. ``python -m fairbook`` is the same command.
 """
 from __future__ import annotations
 
@@ -10,7 +11,38 @@ import json
 import os
 import sys
 
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, RuntimeError)
+USER_ERRORS = (ValueError, KeyError, OSError, RuntimeError)
+
+
+class UsageError(Exception):
+    """A command line that argparse cannot parse (an unknown option, a value of the wrong type)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is raised (and printed as one line by :func:`main`) instead of the usage text."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+_nonnegative_int.__name__ = "non-negative integer"  # argparse names the expected type after the function
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+_positive_int.__name__ = "positive integer"
 
 
 def _data_synth(args) -> None:
@@ -24,7 +56,7 @@ def _data_synth(args) -> None:
 def _data_check(args) -> None:
     from fairbook.data.fairvlmed import check, format_check
 
-    print(format_check(check(args.path)))
+    print(format_check(check(args.path, decode=args.decode)))
 
 
 def _run(args) -> None:
@@ -43,8 +75,9 @@ def _sweep(args) -> None:
 
 def _book(args) -> None:
     from fairbook.book import build_book
+    from fairbook.runs import check_config_name
 
-    print(build_book(config=args.config))
+    print(build_book(config=check_config_name(args.config, "--config")))
 
 
 def _metrics(args) -> None:
@@ -55,7 +88,7 @@ def _metrics(args) -> None:
                              threshold=args.threshold)
     text = json.dumps(report, indent=2)
     if args.json:
-        from fairbook.runs import atomic_write_text
+        from fairbook.files import atomic_write_text
 
         atomic_write_text(args.json, text + "\n")
     else:
@@ -63,7 +96,7 @@ def _metrics(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fairbook", description=__doc__.splitlines()[0])
+    p = _Parser(prog="fairbook", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="make or check a Harvard-FairVLMed folder").add_subparsers(dest="data", required=True)
@@ -71,13 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--bias", default="default", help="bias preset: default or none (the exchangeable control)")
-    s.add_argument("--n-train", type=int, default=7000)
-    s.add_argument("--n-val", type=int, default=1000)
-    s.add_argument("--n-test", type=int, default=2000)
-    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--n-train", type=_positive_int, default=7000)
+    s.add_argument("--n-val", type=_positive_int, default=1000)
+    s.add_argument("--n-test", type=_positive_int, default=2000)
+    s.add_argument("--workers", type=_positive_int, default=2)
     s.set_defaults(func=_data_synth)
     c = data.add_parser("check", help="count samples, groups and prevalence; fail on a broken folder")
     c.add_argument("path")
+    c.add_argument("--decode", action="store_true",
+                   help="also decode every image and check its pixels (slower; catches what would fail mid-run)")
     c.set_defaults(func=_data_check)
 
     r = sub.add_parser("run", help="execute a notebook with papermill into runs/<stem>/<config>/")
@@ -103,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--attributes", required=True, help="comma-separated attribute columns, e.g. race,gender")
     m.add_argument("--val", help="validation predictions CSV: the threshold is chosen there, never on test")
     m.add_argument("--threshold", default="youden", help="0.5, youden, f1 or prevalence")
-    m.add_argument("--n-boot", type=int, default=1000)
+    m.add_argument("--n-boot", type=_nonnegative_int, default=1000, help="bootstrap resamples (0: no intervals)")
     m.add_argument("--json", help="write the report here instead of printing it")
     m.set_defaults(func=_metrics)
     return p
@@ -112,16 +147,32 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         args.func(args)
-    except USER_ERRORS as err:
+    except (UsageError, *USER_ERRORS) as err:
         if os.environ.get("FAIRBOOK_DEBUG"):
             raise
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"fairbook: error: {msg}", file=sys.stderr)
+        print(f"fairbook: error: {_message(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # a bug: still one line, with the way to the traceback
+        if os.environ.get("FAIRBOOK_DEBUG"):
+            raise
+        print(f"fairbook: error: unexpected {type(err).__name__}: {_message(err)} (a bug in fairbook; rerun with "
+              "FAIRBOOK_DEBUG=1 for the traceback and report it)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _message(err: BaseException) -> str:
+    """One line for an exception: KeyError without its quotes, OSError as 'reason: path', newlines folded."""
+    if isinstance(err, KeyError) and err.args:
+        text = str(err.args[0])
+    elif isinstance(err, OSError) and err.strerror:
+        text = f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    else:
+        text = str(err)
+    return " ".join(text.split()) or type(err).__name__
 
 
 if __name__ == "__main__":

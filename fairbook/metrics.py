@@ -647,6 +647,9 @@ def _read_csv(path: str | Path, role: str) -> pd.DataFrame:
     except FileNotFoundError:
         raise MetricsInputError(f"{role} file {str(path)!r} not found; pass the path of a CSV with columns "
                                 "y_true, y_score and one column per attribute") from None
+    except IsADirectoryError:
+        raise MetricsInputError(f"{role} file {str(path)!r} is a folder; pass the path of a CSV with columns "
+                                "y_true, y_score and one column per attribute") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise MetricsInputError(f"{role} file {str(path)!r} is not a readable CSV ({type(exc).__name__}); "
                                 "pass a comma-separated file with a header row") from None
@@ -706,6 +709,8 @@ def report_from_csv(path: str | Path, attributes: Sequence[str] | str, val_path:
     """
     if isinstance(attributes, str):
         attributes = [a for a in attributes.split(",") if a.strip()]
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
+        raise MetricsInputError(f"n_boot must be a whole number >= 0 (0: no intervals), got {n_boot!r}")
     frame = _read_csv(path, "predictions")
     _require(frame, ["y_true", "y_score"], path)
     groups = _attribute_columns(frame, attributes, path)

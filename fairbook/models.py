@@ -7,6 +7,7 @@ the FairCLIP paper (Luo et al., CVPR 2024, which fine-tunes CLIP ViT-B/16). Both
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import open_clip
@@ -43,11 +44,27 @@ def create_clip(name: str = "fairbook-tiny", pretrained: str | None = None, devi
     except Exception as exc:  # hub download errors (no network) or an unreadable file
         if pretrained is None:
             raise
+        if Path(pretrained).is_file():
+            raise ModelError(_checkpoint_problem(name, pretrained, exc)) from None
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load {name} weights {pretrained!r} ({first}): download them once with network "
                          "access (open_clip caches them under ~/.cache/huggingface) or pass a local checkpoint "
                          "file") from None
     return model, preprocess_train, preprocess_val, open_clip.get_tokenizer(name)
+
+
+def _checkpoint_problem(name: str, path: str, exc: Exception) -> str:
+    """One line saying why open_clip could not load the local checkpoint ``path`` into ``name``."""
+    text = " ".join(str(exc).split())
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+        return (f"checkpoint {path} holds pickled Python objects ({refused.group(1)}), which fairbook never loads "
+                "(torch.load with weights_only=True): give a checkpoint of tensors only, e.g. chapter 10's clip.pt")
+    if "state_dict" in text:
+        return (f"checkpoint {path} does not fit {name} ({text.split(':')[0][:120]}): create the model with the "
+                "architecture the checkpoint was trained with")
+    return (f"cannot read checkpoint {path} ({type(exc).__name__}): the file is corrupt, truncated or not a torch "
+            "checkpoint; give a checkpoint written by fairbook (chapter 10's clip.pt) or by open_clip")
 
 
 def _pretrained(name: str, pretrained: str | None) -> str | None:

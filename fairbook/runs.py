@@ -30,6 +30,8 @@ from typing import Any, Iterable
 import numpy as np
 import yaml
 
+from fairbook.files import atomic_write_text, replace_dir, temporary_sibling
+
 KERNEL = "fairbook"
 RUN_DIR_ENV = "FAIRBOOK_RUN_DIR"
 RUN_CONFIG_ENV = "FAIRBOOK_RUN_CONFIG"
@@ -73,15 +75,6 @@ def output_dir() -> Path:
     return out
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_metrics(metrics: dict, name: str = "metrics.json") -> None:
     """Save a notebook's headline numbers as JSON in its run folder (NaN becomes null).
 
@@ -119,7 +112,41 @@ def _read_source(notebook: Path):
 
     if not notebook.exists():
         raise FileNotFoundError(f"no notebook at {notebook}: give the path of a notebooks/*.py source")
-    return jupytext.read(notebook)
+    if not notebook.is_file():
+        raise ParameterError(f"{notebook} is a folder, not a notebook: give one chapter source, e.g. "
+                             "notebooks/01-data-exploration.py")
+    try:
+        return jupytext.read(notebook)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ParameterError(f"cannot read notebook {notebook} ({_one_line(exc)}): give a py:percent source "
+                             "from notebooks/") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of an exception's message with its type, for one-line errors."""
+    text = " ".join(str(exc).split()) or "no detail"
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
+    """The content of a YAML file, read with ``yaml.safe_load``; a missing, unreadable or malformed file (or one
+    with Python tags such as ``!!python/object``, which safe loading refuses) raises a one-line
+    :class:`ParameterError` naming the file, the line and what was expected."""
+    path = resolve(path)
+    if not path.exists():
+        raise ParameterError(f"no {what} at {path}: check the path")
+    if not path.is_file():
+        raise ParameterError(f"{path} is a folder: give the path of a {what}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ParameterError(f"cannot parse {path} as YAML{where} ({problem}): write plain YAML "
+                             f"(key: value lines, no !!python tags)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParameterError(f"cannot read {what} {path} ({_one_line(exc)}): give a readable text file") from None
 
 
 def notebook_parameters(notebook: str | os.PathLike) -> dict[str, Any]:
@@ -145,9 +172,13 @@ def parse_set(items: Iterable[str]) -> dict[str, Any]:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ParameterError(f"--set expects key=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ParameterError(f"--set {item!r}: the value is not valid YAML; quote strings that hold "
+                                 "brackets, colons or braces") from None
     return out
 
 
@@ -155,12 +186,11 @@ def load_params(files: Iterable[str | os.PathLike] = (), overrides: dict | None 
     """Merge YAML parameter files left to right (shallow), then ``overrides``."""
     merged: dict[str, Any] = {}
     for f in files:
-        path = resolve(f)
-        if not path.exists():
-            raise ParameterError(f"no parameter file at {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(f, "parameter file")
+        data = {} if data is None else data
         if not isinstance(data, dict):
-            raise ParameterError(f"{path} must hold a mapping of parameter names to values")
+            raise ParameterError(f"{resolve(f)} must hold a mapping of parameter names to values "
+                                 f"(found a {type(data).__name__}): write one 'name: value' line per parameter")
         merged.update(data)
     merged.update(overrides or {})
     return merged
@@ -181,6 +211,26 @@ def check_params(notebook: str | os.PathLike, params: dict) -> None:
 # running
 
 
+_CONFIG_NAME = re.compile(r"[A-Za-z0-9_+=-][A-Za-z0-9_.+=-]*")
+
+
+def check_config_name(name: str, origin: str = "--name") -> str:
+    """Return ``name`` if it can name a run folder ``runs/<stem>/<name>/``, else raise a one-line
+    :class:`ParameterError` saying where the name came from (``origin``).
+
+    A valid name is one path component of letters, digits and ``_ . + = -`` that does not start with a dot (no
+    ``.``, ``..``, hidden or empty names, no separators), does not end in ``.failed`` (the folder of a failed run)
+    and has at most :data:`MAX_CONFIG_NAME` characters. So a run can only ever replace its own folder.
+    """
+    name = str(name)
+    if not _CONFIG_NAME.fullmatch(name) or name.endswith(".failed") or len(name) > MAX_CONFIG_NAME:
+        raise ParameterError(
+            f"invalid configuration name {name!r} (from {origin}): use up to {MAX_CONFIG_NAME} letters, digits "
+            "and _ . + = - with no leading dot, no path separator and no .failed ending, e.g. --name seed-1"
+        )
+    return name
+
+
 def config_name(files: Iterable[str | os.PathLike] = (), overrides: dict | None = None) -> str:
     """``default`` for ``-p params/x/default.yaml``; ``default__seed-1`` with ``--set seed=1``.
 
@@ -192,7 +242,7 @@ def config_name(files: Iterable[str | os.PathLike] = (), overrides: dict | None 
     name = re.sub(r"[^A-Za-z0-9_.+=-]", "_", "__".join(parts))
     if len(name) > MAX_CONFIG_NAME:
         name = f"{name[:MAX_CONFIG_NAME - 13]}__{hashlib.sha256(name.encode()).hexdigest()[:11]}"
-    return name
+    return check_config_name(name, "the parameter-file stems and --set values; pass --name")
 
 
 def _package_digest() -> str:
@@ -255,14 +305,14 @@ def run_notebook(
     param_files = list(param_files)
     params = load_params(param_files, overrides)
     check_params(notebook, params)
-    stem, config = notebook.stem, name or config_name(param_files, overrides)
+    stem = notebook.stem
+    config = check_config_name(name) if name is not None else config_name(param_files, overrides)
     final = resolve(runs_dir) / stem / config
     fp = fingerprint(notebook, params)
     if not force and is_complete(final, fp):
         return final
 
-    tmp = final.with_name(f".{config}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary_sibling(final)  # also removes what killed runs of this configuration left behind
     tmp.mkdir(parents=True)
     nb = jupytext.read(notebook)
     kernel = ensure_kernel()
@@ -277,6 +327,7 @@ def run_notebook(
                 str(source), str(tmp / f"{stem}.ipynb"), parameters=params, kernel_name=kernel,
                 cwd=str(project_root()), progress_bar=False, log_output=False,
                 execution_timeout=CELL_TIMEOUT,
+                extra_arguments=["--IPKernelApp.log_level=ERROR"],  # no kernel start-up warnings on the terminal
             )
     except pm.PapermillExecutionError as err:
         failed = final.with_name(f"{config}.failed")
@@ -296,7 +347,7 @@ def run_notebook(
             "config": config, "fingerprint": fp, "status": "complete", "seconds": round(time.time() - started, 1),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_text(tmp / "run.json", json.dumps(info, indent=2) + "\n")
-    _replace_dir(tmp, final)
+    replace_dir(tmp, final)
     shutil.rmtree(final.with_name(f"{config}.failed"), ignore_errors=True)
     return final
 
@@ -319,17 +370,6 @@ def _kernel_environment(run_dir: Path, label: str):
                 os.environ[key] = value
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, replacing an older ``dst``; at no moment is a half-written ``dst`` visible."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # sweeps
 
@@ -346,19 +386,41 @@ def expand_grid(grid_file: str | os.PathLike) -> list[dict]:
     Each run is a dict with ``notebook``, ``params`` (files) and ``overrides`` (one point of the grid).
     """
     path = resolve(grid_file)
-    if not path.exists():
-        raise ParameterError(f"no sweep file at {path}")
-    spec = yaml.safe_load(path.read_text()) or {}
+    spec = read_yaml(path, "sweep file")
+    if not isinstance(spec, dict):
+        raise ParameterError(f"{path} must be a mapping with 'notebook', optional 'params' and 'grid' "
+                             f"(found a {type(spec).__name__})")
     missing = {"notebook", "grid"} - set(spec)
     if missing:
         raise ParameterError(f"{path} lacks {', '.join(sorted(missing))}: a sweep file needs 'notebook' and 'grid'")
-    grid = {k: v if isinstance(v, list) else [v] for k, v in spec["grid"].items()}
+    grid = spec["grid"]
+    problem = _grid_problem(grid)
+    if problem:
+        raise ParameterError(f"{path}: 'grid' must be a mapping of parameter names to non-empty lists, e.g. "
+                             f"grid: {{seed: [0, 1, 2]}} (found {problem})")
+    if not isinstance(spec["notebook"], str) or not resolve(spec["notebook"]).is_file():
+        raise ParameterError(f"{path}: notebook {spec['notebook']!r} is not a notebook file; give the path of a "
+                             "notebooks/*.py source")
     files = spec.get("params") or []
     files = [files] if isinstance(files, str) else files
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise ParameterError(f"{path}: 'params' must be a parameter-file path or a list of them")
     return [
         {"notebook": spec["notebook"], "params": files, "overrides": dict(zip(grid, point))}
         for point in itertools.product(*grid.values())
     ]
+
+
+def _grid_problem(grid: Any) -> str | None:
+    """What is wrong with a sweep grid, or None when it is a mapping of non-empty lists."""
+    if not isinstance(grid, dict):
+        return f"a {type(grid).__name__}"
+    if not grid:
+        return "an empty grid"
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            return f"{key}: {'an empty list' if values == [] else repr(values)}"
+    return None
 
 
 def sweep(grid_file: str | os.PathLike, *, runs_dir: str | os.PathLike = "runs", force: bool = False,
@@ -368,8 +430,9 @@ def sweep(grid_file: str | os.PathLike, *, runs_dir: str | os.PathLike = "runs",
     from tqdm.auto import tqdm
 
     runs = expand_grid(grid_file)
-    for r in runs:  # validate every point before spending time on any
+    for r in runs:  # validate every point (parameters and run names) before spending time on any
         check_params(resolve(r["notebook"]), load_params(r["params"], r["overrides"]))
+        config_name(r["params"], r["overrides"])
     done, failures = [], []
     for r in tqdm(runs, desc=Path(grid_file).stem, disable=not progress, unit="run"):
         try:

@@ -34,7 +34,8 @@ ROWS = {
     ],
 }
 LONG_NOTE = " ".join(["glaucoma suspect with cupping"] * 10)  # 299 characters
-NOTES = {"data_00001.npz": LONG_NOTE, "data_00002.npz": "  normal optic nerve  "}  # data_00012 has no summary
+NOTES = {"data_00001.npz": LONG_NOTE, "data_00002.npz": "  normal optic nerve  ",
+         "data_00012.npz": ""}  # data_00012 has a row with an empty summary
 
 
 def write_npz(path: Path, glaucoma, race, gender, ethnicity, language, marital, index, drop=()):
@@ -60,8 +61,7 @@ def write_dataset(root: Path, notes_name: str = "gpt-4_summarized_notes.csv",
     for name, summary in NOTES.items():
         lines.append(f'{name},"original note","{summary}"')
     for split in ROWS.values():
-        lines += [f"{name},orig,summary of {name[:-4]}" for name, *_ in split
-                  if name not in NOTES and name != "data_00012.npz"]
+        lines += [f"{name},orig,summary of {name[:-4]}" for name, *_ in split if name not in NOTES]
     (root / notes_name).write_text("\n".join(lines) + "\n")
     return root
 
@@ -92,10 +92,10 @@ def test_split_dir_accepts_aliases_and_testing_folder(root):
 
 def test_read_notes_by_header_strips_values(root):
     notes = fv.read_notes(root)
-    assert len(notes) == 11
+    assert len(notes) == 12
     assert notes["data_00002.npz"] == "normal optic nerve"
     assert notes["data_00005.npz"] == "summary of data_00005"
-    assert "data_00012.npz" not in notes
+    assert notes["data_00012.npz"] == ""
 
 
 @pytest.mark.parametrize("header", ["File Name,Original Note,Summarized Note", "a,b,c", ""])
@@ -103,7 +103,7 @@ def test_read_notes_upstream_name_by_header_position_or_headerless(tmp_path, hea
     root = write_dataset(tmp_path / "d", notes_name="gpt4_summarized_notes.csv", header=header)
     assert fv.notes_file(root).name == "gpt4_summarized_notes.csv"
     notes = fv.read_notes(root)
-    assert len(notes) == 11
+    assert len(notes) == 12
     assert notes["data_00001.npz"] == LONG_NOTE
 
 
@@ -164,8 +164,8 @@ def test_load_metadata_columns_values_and_names(root):
 def test_load_metadata_reflects_changed_files(root):
     assert len(fv.load_metadata(root, "val", drop_unknown=False)) == 3
     write_npz(root / "Validation" / "data_00013.npz", 1, 2, 1, 0, 0, 0, index=13)
-    meta = fv.load_metadata(root, "val", drop_unknown=False)
-    assert len(meta) == 4 and meta["glaucoma"].sum() == 3
+    meta = fv.load_metadata(root, "val", drop_unknown=False, notes=False)  # the new file has no notes row yet
+    assert len(meta) == 4 and meta["glaucoma"].sum() == 3 and set(meta["note"]) == {""}
 
 
 # ---------------------------------------------------------------------------------------------------------- dataset
@@ -330,7 +330,7 @@ def test_invalid_attribute_code_names_the_file(root):
     bad = root / "Training" / "data_00002.npz"
     write_npz(bad, 0, 7, 1, 1, 1, 1, index=2)
     message = one_line_error(fv.load_metadata, root, "train")
-    assert message.startswith(f"{bad} has race = 7")
+    assert message.startswith(f"{bad}: race = 7, expected a whole-number code (0 Asian, 1 Black, 2 White, -1 Unknown)")
 
 
 def test_subset_is_seeded_keeps_file_order_and_its_groups(root):
@@ -345,3 +345,44 @@ def test_subset_is_seeded_keeps_file_order_and_its_groups(root):
         assert int(part[i]["label"]) == int(ds[row]["label"]) and part[i]["text"] == ds[row]["text"]
     assert ds.subset(None) is ds and ds.subset(99) is ds
     assert one_line_error(ds.subset, 0).startswith("subset size must be at least 1")
+
+
+# ------------------------------------------------------------------------------------------------- pixel rules
+def _image(root, array):
+    path = root / "Training" / "data_00001.npz"
+    arrays = dict(np.load(path))
+    arrays["slo_fundus"] = array
+    np.savez(path, **arrays)
+    return path
+
+
+def test_float_images_in_unit_range_are_scaled_to_grey_levels(root):
+    unit = np.linspace(0, 1, 48, dtype=np.float32).reshape(8, 6)
+    path = _image(root, unit)
+    np.testing.assert_allclose(fv.load_image(path), unit * 255, rtol=1e-6)
+    grey = (unit * 200).astype(np.float64)  # already grey levels: taken as they are
+    np.testing.assert_array_equal(fv.load_image(_image(root, grey)), grey.astype(np.float32))
+    ones = np.ones((8, 6), np.uint8)  # integer images are never scaled
+    np.testing.assert_array_equal(fv.load_image(_image(root, ones)), ones)
+    assert fv.check(root, decode=True)["images"] == {"decoded": 12, "smallest": [8, 6], "largest": [8, 6]}
+
+
+def test_a_small_image_warns_once_per_dataset(root):
+    preprocess = transforms.Compose([transforms.Resize(96), transforms.CenterCrop(96), transforms.ToTensor()])
+    data = fv.FairVLMed(root, "train", preprocess=preprocess)
+    assert data.input_size == 96
+    with pytest.warns(fv.SmallImageWarning, match=r"slo_fundus is 8 x 6, far smaller than the model's 96-pixel"):
+        data[0]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data[1]  # no second warning
+        fv.FairVLMed(root, "train", preprocess=transforms.Compose([transforms.Resize(12)]))[0]  # 6 >= 12 / 2
+
+
+def test_notes_are_optional_only_for_image_only_readers(root):
+    (root / "gpt-4_summarized_notes.csv").unlink()
+    assert one_line_error(fv.load_metadata, root, "train").startswith("no notes file")
+    X, meta = fv.load_pixels(root, "train", size=4)
+    assert X.shape == (5, 16) and set(meta["note"]) == {""}

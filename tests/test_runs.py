@@ -148,3 +148,46 @@ def test_long_override_values_give_a_short_unique_config_name():
     assert len(name_a) == runs.MAX_CONFIG_NAME and name_a.startswith("smoke__data_root-_tmp_aaa")
     assert name_a != name_b
     assert runs.config_name(["smoke.yaml"], {"seed": 1}) == "smoke__seed-1"
+
+
+def _dead_pid() -> int:
+    """The id of a process that has ended (what a killed run's temporary folder carries)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_the_next_run_removes_what_killed_runs_left_and_keeps_live_ones(toy):
+    nb, runs_dir, _ = toy
+    chapter = runs_dir / "99-toy"
+    killed = [chapter / f".cfg.tmp-{_dead_pid()}", chapter / f".cfg.old-{_dead_pid()}"]
+    live = chapter / ".cfg.tmp-1"  # pid 1 is alive: another writer's work in progress is never touched
+    other = chapter / f".other.tmp-{_dead_pid()}"  # a different configuration: cleaned by its own next run
+    for folder in (*killed, live, other):
+        folder.mkdir(parents=True)
+        (folder / "99-toy.ipynb").write_text("{}")
+    out = runs.run_notebook(nb, name="cfg", runs_dir=runs_dir)
+    assert runs.is_complete(out)
+    assert not any(p.exists() for p in killed)
+    assert live.exists() and other.exists()
+
+
+@pytest.mark.parametrize("name", [".", "..", "", ".hidden", "a/b", "../b", "/abs", "x.failed", "a" * 121])
+def test_invalid_configuration_names_are_refused(name):
+    with pytest.raises(runs.ParameterError, match="invalid configuration name"):
+        runs.check_config_name(name)
+
+
+@pytest.mark.parametrize("name", ["default", "paper-b16", "smoke__seed-1", "a+b__lr-0.001", "x.y", "-1"])
+def test_valid_configuration_names_pass(name):
+    assert runs.check_config_name(name) == name
+
+
+def test_a_parameter_file_stem_that_is_not_a_name_is_refused(tmp_path):
+    with pytest.raises(runs.ParameterError, match=r"invalid configuration name '\.' \(from the parameter-file stems"):
+        runs.config_name([tmp_path / "..yaml"])
+    with pytest.raises(runs.ParameterError, match=r"invalid configuration name '\.hidden__seed-1'"):
+        runs.config_name([tmp_path / ".hidden.yaml"], {"seed": 1})

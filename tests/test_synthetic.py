@@ -270,3 +270,18 @@ def test_config_validation_and_presets():
     assert cfg.name == "none" and cfg.n_train == 10 and cfg.artefact_race is None
     assert SynthConfig.from_dict(cfg.to_dict()) == cfg
     assert SynthConfig() == SynthConfig.preset("default")
+
+
+def test_the_next_generation_removes_what_killed_ones_left(tmp_path):
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    killed = tmp_path / f".out.tmp-{child.pid}"
+    (killed / "Training").mkdir(parents=True)
+    (killed / "Training" / "data_00001.npz").write_bytes(b"half written")
+    live = tmp_path / ".out.tmp-1"  # a generation still running in process 1 is left alone
+    live.mkdir()
+    generate(tmp_path / "out", SynthConfig(n_train=3, n_val=2, n_test=2), workers=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-1", "out"]

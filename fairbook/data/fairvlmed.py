@@ -12,16 +12,29 @@ Official behaviour reproduced here, with a documented switch where a choice exis
 * the caption is the summary truncated to 180 characters at the last space (:func:`truncate_note`);
 * the image is the float32 ``slo_fundus`` array made into a PIL mode ``"F"`` image and passed to the CLIP preprocess.
 
-Every bad input raises :class:`DataError` with one line naming the problem and its fix.
+What is checked (every bad input raises :class:`DataError`, one line naming the file, the key and the fix):
+
+* ``glaucoma`` is 0 or 1; race, gender, ethnicity, language and maritalstatus are whole numbers in the codes of
+  :data:`~fairbook.data.attributes.ATTRIBUTES`, with -1 as unknown; age and md are numbers;
+* ``slo_fundus`` is a 2-D numeric array of finite values in [0, 255] (the grey levels PIL keeps when the CLIP
+  preprocess converts the image to RGB). **Float images in [0, 1] are multiplied by 255** (integer images never
+  are); any other range is refused with the range named. An image whose shorter side is under half the model's
+  input size is upscaled with a warning (:class:`SmallImageWarning`);
+* the notes file has exactly one row per npz file name: a duplicate row, or an npz without a row, is an error.
+  The official FairCLIP dataset reads the note of every sample in every split (it is the caption), so notes are
+  required wherever a :class:`FairVLMed` dataset or :func:`load_metadata` is used; only image-only readers that the
+  official code also runs without notes skip them (``notes=False``; :func:`load_pixels`, for pixel baselines).
 """
 from __future__ import annotations
 
+import collections
 import copy
-
 import functools
 import io
 import json
+import math
 import os
+import warnings
 import re
 import zipfile
 from pathlib import Path
@@ -48,6 +61,10 @@ _SYNTHETIC_MANIFEST = "synthetic.json"
 
 class DataError(ValueError):
     """A dataset folder or file that cannot be used; the message is one line naming the problem and the fix."""
+
+
+class SmallImageWarning(UserWarning):
+    """An image far smaller than the model's input, which the preprocess will upscale."""
 
 
 # --------------------------------------------------------------------------------------------------- folders, files
@@ -103,6 +120,10 @@ def _npz_entries(folder: Path) -> list[tuple[str, int, int]]:
 
 
 # ------------------------------------------------------------------------------------------------------ npz reading
+class NotAScalar(ValueError):
+    """An npz member that should hold one value holds an array (its shape is the argument)."""
+
+
 @functools.lru_cache(maxsize=256)
 def _npy_header(prefix: bytes) -> np.dtype:
     """dtype of a ``.npy`` member from its magic + header bytes (memoised: every file repeats the same headers)."""
@@ -111,7 +132,7 @@ def _npy_header(prefix: bytes) -> np.dtype:
     reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, _, dtype = reader(stream)
     if int(np.prod(shape)) != 1:
-        raise ValueError(f"expected a scalar, found an array of shape {shape}")
+        raise NotAScalar(shape)
     return dtype
 
 
@@ -133,7 +154,8 @@ def _unreadable(path: Path, exc: BaseException) -> DataError:
 
 
 def read_scalars(path: str | os.PathLike) -> tuple:
-    """The :data:`SCALAR_KEYS` values of one npz, after checking it opens and has every required key.
+    """The :data:`SCALAR_KEYS` values of one npz, after checking it opens, has every required key and holds valid
+    values (:func:`check_scalars`).
 
     Reads the zip members directly (about 2.5x faster than ``np.load`` per file); the image is not read.
     """
@@ -143,24 +165,85 @@ def read_scalars(path: str | os.PathLike) -> tuple:
             present = {name[:-4] for name in archive.namelist() if name.endswith(".npy")}
             missing = [key for key in REQUIRED_NPZ_KEYS if key not in present]
             if not missing:
-                return tuple(_npy_scalar(archive.read(f"{key}.npy")) for key in SCALAR_KEYS)
+                values = []
+                for key in SCALAR_KEYS:
+                    try:
+                        values.append(_npy_scalar(archive.read(f"{key}.npy")))
+                    except NotAScalar as exc:
+                        raise DataError(f"{path}: {key} is an array of shape {exc.args[0]}, expected a single "
+                                        "value; fix or remove the file") from None
+    except DataError:
+        raise
     except Exception as exc:  # zipfile, zlib and numpy raise many types for a damaged file
         raise _unreadable(path, exc) from exc
-    raise DataError(
-        f"{path} lacks required key(s) {', '.join(missing)}: it is not a Harvard-FairVLMed npz; replace it with the "
-        "file from the dataset release (or regenerate the synthetic data)"
-    )
+    if missing:
+        raise DataError(
+            f"{path} lacks required key(s) {', '.join(missing)}: it is not a Harvard-FairVLMed npz; replace it with "
+            "the file from the dataset release (or regenerate the synthetic data)"
+        )
+    return check_scalars(path, tuple(values))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _whole(value) -> bool:
+    return _is_number(value) and math.isfinite(value) and float(value).is_integer()
+
+
+def check_scalars(path: str | os.PathLike, values: tuple) -> tuple:
+    """``values`` (in :data:`SCALAR_KEYS` order) with the label and the attribute codes as ints, or a
+    :class:`DataError` naming the file, the key and the valid values."""
+    row = dict(zip(SCALAR_KEYS, values))
+    label = row["glaucoma"]
+    if not _whole(label) or int(label) not in (0, 1):
+        raise DataError(f"{path}: glaucoma = {label!r}, expected 0 (no) or 1 (yes); fix or remove the file")
+    for attribute, table in ATTRIBUTES.items():
+        code = row[attribute]
+        if not _whole(code) or int(code) not in set(table) | {UNKNOWN}:
+            valid = ", ".join(f"{c} {n}" for c, n in {**table, UNKNOWN: "Unknown"}.items())
+            raise DataError(f"{path}: {attribute} = {code!r}, expected a whole-number code ({valid}); "
+                            "fix or remove the file")
+    for key in ("age", "md"):
+        if not _is_number(row[key]):
+            raise DataError(f"{path}: {key} = {row[key]!r}, expected a number; fix or remove the file")
+    return tuple(int(v) if k in ("glaucoma", *ATTRIBUTES) else float(v) for k, v in row.items())
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
-    """The ``slo_fundus`` image of one npz as a 2-D float32 array (what the official loader feeds to PIL)."""
+    """The ``slo_fundus`` image of one npz as a 2-D float32 array of grey levels in [0, 255] (what the official
+    loader feeds to PIL).
+
+    The rule for pixel values: integer images are taken as they are and must lie in [0, 255]; float images in
+    [0, 1] are multiplied by 255, float images in [0, 255] are taken as they are, and any other range is refused.
+    Non-numeric, non-2-D (e.g. RGB) or non-finite (NaN, inf) images are refused. Every refusal is a one-line
+    :class:`DataError` naming the file.
+    """
     try:
-        with np.load(path) as npz:
-            image = np.asarray(npz["slo_fundus"], dtype=np.float32)
+        with np.load(path, allow_pickle=False) as npz:
+            raw = npz["slo_fundus"]
     except Exception as exc:
         raise _unreadable(Path(path), exc) from exc
-    if image.ndim != 2:
-        raise DataError(f"{path}: slo_fundus has shape {image.shape}, expected a 2-D grayscale image; replace the file")
+    fix = "replace the file with a 2-D grayscale image (H x W) of grey levels"
+    if raw.dtype.kind not in "uif":
+        raise DataError(f"{path}: slo_fundus has dtype {raw.dtype}, expected a numeric image; {fix}")
+    if raw.ndim != 2:
+        raise DataError(f"{path}: slo_fundus has shape {raw.shape}, expected a 2-D grayscale image (convert RGB to "
+                        f"grey); {fix}")
+    if raw.size == 0:
+        raise DataError(f"{path}: slo_fundus is empty (shape {raw.shape}); {fix}")
+    image = raw.astype(np.float32)
+    finite = np.isfinite(image)
+    if not finite.all():
+        raise DataError(f"{path}: slo_fundus has {int((~finite).sum()):,} non-finite pixels (NaN or inf); {fix}")
+    lo, hi = float(image.min()), float(image.max())
+    if raw.dtype.kind == "f" and lo >= 0 and hi <= 1:
+        return image * 255.0
+    if lo < 0 or hi > 255:
+        scale = " (float images in [0, 1] are scaled by 255)" if raw.dtype.kind == "f" else ""
+        raise DataError(f"{path}: slo_fundus values lie in [{lo:g}, {hi:g}], expected grey levels in [0, 255]"
+                        f"{scale}; rescale the image")
     return image
 
 
@@ -168,7 +251,8 @@ _RECORDS: dict[str, tuple[tuple, list[tuple]]] = {}
 
 
 def _records(folder: Path) -> tuple[list[str], list[tuple]]:
-    """File names and scalars of a split folder, cached in memory per folder on its file names, mtimes and sizes."""
+    """File names and checked scalars of a split folder, cached in memory per folder on its file names, mtimes and
+    sizes."""
     entries = _npz_entries(folder)
     key, fingerprint = str(folder.resolve()), tuple(entries)
     cached = _RECORDS.get(key)
@@ -229,11 +313,13 @@ def read_notes(root: str | os.PathLike) -> dict[str, str]:
         if str(table.iat[0, 0]).strip().endswith(".npz"):  # no header row at all
             body = table
     file_col, summary_col = columns
-    return {
-        Path(name.strip()).name: summary.strip()
-        for name, summary in zip(body.iloc[:, file_col], body.iloc[:, summary_col])
-        if name.strip()
-    }
+    names = [Path(name.strip()).name for name in body.iloc[:, file_col]]
+    notes = {name: summary.strip() for name, summary in zip(names, body.iloc[:, summary_col]) if name}
+    if len(notes) < sum(1 for name in names if name):
+        duplicate = next(name for name, count in collections.Counter(names).items() if name and count > 1)
+        raise DataError(f"{path} has {names.count(duplicate)} rows for {duplicate}: keep one row per npz file "
+                        "(which summary is the caption would otherwise be a guess)")
+    return notes
 
 
 def truncate_note(text: str, max_chars: int = 180) -> str:
@@ -254,16 +340,9 @@ def truncate_note(text: str, max_chars: int = 180) -> str:
 
 # --------------------------------------------------------------------------------------------------------- metadata
 def _names(frame: pd.DataFrame, attribute: str) -> pd.Series:
-    table = ATTRIBUTES[attribute]
-    names = frame[attribute].map(lambda code: table.get(code, "Unknown" if code == UNKNOWN else None))
-    bad = names.isna()
-    if bad.any():
-        row = frame[bad].iloc[0]
-        raise DataError(
-            f"{row['path']} has {attribute} = {row[attribute]}, not a Harvard-FairVLMed code "
-            f"({', '.join(f'{c} {n}' for c, n in table.items())}): fix or remove the file"
-        )
-    return names
+    """Decoded names of an attribute column whose codes :func:`check_scalars` has validated."""
+    table = {**ATTRIBUTES[attribute], UNKNOWN: "Unknown"}
+    return frame[attribute].map(table)
 
 
 def unknown_mask(metadata: pd.DataFrame) -> pd.Series:
@@ -271,22 +350,36 @@ def unknown_mask(metadata: pd.DataFrame) -> pd.Series:
     return (metadata[list(FILTER_ATTRIBUTES)] == UNKNOWN).any(axis=1)
 
 
+def _attach_notes(frame: pd.DataFrame, root: str | os.PathLike, folder: Path) -> pd.DataFrame:
+    notes = read_notes(root)
+    found = [notes.get(f, notes.get(f[:-4])) for f in frame["filename"]]
+    missing = [f for f, note in zip(frame["filename"], found) if note is None]
+    if missing:
+        count = f"{len(missing):,} npz file{'s' if len(missing) > 1 else ''} of {folder.name}/ without a row"
+        raise DataError(f"{notes_file(root)} has no row for {folder / missing[0]} ({count}): add the summaries or "
+                        "remove those files")
+    frame["note"] = found
+    return frame
+
+
 def load_metadata(
-    root: str | os.PathLike, split: str, drop_unknown: bool | None = None
+    root: str | os.PathLike, split: str, drop_unknown: bool | None = None, notes: bool = True,
 ) -> pd.DataFrame:
     """One row per npz of ``split``, sorted by file name.
 
     Columns: ``filename, path, split, glaucoma, race, gender, ethnicity, language, maritalstatus, age, md``, then
-    ``<attribute>_name`` (decoded names, "Unknown" for -1) for every attribute, then ``note`` (the GPT-4 summary,
-    '' where the notes file has none). Only the scalar keys are read (about 0.35 ms per file); the result is cached in
-    memory per folder, keyed on its file names, mtimes and sizes.
+    ``<attribute>_name`` (decoded names, "Unknown" for -1) for every attribute, then ``note`` (the GPT-4 summary;
+    every npz must have one, see the module docstring; ``notes=False`` reads no notes file and leaves '' for
+    image-only uses). Only the scalar keys are read (about 0.35 ms per file); the result is cached in memory per
+    folder, keyed on its file names, mtimes and sizes.
 
     ``drop_unknown`` switches the official filter (FairCLIP's dataset class): ``None`` (default) = official
     behaviour, drop Validation/Test samples whose race, gender, ethnicity or language is -1 and keep all Training
     samples; ``True`` drops them in every split; ``False`` keeps every sample.
     """
     folder, name = split_dir(root, split), _split_name(split)
-    notes = read_notes(root)
+    if notes:
+        notes_file(root)  # a missing notes file is named before the (slower) npz scan
     files, rows = _records(folder)
     frame = pd.DataFrame(rows, columns=list(SCALAR_KEYS))
     frame = frame.astype({key: "int64" for key in SCALAR_KEYS[:6]} | {"age": "float64", "md": "float64"})
@@ -295,7 +388,7 @@ def load_metadata(
     frame.insert(2, "split", name)
     for attribute in ATTRIBUTES:
         frame[f"{attribute}_name"] = _names(frame, attribute)
-    frame["note"] = [notes.get(f, notes.get(f[:-4], "")) for f in files]
+    frame = _attach_notes(frame, root, folder) if notes else frame.assign(note="")
     drop = name != "Training" if drop_unknown is None else bool(drop_unknown)
     if drop:
         frame = frame[~unknown_mask(frame)].reset_index(drop=True)
@@ -312,6 +405,10 @@ class FairVLMed(torch.utils.data.Dataset):
     (int64 codes of :attr:`attribute_names`: race, gender, ethnicity, language) and ``index`` (row of
     :attr:`metadata`). ``drop_unknown`` is the switch of :func:`load_metadata`. Works with the default collate and
     worker processes.
+
+    Pixels follow the rule of :func:`load_image`. The first image whose shorter side is under half the
+    preprocess's output size raises a :class:`SmallImageWarning` (once per dataset and worker): it is upscaled, and
+    an 8 x 8 image upscaled to 224 x 224 carries no anatomy.
     """
 
     attribute_names: tuple[str, ...] = FILTER_ATTRIBUTES
@@ -322,6 +419,8 @@ class FairVLMed(torch.utils.data.Dataset):
     ) -> None:
         self.metadata = load_metadata(root, split, drop_unknown)
         self.preprocess, self.tokenizer, self.max_note_chars = preprocess, tokenizer, max_note_chars
+        self.input_size = input_size(preprocess)
+        self._warned_small = False
         self._paths = self.metadata["path"].tolist()
         self._notes = self.metadata["note"].tolist()
         self._labels = self.metadata["glaucoma"].to_numpy(np.int64)
@@ -351,6 +450,11 @@ class FairVLMed(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         image = load_image(self._paths[index])
+        if self.input_size and not self._warned_small and 2 * min(image.shape) < self.input_size:
+            self._warned_small = True
+            warnings.warn(f"{self._paths[index]}: slo_fundus is {image.shape[0]} x {image.shape[1]}, far smaller than "
+                          f"the model's {self.input_size}-pixel input; it is upscaled and fine detail cannot be "
+                          "recovered (check that these are the full-size images)", SmallImageWarning, stacklevel=2)
         if self.preprocess is None:
             pixels = torch.from_numpy(image)[None]
         else:
@@ -365,6 +469,17 @@ class FairVLMed(torch.utils.data.Dataset):
             "attributes": torch.from_numpy(self._attributes[index].copy()),
             "index": index,
         }
+
+
+def input_size(preprocess) -> int | None:
+    """The side of the square a torchvision preprocess (e.g. open_clip's) produces: the largest ``size`` of its
+    resize and crop steps; None when there is no preprocess or it has no such step."""
+    sizes = []
+    for step in getattr(preprocess, "transforms", []):
+        size = getattr(step, "size", None)
+        size = size if isinstance(size, (list, tuple)) else [size]
+        sizes += [int(v) for v in size if isinstance(v, int) and not isinstance(v, bool)]
+    return max(sizes) if sizes else None
 
 
 # ------------------------------------------------------------------------------------------------------ data check
@@ -382,15 +497,18 @@ def _group_counts(frame: pd.DataFrame, attribute: str) -> dict[str, dict]:
     }
 
 
-def check(root: str | os.PathLike) -> dict:
+def check(root: str | os.PathLike, decode: bool = False) -> dict:
     """Validate a Harvard-FairVLMed folder and summarise it; raises :class:`DataError` on the first broken input.
 
-    Every npz of every split is opened and checked for the required keys and valid attribute codes (the image
-    pixels are not decoded). The report is plain JSON-able data::
+    Every npz of every split is opened and checked for the required keys, labels in {0, 1} and valid attribute
+    codes, and every npz must have exactly one notes row (see the module docstring). With ``decode=True`` every
+    image is also decoded and checked by :func:`load_image` (about 1 ms per image), so that pixel problems surface
+    here and not an hour into a run. The report is plain JSON-able data::
 
         {"source", "root", "notes_file",
          "splits": {split: {"folder", "samples", "with_unknown", "official_drop", "official_kept", "with_note"}},
-         "attributes": {attribute: {group: {split or "all": {"n", "prevalence"}}}}}
+         "attributes": {attribute: {group: {split or "all": {"n", "prevalence"}}}},
+         "images": {"decoded", "smallest", "largest"}}   # only with decode=True: (height, width) extremes
 
     ``official_drop`` is what FairCLIP's filter removes (unknown race/gender/ethnicity/language in Validation and
     Test; nothing in Training). Group counts and glaucoma prevalence are over all samples, before that drop.
@@ -407,6 +525,10 @@ def check(root: str | os.PathLike) -> dict:
             "official_drop": dropped, "official_kept": len(frame) - dropped,
             "with_note": int((frame["note"] != "").sum()),
         }
+    if decode:
+        shapes = [load_image(path).shape for frame in frames.values() for path in frame["path"]]
+        report["images"] = {"decoded": len(shapes), "smallest": list(min(shapes, key=min)),
+                            "largest": list(max(shapes, key=min))}
     frames["all"] = pd.concat(frames.values(), ignore_index=True)
     for attribute in ATTRIBUTES:
         per_split = {split: _group_counts(frame, attribute) for split, frame in frames.items()}
@@ -442,6 +564,11 @@ def format_check(report: dict) -> str:
         lines.append(f"{attribute:<20}" + "".join(f"{c:>18}" for c in columns))
         for group, by_split in groups.items():
             lines.append(f"  {group:<18}" + "".join(f"{_cell(by_split[c]):>18}" for c in columns))
+    if "images" in report:
+        images = report["images"]
+        lines += ["", f"images: {images['decoded']:,} decoded, all 2-D and finite, grey levels in [0, 255]; "
+                      f"smallest {images['smallest'][0]} x {images['smallest'][1]}, "
+                      f"largest {images['largest'][0]} x {images['largest'][1]}"]
     return "\n".join(lines)
 
 
@@ -492,7 +619,7 @@ def load_pixels(root: str | os.PathLike, split: str, size: int = 32, drop_unknow
     """
     from PIL import Image
 
-    meta = load_metadata(root, split, drop_unknown=drop_unknown)
+    meta = load_metadata(root, split, drop_unknown=drop_unknown, notes=False)
     rows = []
     for path in meta["path"]:
         image = load_image(path)

@@ -30,7 +30,6 @@ import math
 import multiprocessing
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 
 from fairbook.data.attributes import ATTRIBUTES, SPLITS
+from fairbook.files import temporary_sibling
 
 GENERATOR = "SynthFairVLMed"
 VERSION = "1.0"
@@ -572,7 +572,8 @@ def generate(out_dir: str | os.PathLike, config: SynthConfig = SynthConfig(), wo
 
     Deterministic given ``config.seed`` and independent of ``workers``. Idempotent: if ``out_dir`` already
     holds a dataset generated with the same config it is returned untouched. Atomic: the data are written to
-    a temporary sibling folder that is renamed to ``out_dir`` only when complete.
+    a temporary sibling folder that is renamed to ``out_dir`` only when complete; the temporary folders of killed
+    generations of ``out_dir`` are removed by the next one (:func:`fairbook.files.temporary_sibling`).
     """
     from tqdm.auto import tqdm
 
@@ -581,9 +582,9 @@ def generate(out_dir: str | os.PathLike, config: SynthConfig = SynthConfig(), wo
     if found is not None:
         return found
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = temporary_sibling(out_dir)  # also removes what killed generations of this folder left behind
+    tmp.mkdir()
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the dataset is an ordinary folder
         for split in SPLITS:
             (tmp / split).mkdir()
         records = sample_records(config)
