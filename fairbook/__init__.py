@@ -5,15 +5,16 @@ Notebooks use one import, ``import fairbook as fb``, and reach the package throu
 loss), ``fb.fairness`` (fairness losses and mitigations), ``fb.train``, ``fb.metrics``, ``fb.stats``,
 ``fb.results`` (saved predictions and the comparison tables), ``fb.explain`` (attention and similarity maps),
 ``fb.representation`` (what image features encode about the groups), ``fb.cases`` (per-case comparisons),
-``fb.plots``, ``fb.widgets`` and ``fb.runs`` (papermill runner, sweeps, run folders). Modules load on first use.
+``fb.plots``, ``fb.widgets``, ``fb.runs`` (papermill runner, sweeps, run folders) and ``fb.files`` (atomic writes,
+temporary folders). Modules load on first use.
 """
 from __future__ import annotations
 
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["book", "cases", "data", "explain", "fairness", "metrics", "models", "moe", "plots", "representation",
-           "results", "runs", "stats", "train", "widgets"]
+__all__ = ["book", "cases", "data", "explain", "fairness", "files", "metrics", "models", "moe", "plots",
+           "representation", "results", "runs", "stats", "train", "widgets"]
 
 
 def __getattr__(name: str):

@@ -25,24 +25,20 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(text)
-    return value
+def _int_at_least(minimum: int, label: str):
+    """An argparse type for whole numbers >= ``minimum``; ``label`` names it in the error ("invalid <label> value")."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise ValueError(text)
+        return value
+
+    parse.__name__ = label  # argparse names the expected type after the function
+    return parse
 
 
-_nonnegative_int.__name__ = "non-negative integer"  # argparse names the expected type after the function
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
-_positive_int.__name__ = "positive integer"
+_positive_int = _int_at_least(1, "positive integer")
+_nonnegative_int = _int_at_least(0, "non-negative integer")
 
 
 def _data_synth(args) -> None:

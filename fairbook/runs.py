@@ -9,7 +9,9 @@ A run of ``notebooks/<stem>.py`` under configuration ``<config>`` lives in ``run
   (``metrics.json``, ``figures/``).
 
 The run is executed in a temporary sibling folder that is renamed only on success, so a crashed or killed run
-never looks complete. A run whose fingerprint is unchanged is not executed again.
+never looks complete; the next run of the same configuration removes what a killed one left. A run whose fingerprint
+is unchanged is not executed again. Configuration names are single folder names (:func:`check_config_name`), so a
+run can only ever replace its own folder.
 """
 from __future__ import annotations
 
@@ -305,7 +307,7 @@ def run_notebook(
     param_files = list(param_files)
     params = load_params(param_files, overrides)
     check_params(notebook, params)
-    stem = notebook.stem
+    stem = check_config_name(notebook.stem, "the notebook's file name")
     config = check_config_name(name) if name is not None else config_name(param_files, overrides)
     final = resolve(runs_dir) / stem / config
     fp = fingerprint(notebook, params)

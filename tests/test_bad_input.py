@@ -180,6 +180,8 @@ CASES = [
     # runs: notebooks and parameter files
     ("notebook-folder", lambda r: ["run", "notebooks"], "is a folder, not a notebook"),
     ("notebook-missing", lambda r: ["run", "notebooks/nope.py"], "no notebook at"),
+    ("notebook-stem-dot", lambda r: ["run", write(r, "notebooks/..py", TOY)],
+     "invalid configuration name '.' (from the notebook's file name)"),
     ("yaml-malformed", lambda r: RUN + ["-p", write(r, "p.yaml", "x: [1, 2\n")], "cannot parse"),
     ("yaml-unsafe", lambda r: RUN + ["-p", write(r, "p.yaml", "x: !!python/object/apply:os.system [ls]\n")],
      "could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'"),
