@@ -7,11 +7,11 @@ gradient clipping (norm 1) and an AdamW update with the default :class:`fairbook
 Variants, all with the same batch size and the same sequence of batches, each from the same initial weights:
 
 * ``clip``: :func:`fairbook.train.clip_loss` alone;
-* ``fairclip-paper``: plus :class:`fairbook.fairness.FairCLIPRegulariser` (attribute race, form "paper": one
+* ``fairclip-paper``: plus :class:`fairbook.methods.fairclip.FairCLIPRegulariser` (attribute race, form "paper": one
   Sinkhorn divergence per race group between the batch's matched-pair cosines and the group's);
 * ``fairclip-code``: plus the regulariser in the official code's form: each step also draws one batch per race
-  group from :class:`fairbook.fairness.GroupBatches` and encodes it without gradient
-  (:func:`fairbook.fairness.encode_groups`); those extra forward passes are part of its cost.
+  group from :class:`fairbook.methods.fairclip.GroupBatches` and encodes it without gradient
+  (:func:`fairbook.methods.fairclip.encode_groups`); those extra forward passes are part of its cost.
 
 Batches are held in memory, so disk reading and image preprocessing are not timed: images are random tensors of
 the model's input size (the cost of a forward pass does not depend on pixel values), texts are real
@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from fairbook.data.attributes import FILTER_ATTRIBUTES
 from fairbook.data.fairvlmed import truncate_note
 from fairbook.data.synthetic import SynthConfig, sample_records
-from fairbook.fairness import FairCLIPRegulariser, GroupBatches, encode_groups
+from fairbook.methods.fairclip import FairCLIPRegulariser, GroupBatches, encode_groups
 from fairbook.models import create_clip
 from fairbook.train import TrainConfig, clip_loss
 
@@ -116,7 +116,8 @@ class Stepper:
 
 def time_variants(model, data: MemoryPairs, variants, batch: int, steps: int, warmup: int, seed: int
                   ) -> tuple[dict[str, list[float]], dict[str, Stepper]]:
-    """``(seconds of each timed step, stepper)`` per variant. The variants take turns step by step (round robin), so that a change
+    """``(seconds of each timed step, stepper)`` per variant. The variants take turns step by step (round robin), so
+    that a change
     of machine load during the run affects all of them alike; each starts from its own copy of ``model``."""
     steppers = {v: Stepper(copy.deepcopy(model), data, v, batch, seed) for v in variants}
     times: dict[str, list[float]] = {v: [] for v in variants}

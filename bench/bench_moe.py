@@ -3,21 +3,24 @@
     python bench/bench_moe.py [--batch 32] [--steps 12] [--warmup 2] [--threads 2] [--vit-batch 8]
                               [--vit-reps 3] [--expert-rank 64] [--skip-vit] [--json bench/results/moe.json]
 
-Fair-MoE is :func:`fairbook.moe.add_fo_moe` with the paper's defaults (M1 = 10 experts, K1 = 3, C = 0.8, patch
+Fair-MoE is :func:`fairbook.methods.fair_moe.add_fo_moe` with the paper's defaults (M1 = 10 experts, K1 = 3,
+C = 0.8, patch
 MoE in the last block of both towers, feature MoE after both encoders with fairbook's M2 = 4, k2 = 2).
 
 * ``fairbook-tiny`` on CPU: parameter counts and the training step (forward of both towers, loss, backward,
   gradient clipping at norm 1, AdamW with :class:`fairbook.train.TrainConfig` defaults). Plain CLIP minimises
   :func:`fairbook.train.clip_loss`; Fair-MoE minimises it plus FOL
-  (:class:`fairbook.moe.FairnessOrientedLoss`, attribute race, the four F terms with weight 1 and the paper-form
-  Sinkhorn distance :class:`fairbook.fairness.FairCLIPRegulariser`). Batches come from the in-memory
+  (:class:`fairbook.methods.fair_moe.FairnessOrientedLoss`, attribute race, the four F terms with weight 1 and the
+  paper-form
+  Sinkhorn distance :class:`fairbook.methods.fairclip.FairCLIPRegulariser`). Batches come from the in-memory
   ``MemoryPairs`` of ``bench_clip_step.py`` (random images, real SynthFairVLMed notes). The two variants take
   turns step by step. Reported: wall-clock median (with IQR) and minimum over the timed steps, and the median
   process CPU time (all threads), which other jobs on a shared machine disturb less than wall time.
 * ``ViT-B-16`` (open_clip, random init, no download): parameter counts and a forward pass of both towers
   (no gradient, eval mode) at a small batch, since a CPU training step of ViT-B/16 does not fit the time budget.
   Two Fair-MoE variants: the paper's (each patch expert a full copy of the MLP) and fairbook's low-rank experts
-  (``expert_rank``, :class:`fairbook.moe.LowRankExperts`: the experts share the MLP and differ by rank-r updates).
+  (``expert_rank``, :class:`fairbook.methods.fair_moe.LowRankExperts`: the experts share the MLP and differ by rank-r
+  updates).
 
 Goals stated for ViT-B/16: step time <= 1.3x and parameters <= 1.15x of plain CLIP. The forward-time ratio is
 the proxy measured here for the step-time goal (the backward pass adds work in about the same proportion).
@@ -39,12 +42,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
 import torch
+from bench_clip_step import MemoryPairs, endless
 from torch.utils.data import DataLoader
 
-from bench_clip_step import MemoryPairs, endless
-from fairbook.fairness import FairCLIPRegulariser
+from fairbook.methods.fair_moe import FairnessOrientedLoss, add_fo_moe, moe_parameter_names, routers
+from fairbook.methods.fairclip import FairCLIPRegulariser
 from fairbook.models import create_clip
-from fairbook.moe import FairnessOrientedLoss, add_fo_moe, moe_parameter_names, routers
 from fairbook.train import TrainConfig, clip_loss
 
 RESULTS = Path(__file__).parent / "results" / "moe.json"

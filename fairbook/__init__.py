@@ -1,20 +1,27 @@
 """fairbook: a notebook-first research handbook on fairness in medical vision-language models.
 
-Notebooks use one import, ``import fairbook as fb``, and reach the package through its concept modules:
-``fb.data`` (FairVLMed loader, synthetic generator, summaries), ``fb.models``, ``fb.moe`` (Fair-MoE layers and
-loss), ``fb.fairness`` (fairness losses and mitigations), ``fb.train``, ``fb.metrics``, ``fb.stats``,
-``fb.results`` (saved predictions and the comparison tables), ``fb.explain`` (attention and similarity maps),
-``fb.representation`` (what image features encode about the groups), ``fb.cases`` (per-case comparisons),
-``fb.plots``, ``fb.widgets``, ``fb.runs`` (papermill runner, sweeps, run folders) and ``fb.files`` (atomic writes,
-temporary folders). Modules load on first use.
+Notebooks use one import, ``import fairbook as fb``, and reach the package through its concept modules, listed
+here in the order they build on each other (a module imports only modules above it):
+
+- ``fb.files`` (paths, atomic writes, temporary folders), ``fb.data`` (FairVLMed loader, synthetic generator,
+  summaries), ``fb.metrics``, ``fb.stats``;
+- ``fb.models`` (the CLIP factory, heads), ``fb.train`` (the training loop, zero-shot scoring, linear probe),
+  ``fb.mitigations`` (resampling, GroupDRO), ``fb.methods`` (one module per paper: CLIP, FairCLIP, Fair-MoE);
+- ``fb.results`` (the store of saved predictions), ``fb.protocol`` (train one seed of one method, a grid of
+  methods x attributes x seeds, rebuild a saved model), ``fb.tables`` (the papers' comparison tables);
+- ``fb.explain`` (attention and routing maps), ``fb.representation`` (what image features encode about the
+  groups), ``fb.cases`` (per-case comparisons), ``fb.plots``, ``fb.widgets``;
+- ``fb.runs`` (papermill runner, sweeps, run folders), ``fb.book``, ``fb.cli``.
+
+Modules load on first use.
 """
 from __future__ import annotations
 
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["book", "cases", "data", "explain", "fairness", "files", "metrics", "models", "moe", "plots",
-           "representation", "results", "runs", "stats", "train", "widgets"]
+__all__ = ["book", "cases", "cli", "data", "explain", "files", "methods", "metrics", "mitigations", "models", "plots",
+           "protocol", "representation", "results", "runs", "stats", "tables", "train", "widgets"]
 
 
 def __getattr__(name: str):

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from fairbook.runs import is_complete, resolve
+from fairbook.files import resolve
+from fairbook.runs import is_complete
 
 #: npm package spec of the MathJax release served with the book (its ``es5/`` folder is the browser build).
 MATHJAX_NPM = "mathjax@3"
@@ -115,7 +116,7 @@ def ensure_mathjax(book_dir: str | Path = "book", cache_dir: str | Path | None =
 def build_book(config: str = "default", runs_dir: str | Path = "runs", book_dir: str | Path = "book") -> Path:
     """Copy the executed notebooks of ``config`` into the book, build its HTML, return ``_build/html/index.html``.
 
-    Relative paths are taken from the project root (:func:`fairbook.runs.resolve`). Files whose bytes did not
+    Relative paths are taken from the project root (:func:`fairbook.files.resolve`). Files whose bytes did not
     change are not rewritten, so a second build with nothing changed is incremental.
     """
     book = resolve(book_dir)

@@ -4,7 +4,7 @@ The analogue of Fair-MoE's Fig. 3(a) (cases shown with image, note and each mode
 Inputs are the saved predictions of :mod:`fairbook.results`; nothing is retrained.
 
 Verdicts. Each model and seed decides ``y_score >= t`` with ``t`` chosen on that model's own *validation*
-predictions (:func:`fairbook.metrics.choose_threshold`, Youden's J by default, as :func:`fairbook.results.evaluate`
+predictions (:func:`fairbook.metrics.choose_threshold`, Youden's J by default, as :func:`fairbook.tables.evaluate`
 does); the test split never chooses a threshold. A case's verdict for a model is the majority over seeds: *right*
 when the model is right in more than half of its seeds. With an even number of seeds a tie counts as *not right*
 (the model is not reliably right on that case). The number of seeds right is kept next to the verdict.
@@ -32,9 +32,9 @@ from scipy import stats
 from fairbook.data.attributes import ATTRIBUTES, FILTER_ATTRIBUTES, check_attribute
 from fairbook.data.fairvlmed import describe, load_metadata
 from fairbook.data.summary import wilson_interval
+from fairbook.files import resolve
 from fairbook.metrics import choose_threshold
 from fairbook.results import ALL, read_predictions, same_data
-from fairbook.runs import resolve
 
 __all__ = ["CasesError", "select_models", "aligned_predictions", "seed_verdicts", "case_frame", "patterns",
            "agreement_table", "accuracy_table", "mcnemar_p", "clopper_pearson", "mcnemar", "pairwise_mcnemar",
@@ -84,7 +84,7 @@ def aligned_predictions(folder: str | os.PathLike, split: str, metadata: pd.Data
         if len(bad):
             raise CasesError(f"{path} row {bad[0]} has {column} {pred[column].iloc[bad[0]]!r}, the dataset "
                              f"{expected[bad[0]]!r}: rows are not in dataset order; save the predictions again "
-                             "with fairbook.train.save_predictions")
+                             "with fairbook.results.save_predictions")
     return pred
 
 
@@ -327,8 +327,8 @@ def gallery_cases(cases: pd.DataFrame, attribute: str, per_group: int = 3, seed:
 def interval_table(frame: pd.DataFrame, index: str | Sequence[str], columns: str, value: str, lo: str = "lo",
                    hi: str = "hi", scale: float = 100, decimals: int = 1) -> pd.DataFrame:
     """Wide display table with cells ``value [lo, hi]`` (times ``scale``), rows and columns in first-seen order."""
-    cells = frame.assign(_cell=[f"{scale * v:.{decimals}f} [{scale * l:.{decimals}f}, {scale * h:.{decimals}f}]"
-                                if np.isfinite(v) else "–" for v, l, h in zip(frame[value], frame[lo], frame[hi])])
+    cells = frame.assign(_cell=[f"{scale * v:.{decimals}f} [{scale * low:.{decimals}f}, {scale * h:.{decimals}f}]"
+                                if np.isfinite(v) else "–" for v, low, h in zip(frame[value], frame[lo], frame[hi])])
     index = [index] if isinstance(index, str) else list(index)
     wide = cells.pivot(index=index, columns=columns, values="_cell")
     rows = list(dict.fromkeys(map(tuple, frame[index].to_numpy().tolist())))

@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fairbook", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="make or check a Harvard-FairVLMed folder").add_subparsers(dest="data", required=True)
+    data = sub.add_parser("data", help="make or check a Harvard-FairVLMed folder")
+    data = data.add_subparsers(dest="data", required=True)
     s = data.add_parser("synth", help="write SynthFairVLMed, a synthetic dataset in the FairVLMed layout")
     s.add_argument("out")
     s.add_argument("--seed", type=int, default=0)

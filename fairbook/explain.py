@@ -524,7 +524,8 @@ def region_masks(dataset, rows, key: str = "disc_mask") -> np.ndarray:
 def token_maps(model: nn.Module, images: torch.Tensor, method: str, text_features=None,
                batch_size: int = 64) -> np.ndarray:
     """(B, gh, gw) maps of ``method`` (:data:`MAP_METHODS`: :func:`attention_rollout`,
-    :func:`gradient_attention_map`, :func:`gradcam_map`, :func:`image_text_similarity_map`) for a batch of preprocessed images, computed ``batch_size`` at a time.
+    :func:`gradient_attention_map`, :func:`gradcam_map`, :func:`image_text_similarity_map`) for a batch of
+    preprocessed images, computed ``batch_size`` at a time.
     ``text_features`` (the target text embedding) is needed by "gradcam" and "similarity"."""
     if method not in MAP_METHODS:
         raise ExplainError(f"unknown map method {method!r}: choose one of {', '.join(MAP_METHODS)}")
@@ -574,7 +575,8 @@ def region_shares(model: nn.Module, images: torch.Tensor, masks, preprocess, met
     grid = mask_to_grid(masks, preprocess, model)
     frames = []
     for method in methods:
-        maps = np.ones((len(images), *grid.shape[1:])) if method == "uniform" else token_maps(model, images, method, target)
+        maps = (np.ones((len(images), *grid.shape[1:])) if method == "uniform"
+                else token_maps(model, images, method, target))
         frames.append(pd.DataFrame({"method": method, "item": np.arange(len(images)),
                                     "share": mass_inside(maps, grid)}))
     return pd.concat(frames, ignore_index=True)
@@ -584,11 +586,11 @@ def model_shares(models: Mapping[str, tuple[str, str, str]], seeds, images: torc
                  prompts: str = "fairmedfm") -> pd.DataFrame:
     """:func:`region_shares` of every trained model and seed: one row per (model, seed, method, item).
 
-    ``models``: {name: (run folder, method, training attribute)} as :func:`fairbook.results.load_model` reads
+    ``models``: {name: (run folder, method, training attribute)} as :func:`fairbook.protocol.load_model` reads
     them; the target direction of the gradient and similarity maps is :func:`decision_direction` of the model
     with the ``prompts`` set of :data:`fairbook.train.PROMPT_SETS`.
     """
-    from fairbook.results import load_model
+    from fairbook.protocol import load_model
     from fairbook.train import PROMPT_SETS
 
     frames = []
@@ -744,16 +746,18 @@ def patch_size(model: nn.Module) -> int:
 def patch_routing(model: nn.Module, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Which image patches each expert of Fair-MoE's image patch MoE took, and which the capacity dropped.
 
-    Runs the image tower of a model patched by :func:`fairbook.moe.add_fo_moe` and reads the ``EI`` router's
-    :class:`fairbook.moe.Routing`: returns ``(weights, dropped)``, each (B, M1, gh, gw) (:func:`routing_maps`):
+    Runs the image tower of a model patched by :func:`fairbook.methods.fair_moe.add_fo_moe` and reads the ``EI``
+    router's :class:`fairbook.methods.fair_moe.Routing`: returns ``(weights, dropped)``, each (B, M1, gh, gw)
+    (:func:`routing_maps`):
     ``weights`` the kept gate weights ``W_hat`` (0 where Top_r or Top_c removed the assignment), ``dropped`` 1
     where Top_r assigned the patch to the expert and Top_c removed it.
     """
-    from fairbook.moe import routers
+    from fairbook.methods.fair_moe import routers
 
     router = routers(model).get("EI")
     if router is None:
-        raise ExplainError("the model has no image patch MoE: pass a Fair-MoE model (fairbook.moe.add_fo_moe "
+        raise ExplainError("the model has no image patch MoE: pass a Fair-MoE model "
+                           "(fairbook.methods.fair_moe.add_fo_moe "
                            "with image=True, patch=True)")
     visual = _visual(model)
     with _inference(model), torch.no_grad():

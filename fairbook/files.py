@@ -1,4 +1,8 @@
-"""Files written so that readers never see half of them, and temporary folders that do not outlive their writer.
+"""Files: where the checkout is, files written so that readers never see half of them, temporary folders that do
+not outlive their writer, and plain JSON.
+
+Relative paths are taken from the checkout (:func:`resolve`), so notebooks, tests and the command work from any
+folder.
 
 Everything fairbook writes for later (run folders, datasets, reports) is first written under a hidden temporary
 sibling ``.<name>.tmp-<pid>`` and renamed into place when complete. A writer that is killed (SIGKILL, a lost
@@ -10,14 +14,48 @@ This module depends on nothing else in fairbook, so both the data generator and 
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 
 class OutputPathError(ValueError):
     """An output path that cannot be written as asked (a folder where a file is expected, and so on)."""
+
+
+def project_root() -> Path:
+    """The fairbook checkout: ``$FAIRBOOK_ROOT``, else the folder above the package holding ``pyproject.toml``."""
+    if os.environ.get("FAIRBOOK_ROOT"):
+        return Path(os.environ["FAIRBOOK_ROOT"]).resolve()
+    here = Path(__file__).resolve().parent.parent
+    return here if (here / "pyproject.toml").exists() else Path.cwd()
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """An absolute path; relative paths are taken from the project root, so notebooks work from any folder."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else project_root() / p
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain Python types for ``json.dumps``: numpy scalars and arrays unwrapped, NaN and infinities as None, a
+    pandas Series as ``{index: value}`` and a DataFrame as a list of row records (index included)."""
+    if hasattr(obj, "to_dict") and hasattr(obj, "index"):  # pandas: Series as {index: value}, DataFrame as records
+        obj = obj.to_dict() if obj.ndim == 1 else obj.reset_index().to_dict("records")
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def _process_alive(pid: int) -> bool:
@@ -100,4 +138,5 @@ def replace_dir(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
-__all__ = ["OutputPathError", "atomic_write_text", "replace_dir", "stale_siblings", "temporary_sibling"]
+__all__ = ["OutputPathError", "atomic_write_text", "project_root", "replace_dir", "resolve", "stale_siblings",
+           "temporary_sibling", "to_jsonable"]

@@ -40,13 +40,13 @@ from numpy.typing import ArrayLike
 from sklearn.metrics import accuracy_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from fairbook.data.attributes import ATTRIBUTES
-from fairbook.runs import to_jsonable
+from fairbook.files import to_jsonable
 
 __all__ = [
     "METRICS", "GROUP_METRICS", "THRESHOLD_METHODS", "MetricsInputError", "choose_threshold",
     "intersectional_groups", "expected_calibration_error", "bootstrap_indices", "resampled_auc",
     "fairness_report", "paired_bootstrap", "report_from_csv", "summary_table", "group_table", "threshold_curve",
-    "equity_scaled_sum", "equity_scaled_std", "ci_table",
+    "equity_scaled_sum", "equity_scaled_std", "equity_scaled_group_mean", "ci_table",
 ]
 
 #: Per-group metrics (keys ``group_<name>`` in a report).
@@ -67,7 +67,8 @@ METRICS: dict[str, str] = {
     "acc": "accuracy of yhat = (score >= threshold) over all samples",
     "ece": "expected calibration error over all samples (Guo et al. 2017; FairMedFM, MEDFAIR)",
     "es_auc": "AUC / (1 + sum_g |AUC - AUC_g|), groups unweighted; FairCLIP code, Fair-MoE Tables 1-4",
-    "es_auc_std": "mean_g AUC_g / (1 + std_g AUC_g), std with ddof=0; FairMedFM appendix (AUC_ES)",
+    "es_auc_std": "AUC / (1 + std_g AUC_g), std with ddof=0; FairMedFM's AUC_ES as its code computes it (Table 2)",
+    "es_auc_group_mean": "mean_g AUC_g / (1 + std_g AUC_g), ddof=0; the mean-of-groups reading of AUC_ES",
     "es_acc": "ACC / (1 + sum_g |ACC - ACC_g|); FairCLIP code",
     "dpd": "gap(selection rate) = fairlearn demographic_parity_difference; FairCLIP, Fair-MoE "
            "(FairMed-VLM's parity gap DPG is the same quantity)",
@@ -87,7 +88,7 @@ METRICS: dict[str, str] = {
 
 #: Which per-group coverage each summary needs (``odds``: both TPR and FPR defined).
 _BASIS = {
-    "es_auc": "auc", "es_auc_std": "auc", "es_acc": "acc", "dpd": "selection_rate", "eod": "odds",
+    "es_auc": "auc", "es_auc_std": "auc", "es_auc_group_mean": "auc", "es_acc": "acc", "dpd": "selection_rate", "eod": "odds",
     "eod_mean": "odds", "eop": "tpr", "eq_odds": "odds", "auc_delta": "auc", "acc_delta": "acc",
     "max_acc_gap": "acc", "worst_auc": "auc", "worst_acc": "acc", "ece_delta": "ece", "auc_std_ratio": "auc",
     "auc_range_ratio": "auc",
@@ -402,12 +403,22 @@ def equity_scaled_sum(overall: ArrayLike, group_values: ArrayLike) -> np.ndarray
     return m / (1 + np.abs(g - m[..., None]).sum(axis=-1))
 
 
-def equity_scaled_std(group_values: ArrayLike) -> np.ndarray:
-    """Equity-scaled metric, std form: ``mean_g M_g / (1 + std_g M_g)``, ddof=0 (FairMedFM appendix AUC_ES).
+def equity_scaled_std(overall: ArrayLike, group_values: ArrayLike) -> np.ndarray:
+    """Equity-scaled metric, std form: ``M / (1 + std_g M_g)``, population std (ddof=0): FairMedFM's AUC_ES as its
+    code computes it (Jin et al., NeurIPS 2024 D&B). Its Table 2 rows follow from their own columns this way, e.g.
+    LP: 76.07 / (1 + 0.53 / 2 / 100) = 75.87 (with two groups the population std is half the gap).
 
-    Unlike the sum form it ignores the overall metric: it compares groups with each other, not with the pooled
-    score, so the two forms can rank the same two models differently.
+    Unlike the sum form it does not compare groups with the pooled score, only with each other, so the two forms can
+    rank the same two models differently. :func:`equity_scaled_group_mean` is the mean-of-groups reading.
     """
+    m, g = np.asarray(overall, float), np.asarray(group_values, float)
+    return m / (1 + g.std(axis=-1))
+
+
+def equity_scaled_group_mean(group_values: ArrayLike) -> np.ndarray:
+    """Equity-scaled metric, mean-of-groups form: ``mean_g M_g / (1 + std_g M_g)``, ddof=0: a reading of FairMedFM's
+    AUC_ES that its Table 2 does not follow (see :func:`equity_scaled_std`); it ignores the overall metric
+    altogether."""
     g = np.asarray(group_values, float)
     return g.mean(axis=-1) / (1 + g.std(axis=-1))
 
@@ -434,7 +445,8 @@ def _summarise(overall: Mapping[str, np.ndarray], group: Mapping[str, np.ndarray
     tpr, tpr_o, fpr_o = cols("tpr", "tpr"), cols("tpr", "odds"), cols("fpr", "odds")
     out = dict(overall)
     out["es_auc"] = nan if a is None else equity_scaled_sum(auc, a)
-    out["es_auc_std"] = nan if a is None else equity_scaled_std(a)
+    out["es_auc_std"] = nan if a is None else equity_scaled_std(auc, a)
+    out["es_auc_group_mean"] = nan if a is None else equity_scaled_group_mean(a)
     out["es_acc"] = nan if c is None else equity_scaled_sum(acc, c)
     out["dpd"] = gap(cols("selection_rate", "selection_rate"))
     tpr_gap, fpr_gap = gap(tpr_o), gap(fpr_o)
@@ -559,7 +571,8 @@ def fairness_report(y_true: ArrayLike, y_score: ArrayLike, groups: Mapping[str, 
         "n": len(y), "prevalence": float(y.mean()), "threshold": t, "threshold_method": method,
         "threshold_note": note, "n_boot": int(n_boot), "seed": seed, "ci_level": ci_level,
         "ci_method": "percentile bootstrap, resampled within each group of the attribute (group sizes fixed)",
-        "ece_binning": f"{n_bins} equal-width bins on " + ("[0, 1]" if binning == "unit" else "each subset's [min, max]"),
+        "ece_binning": f"{n_bins} equal-width bins on "
+                       + ("[0, 1]" if binning == "unit" else "each subset's [min, max]"),
         "attributes": {},
     }
     for attr in attrs:
@@ -581,8 +594,8 @@ def _attribute_entry(attr: _Attribute, t: float, summary: dict[str, float], grou
     counts = group["count"]
     entry: dict[str, Any] = {"threshold": t, "groups": list(labels),
                              "empty": [g for g, c in zip(labels, counts) if c == 0],
-                             "undefined": {m: [g for g, c, ok in zip(labels, counts, attr.covered[m]) if c > 0 and not ok]
-                                           for m in ("auc", "tpr", "fpr")}}
+                             "undefined": {m: [g for g, c, ok in zip(labels, counts, attr.covered[m])
+                                               if c > 0 and not ok] for m in ("auc", "tpr", "fpr")}}
     entry.update({k: summary[k] for k in METRICS})
     for name in GROUP_METRICS:
         values = group[name]

@@ -4,8 +4,6 @@ Captions belong in the notebook's cell metadata (``mystnb: {figure: {caption, na
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import matplotlib
 
 from fairbook.runs import output_dir
@@ -104,7 +102,6 @@ def example_images(meta, attribute: str, per_group: int = 2, seed: int = 0, note
     import textwrap
 
     import numpy as np
-
     import pandas as pd
 
     picks = pd.concat([g.sample(min(per_group, len(g)), random_state=seed)
@@ -203,7 +200,8 @@ def differences(frame, value: str, lo: str, hi: str, label: str, by: str | None 
 
 
 def routing(frame, value: str = "load", ylabel: str | None = None):
-    """Fair-MoE routing diagnostics per group (:func:`fairbook.moe.routing_frame`): one panel per router, experts
+    """Fair-MoE routing diagnostics per group (:func:`fairbook.methods.fair_moe.routing_frame`): one panel per router,
+    experts
     on the x axis, one bar per group (the pooled group ``all`` left out)."""
     import matplotlib.pyplot as plt
     import seaborn as sns

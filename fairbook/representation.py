@@ -74,7 +74,7 @@ def load_images(dataset, batch_size: int = 64) -> Images:
 
 def image_features(model, preprocess, images: Images, attribute: str) -> Features:
     """:func:`fairbook.train.extract_features` of preloaded images (:func:`load_images`), with the group names of
-    ``attribute``. ``preprocess`` is the model's own (from :func:`fairbook.results.load_model`); it must be the one
+    ``attribute``. ``preprocess`` is the model's own (from :func:`fairbook.protocol.load_model`); it must be the one
     the images went through. Samples whose attribute is unknown (code -1, kept in the training split) are dropped."""
     _check_attribute(attribute)
     if repr(preprocess) != images.preprocess:

@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import itertools
 import json
-import math
 import os
 import re
 import shutil
@@ -29,10 +28,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 import yaml
 
-from fairbook.files import atomic_write_text, replace_dir, temporary_sibling
+from fairbook.files import atomic_write_text, project_root, replace_dir, resolve, temporary_sibling, to_jsonable
 
 KERNEL = "fairbook"
 RUN_DIR_ENV = "FAIRBOOK_RUN_DIR"
@@ -55,20 +53,6 @@ class RunError(RuntimeError):
 # paths
 
 
-def project_root() -> Path:
-    """The fairbook checkout: ``$FAIRBOOK_ROOT``, else the folder above the package holding ``pyproject.toml``."""
-    if os.environ.get("FAIRBOOK_ROOT"):
-        return Path(os.environ["FAIRBOOK_ROOT"]).resolve()
-    here = Path(__file__).resolve().parent.parent
-    return here if (here / "pyproject.toml").exists() else Path.cwd()
-
-
-def resolve(path: str | os.PathLike) -> Path:
-    """An absolute path; relative paths are taken from the project root, so notebooks work from any folder."""
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else project_root() / p
-
-
 def output_dir() -> Path:
     """Where a notebook writes its metrics and figures: the run folder under ``fairbook run``,
     else ``runs/interactive/`` (for a notebook opened in JupyterLab)."""
@@ -87,22 +71,6 @@ def save_metrics(metrics: dict, name: str = "metrics.json") -> None:
     path = output_dir() / name
     labelled = {"config": os.environ.get(RUN_CONFIG_ENV, "interactive"), **metrics}
     atomic_write_text(path, json.dumps(to_jsonable(labelled), indent=2, sort_keys=True) + "\n")
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Plain Python types for ``json.dumps``: numpy scalars and arrays unwrapped, NaN and infinities as None, a
-    pandas Series as ``{index: value}`` and a DataFrame as a list of row records (index included)."""
-    if hasattr(obj, "to_dict") and hasattr(obj, "index"):  # pandas: Series as {index: value}, DataFrame as records
-        obj = obj.to_dict() if obj.ndim == 1 else obj.reset_index().to_dict("records")
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -159,7 +127,8 @@ def notebook_parameters(notebook: str | os.PathLike) -> dict[str, Any]:
         raise ParameterError(f"{notebook} must have exactly one cell tagged 'parameters' (found {len(cells)})")
     params = {}
     for node in ast.parse(cells[0].source).body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = (node.targets if isinstance(node, ast.Assign)
+                   else [node.target] if isinstance(node, ast.AnnAssign) else [])
         for t in targets:
             if isinstance(t, ast.Name):
                 try:
@@ -345,7 +314,8 @@ def run_notebook(
     source.unlink()
 
     atomic_write_text(tmp / "params.yaml", yaml.safe_dump(params, sort_keys=True))
-    info = {"notebook": str(notebook.relative_to(project_root()) if notebook.is_relative_to(project_root()) else notebook),
+    shown = notebook.relative_to(project_root()) if notebook.is_relative_to(project_root()) else notebook
+    info = {"notebook": str(shown),
             "config": config, "fingerprint": fp, "status": "complete", "seconds": round(time.time() - started, 1),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_text(tmp / "run.json", json.dumps(info, indent=2) + "\n")

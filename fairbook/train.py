@@ -37,14 +37,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fairbook.data.attributes import FILTER_ATTRIBUTES, decode
 from fairbook.models import fit_logistic, pick_device
-from fairbook.runs import atomic_write_text
 
 __all__ = [
     "CLASSES", "FAIRCLIP_PROMPTS", "FAIRMEDFM_PROMPTS", "FAIRMEDFM_TEMPLATE", "PROMPT_SETS", "TRAINABLE_PARTS",
     "CheckpointError", "TrainConfig", "TrainError", "class_embeddings", "clip_loss", "extract_features",
-    "fit_and_score", "fit_clip", "train_and_save", "linear_probe", "load_checkpoint", "lr_factor", "save_predictions", "set_trainable",
+    "fit_and_score", "fit_clip", "linear_probe", "load_checkpoint", "lr_factor", "regulariser_scale", "set_trainable",
     "validation_auc", "validation_scores", "zero_shot_scores",
 ]
 
@@ -428,6 +426,35 @@ def fit_clip(model: nn.Module, tokenizer, train_ds, val_ds, config: TrainConfig,
             "trainable_params": n_trainable, "steps": total_steps, "device": str(device), "val_scores": best_scores}
 
 
+@torch.no_grad()
+def regulariser_scale(model: nn.Module, dataset, hooks: Mapping[str, object], batch_size: int = 32,
+                      seed: int = 0) -> pd.DataFrame:
+    """Size of each loss hook against the contrastive loss on one shuffled training batch, before training: a check
+    of the scale of a regulariser's weight (FairCLIP's lambda, FOL's weights).
+
+    ``hooks``: name (e.g. the attribute) -> ``hook(image_features, text_features, logit_scale, batch)`` as
+    :func:`fit_clip` calls it. One row per hook: ``clip_loss``, ``regulariser``, ``share`` =
+    regulariser / clip_loss, plus the hook's ``last_terms`` (e.g. FOL's ``F_EI`` ...) when it records them.
+    The model's train/eval mode is left as it is. The batch, its augmentation and any sampling inside the hooks
+    draw from generators seeded with ``seed`` (the global torch state is restored afterwards), so the table is
+    the same at every execution for the same model.
+    """
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        batch = next(iter(DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                     generator=torch.Generator().manual_seed(seed))))
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        image, text, scale = _features(model(batch["image"], batch["text"]))
+        contrastive = float(clip_loss(image, text, scale))
+        rows = []
+        for name, hook in hooks.items():
+            value = float(hook(image, text, scale, batch))
+            rows.append({"name": name, "clip_loss": contrastive, "regulariser": value, "share": value / contrastive,
+                         **getattr(hook, "last_terms", {})})
+    return pd.DataFrame(rows)
+
+
 def fit_and_score(model: nn.Module, tokenizer, train_ds, val_ds, test_ds, config: TrainConfig,
                   out_dir: str | os.PathLike, regulariser: Callable[..., torch.Tensor] | None = None,
                   progress: bool = False) -> dict:
@@ -443,52 +470,6 @@ def fit_and_score(model: nn.Module, tokenizer, train_ds, val_ds, test_ds, config
     test = zero_shot_scores(model, tokenizer, DataLoader(test_ds, batch_size=64), PROMPT_SETS[config.prompts])
     fit["scores"] = {"validation": fit.pop("val_scores"), "test": test}
     return fit
-
-
-def build_model(model: str = "fairbook-tiny", pretrained: str | None = None, moe: Mapping | None = None,
-                seed: int = 0):
-    """The network a fine-tuning chapter starts from at ``seed``: ``torch.manual_seed(seed)``, then
-    :func:`fairbook.models.create_clip`, then :func:`fairbook.moe.add_fo_moe` with the keyword arguments ``moe``
-    if given (its gates are initialised from the seeded generator). Returns ``create_clip``'s 4-tuple."""
-    from fairbook.models import create_clip
-    from fairbook.moe import add_fo_moe
-
-    torch.manual_seed(seed)
-    net, preprocess_train, preprocess_val, tokenizer = create_clip(model, pretrained)
-    if moe is not None:
-        add_fo_moe(net, **moe)
-    return net, preprocess_train, preprocess_val, tokenizer
-
-
-def train_and_save(run_dir: str | os.PathLike, method: str, seed: int, *, data_root: str | os.PathLike,
-                   config: TrainConfig, model: str = "fairbook-tiny", pretrained: str | None = None,
-                   n_train: int | None = None, attribute: str = "all", moe: Mapping | None = None,
-                   regulariser: Callable[[nn.Module, object], Callable] | None = None, progress: bool = False) -> dict:
-    """One seed of one method, as every fine-tuning chapter runs it; returns :func:`fit_and_score`'s dict plus
-    ``model`` (the trained network, kept epoch loaded).
-
-    The model from :func:`build_model` (``model``, ``pretrained``, ``moe``, ``seed``); ``n_train`` training pairs drawn
-    with ``seed`` (:meth:`fairbook.data.FairVLMed.subset`: the same draw for every method at the same seed, so
-    methods are paired on seed); the loss hook ``regulariser(model, train_dataset)`` if given; training with
-    ``config`` and ``seed``. The predictions go to ``run_dir`` (:func:`fairbook.results.save`, as ``method`` trained
-    on ``attribute``), the checkpoint to ``run_dir/checkpoints/<method>/<attribute>/seed-<k>/best.pt``.
-    ``info.json`` records ``model``, ``pretrained`` and ``moe`` (architecture) and the checkpoint path relative to
-    ``run_dir``, so that :func:`fairbook.results.load_model` can rebuild the trained network.
-    """
-    from fairbook.data.fairvlmed import FairVLMed, describe
-    from fairbook.results import model_folder, save
-
-    net, preprocess_train, preprocess_val, tokenizer = build_model(model, pretrained, moe, seed)
-    train = FairVLMed(data_root, "Training", preprocess_train, tokenizer).subset(n_train, seed)
-    val, test = (FairVLMed(data_root, split, preprocess_val, tokenizer) for split in ("Validation", "Test"))
-    hook = regulariser(net, train) if regulariser is not None else None
-    folder = model_folder(run_dir, method, attribute, seed, kind="checkpoints")
-    fit = fit_and_score(net, tokenizer, train, val, test, config.replace(seed=seed), folder, hook, progress)
-    architecture = {"model": model, "pretrained": pretrained, "moe": dict(moe) if moe is not None else None,
-                    "checkpoint": str((folder / "best.pt").relative_to(run_dir))}
-    save(run_dir, method, seed, fit["scores"], describe(data_root), {**fit, **architecture, "n_train": len(train)},
-         attribute)
-    return {**fit, "model": net}
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module) -> dict:
@@ -570,61 +551,3 @@ def linear_probe(model: nn.Module, train_loader, val_loader, test_loader,
     }
 
 
-# ---------------------------------------------------------------------------------------------------- predictions
-def save_predictions(path: str | os.PathLike, y_true, y_score, attributes_codes, split: str,
-                     attribute_names: Sequence[str] = FILTER_ATTRIBUTES) -> Path:
-    """Write a predictions CSV atomically: ``y_true, y_score, race, gender, ethnicity, language, split``.
-
-    Attribute codes (``n x 4``, columns in ``attribute_names`` order, as FairVLMed items carry them) are decoded
-    to names with :func:`fairbook.data.attributes.decode`. The file is what ``fairbook metrics`` reads
-    (:func:`fairbook.metrics.report_from_csv`); scores are written at full precision.
-    """
-    y_true = np.asarray(y_true).astype(int).ravel()
-    y_score = np.asarray(y_score, dtype=np.float64).ravel()
-    codes = np.asarray(attributes_codes)
-    if codes.ndim != 2 or codes.shape != (len(y_true), len(attribute_names)) or len(y_score) != len(y_true):
-        raise TrainError(f"save_predictions needs {len(y_true)} labels, as many scores (got {len(y_score)}) and an "
-                         f"n x {len(attribute_names)} code matrix (got shape {codes.shape}); pass the arrays of "
-                         "one split")
-    frame = pd.DataFrame({"y_true": y_true, "y_score": y_score})
-    for j, name in enumerate(attribute_names):
-        frame[name] = [decode(name, code) for code in codes[:, j]]
-    frame["split"] = split
-    path = Path(path)
-    atomic_write_text(path, frame.to_csv(index=False))
-    return path
-
-
-# ------------------------------------------------------------------------------------------- pretraining corpus
-def pretrain_val_size(n_train: int) -> int:
-    """Validation samples of :func:`pretrain_corpus` for ``n_train`` training samples: ``n_train // 4`` clipped to
-    [64, 500] (enough for a stable validation AUC, small enough to stay cheap)."""
-    return min(500, max(64, int(n_train) // 4))
-
-
-#: Test samples of a pretraining corpus: the FairVLMed layout needs a test split; the pretraining never reads it.
-PRETRAIN_TEST_SIZE = 32
-
-
-def pretrain_corpus(seed: int, n_train: int, root: str | os.PathLike = "data", workers: int = 2) -> Path:
-    """Write (or reuse) a SynthFairVLMed corpus for contrastive pretraining of a CLIP and return its folder.
-
-    The corpus is the generator's default population (:class:`fairbook.data.synthetic.SynthConfig`, bias preset
-    ``"default"``) drawn with its own ``seed``: ``n_train`` training samples, :func:`pretrain_val_size` validation
-    samples (for choosing the epoch) and :data:`PRETRAIN_TEST_SIZE` test samples (never read). With a seed other
-    than the evaluation data's, every image, note and label is an independent draw, so the corpus shares no
-    sample with the evaluation data. The folder is ``<root>/synth-pretrain-<seed>-<n_train>`` (a relative
-    ``root`` starts at the checkout); :func:`fairbook.data.synthetic.generate` is idempotent, so a folder written
-    earlier with the same settings is reused as it is.
-    """
-    from fairbook.data.synthetic import SynthConfig, generate
-    from fairbook.runs import resolve
-
-    config = SynthConfig.preset("default", seed=int(seed), n_train=int(n_train),
-                                n_val=pretrain_val_size(n_train), n_test=PRETRAIN_TEST_SIZE)
-    folder = resolve(root) / f"synth-pretrain-{int(seed)}-{int(n_train)}"
-    generate(folder, config, workers=workers, progress=False)
-    return folder
-
-
-__all__ += ["PRETRAIN_TEST_SIZE", "pretrain_corpus", "pretrain_val_size"]

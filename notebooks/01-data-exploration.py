@@ -45,7 +45,7 @@ seed = 0
 # test samples whose race, gender, ethnicity or language is unknown; `drop_unknown` switches that off.
 
 # %%
-root = fb.runs.resolve(data_root)
+root = fb.files.resolve(data_root)
 source = fb.data.describe(root)
 print(source)
 

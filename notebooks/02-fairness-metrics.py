@@ -46,7 +46,7 @@ seed = 0
 # The regularisation strength `C` is chosen on validation AUC; the test split is read once, at the end.
 
 # %%
-root = fb.runs.resolve(data_root)
+root = fb.files.resolve(data_root)
 source = fb.data.describe(root)
 X = {split: fb.data.load_pixels(root, split, size=pixels) for split in fb.data.SPLITS}
 print(source)

@@ -55,9 +55,9 @@ seed = 0
 # never seen an evaluation sample. Generating the corpus takes seconds and is skipped when the folder exists.
 
 # %%
-root = fb.runs.resolve(data_root)
+root = fb.files.resolve(data_root)
 source = fb.data.describe(root)
-corpus = fb.train.pretrain_corpus(pretrain_seed, pretrain_samples)
+corpus = fb.data.synthetic.pretrain_corpus(pretrain_seed, pretrain_samples)
 corpus_source = fb.data.describe(corpus)
 print(f"pretraining: {corpus_source}\nevaluation:  {source}")
 
@@ -162,7 +162,7 @@ fb.plots.savefig(fig, "zero-shot-group-auc-race")
 
 # %%
 for split, (y, p, codes) in scores.items():
-    fb.train.save_predictions(out / f"zero-shot-{split.lower()}.csv", y, p, codes, split.lower())
+    fb.results.save_predictions(out / f"zero-shot-{split.lower()}.csv", y, p, codes, split.lower())
 
 # %% [markdown]
 # ## Using the checkpoint

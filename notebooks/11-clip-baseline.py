@@ -67,28 +67,30 @@ config
 #
 # ## Fine-tuning, one model per seed
 #
-# `fb.train.train_and_save` runs one seed of one method the way every fine-tuning chapter does: it builds the model
-# from the pretrained start, draws the seed's training pairs, trains, keeps the epoch with the best validation AUC,
-# scores the validation and test splits zero-shot, and saves both sets of predictions in the run folder. Any metric
-# can be recomputed from them later; chapter 90 reads them.
+# `fb.protocol.train_grid` trains every method the way every fine-tuning chapter does. For each seed it builds the
+# model from the pretrained start, draws the seed's training pairs, trains, keeps the epoch with the best
+# validation AUC, scores the validation and test splits zero-shot, and saves both sets of predictions in the run
+# folder. Any metric can be recomputed from them later; chapter 90 reads them. The method itself is declared once,
+# in `fb.methods`: here the plain baseline, `fb.methods.CLIP()`.
 
 # %%
 out = fb.runs.output_dir()
-setup = dict(config=config, model=model, pretrained=pretrained, n_train=n_train)
-fits = {seed: fb.train.train_and_save(out, "CLIP", seed, data_root=data_root, **setup) for seed in seeds}
-pd.DataFrame([{"seed": s, **h} for s, f in fits.items() for h in f["history"]]).round(3)
+setup = fb.protocol.Setup(data_root, config, model, pretrained, n_train)
+trained = fb.protocol.train_grid(out, [fb.methods.CLIP()], setup, seeds)
+history = fb.protocol.histories(trained)
+history.round(3)
 
 # %% [markdown]
 # ## Test results
 #
-# `fb.results.evaluate` scores every seed's test predictions for each of the four attributes, at a threshold chosen
+# `fb.tables.evaluate` scores every seed's test predictions for each of the four attributes, at a threshold chosen
 # on that seed's validation predictions (Youden's J). The table has the layout of Fair-MoE's Table 1: percent,
 # mean ± sample std over seeds. A baseline trained without attributes is one model per seed, evaluated under
 # each attribute, which is why its AUC is the same in every row.
 
 # %%
-evals = fb.results.evaluate(fb.results.collect(out), n_boot=n_boot)
-fb.results.table(evals)
+evals = fb.tables.evaluate(fb.results.collect(out), n_boot=n_boot)
+fb.tables.table(evals)
 
 # %% [markdown]
 # The same numbers with 95% bootstrap intervals of the seed mean: every seed is scored on the same 1,000
@@ -96,14 +98,14 @@ fb.results.table(evals)
 # much the test set's finite size moves the mean; the ± std above shows how much the seeds differ.
 
 # %%
-fb.results.ci_table(evals)
+fb.tables.ci_table(evals)
 
 # %% [markdown]
 # Group AUCs per attribute, mean ± std over seeds [interval of the seed mean]:
 
 # %%
 for attribute in fb.data.FILTER_ATTRIBUTES:
-    display(fb.results.group_auc_table(evals, attribute))
+    display(fb.tables.group_auc_table(evals, attribute))
 
 # %% [markdown]
 # ## Does the benchmark measure a race gap?
@@ -113,7 +115,7 @@ for attribute in fb.data.FILTER_ATTRIBUTES:
 # groups are served equally well. Here are the signed differences of group AUCs for every pair of groups.
 
 # %%
-gaps = fb.results.group_differences(evals, "CLIP")
+gaps = fb.tables.group_differences(evals, "CLIP")
 gaps.round(3)
 
 # %% mystnb={"figure": {"caption": "Signed differences of group AUCs of the CLIP baseline (mean over seeds, 95% bootstrap interval of the mean); an interval that crosses zero shows no detectable difference.", "name": "fig-clip-group-differences"}}
@@ -132,11 +134,10 @@ fb.plots.savefig(fig, "group-auc-differences")
 # %%
 if control_root:
     control_dir = out / "control"
-    for seed in seeds:
-        fb.train.train_and_save(control_dir, "CLIP", seed, data_root=control_root, **setup)
-    control_evals = fb.results.evaluate(fb.results.collect(control_dir), n_boot=n_boot)
-    control_gaps = fb.results.group_differences(control_evals, "CLIP")
-    display(fb.results.table(control_evals))
+    fb.protocol.train_grid(control_dir, [fb.methods.CLIP()], setup.replace(data_root=control_root), seeds)
+    control_evals = fb.tables.evaluate(fb.results.collect(control_dir), n_boot=n_boot)
+    control_gaps = fb.tables.group_differences(control_evals, "CLIP")
+    display(fb.tables.table(control_evals))
     display(control_gaps.round(3))
 
 # %% mystnb={"figure": {"caption": "Race: signed AUC differences between groups with designed bias (default preset) and without (control), mean over seeds with 95% bootstrap intervals.", "name": "fig-clip-control"}}
@@ -178,7 +179,7 @@ summary = {
     "model": f"{model} from {pretrained}; recipe {recipe} with epochs={epochs}, lr={lr}, batch {batch_size}, "
              f"{n_train} training pairs per seed; epoch chosen on validation AUC; {prompts} prompts",
     "seeds": seeds,
-    "best_epochs": {s: f["best_epoch"] for s, f in fits.items()},
+    "best_epochs": history[history["kept"]].set_index("seed")["epoch"],
     "test": {a: rows[["auc", "es_auc", "dpd", "eod"]].agg(["mean", "std"]).to_dict()
              for a, rows in evals.groupby("eval_attribute")},
     "race_differences": race.set_index("groups")[["diff", "ci_lo", "ci_hi"]],

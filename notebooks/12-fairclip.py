@@ -24,7 +24,7 @@
 # serve every group alike. One model is trained per attribute (race, gender, ethnicity, language), and each is
 # compared with the CLIP baseline of the previous chapter under the attribute it was trained for.
 #
-# The official code computes something different from the paper (see `fb.fairness.FairCLIPRegulariser`): it
+# The official code computes something different from the paper (see `fb.methods.fairclip.FairCLIPRegulariser`): it
 # uses the per-sample score $\operatorname{diag}(L L^\top)$ of the logit matrix $L$, draws a separate batch for
 # each group, and divides the group scores by their sum. fairbook implements both behind the `form` parameter;
 # this chapter runs the paper's form by default.
@@ -77,11 +77,11 @@ baseline[["method", "attribute", "seed", "data"]]
 # training batch per attribute.
 
 # %%
+fairclip = fb.methods.FairCLIP(lam=lam, blur=blur, form=form)
 net, preprocess_train, preprocess_val, tokenizer = fb.models.create_clip(model, pretrained)
 train_full = fb.data.FairVLMed(data_root, "Training", preprocess_train, tokenizer)
-hooks = {a: fb.fairness.FairCLIPRegulariser(a, lam=lam, blur=blur, form=form).hook(net, train_full, batch_size)
-         for a in attributes}
-magnitudes = fb.fairness.regulariser_scale(net, train_full, hooks, batch_size)
+hooks = {a: fairclip.regulariser(net, train_full, a, 0, batch_size) for a in attributes}
+magnitudes = fb.train.regulariser_scale(net, train_full, hooks, batch_size)
 magnitudes.round(4)
 
 # %% [markdown]
@@ -90,45 +90,35 @@ magnitudes.round(4)
 # predictions, which every run saves.
 #
 # ## Training: one model per attribute and seed
+#
+# The method is `fairclip`, declared above: chapter 11's setup, plus the regulariser for the attribute it is
+# trained on (the code form draws its group batches with the seed).
 
 # %%
 out = fb.runs.output_dir()
-setup = dict(data_root=data_root, config=config, model=model, pretrained=pretrained, n_train=n_train)
-
-
-def fairclip(attribute, seed):
-    """The loss hook: FairCLIP's regulariser for one attribute (the code form draws its group batches with seed)."""
-    regulariser = fb.fairness.FairCLIPRegulariser(attribute, lam=lam, blur=blur, form=form)
-    return lambda net, train: regulariser.hook(net, train, batch_size, seed)
-
-
-histories = []
-for attribute in attributes:
-    for seed in seeds:
-        fit = fb.train.train_and_save(out, "FairCLIP", seed, attribute=attribute,
-                                      regulariser=fairclip(attribute, seed), **setup)
-        histories += [{"attribute": attribute, "seed": seed, **h} for h in fit["history"]]
-pd.DataFrame(histories).round(4)
+setup = fb.protocol.Setup(data_root, config, model, pretrained, n_train)
+trained = fb.protocol.train_grid(out, [fairclip], setup, seeds, attributes)
+fb.protocol.histories(trained).round(4)
 
 # %% [markdown]
 # `reg_loss` is the mean weighted Sinkhorn term per step, `val_auc` the validation AUC used to choose the epoch.
 #
 # ## FairCLIP against CLIP
 #
-# Both methods are scored the same way (`fb.results.evaluate`). Each FairCLIP model appears under the attribute it
+# Both methods are scored the same way (`fb.tables.evaluate`). Each FairCLIP model appears under the attribute it
 # was trained on; CLIP, trained without attributes, appears under all four. The layout follows Fair-MoE's Table 1:
 # percent, mean ± std over seeds.
 
 # %%
 runs = pd.concat([baseline, fb.results.collect(out)], ignore_index=True)
-evals = fb.results.evaluate(runs, n_boot=n_boot)
-fb.results.table(evals, methods=["CLIP", "FairCLIP"])
+evals = fb.tables.evaluate(runs, n_boot=n_boot)
+fb.tables.table(evals, methods=["CLIP", "FairCLIP"])
 
 # %% [markdown]
 # With 95% bootstrap intervals of the seed mean over test resamples:
 
 # %%
-fb.results.ci_table(evals, methods=["CLIP", "FairCLIP"])
+fb.tables.ci_table(evals, methods=["CLIP", "FairCLIP"])
 
 # %% [markdown]
 # ### Paired comparison
@@ -139,7 +129,7 @@ fb.results.ci_table(evals, methods=["CLIP", "FairCLIP"])
 # a positive difference is better; for DPD and EOD a negative one is.
 
 # %%
-paired = fb.results.paired_table(evals, baseline="CLIP")
+paired = fb.tables.paired_table(evals, baseline="CLIP")
 paired.round(4)
 
 # %% mystnb={"figure": {"caption": "FairCLIP minus CLIP per attribute, mean over seeds with paired 95% bootstrap intervals. ES-AUC and AUC: higher is better; DPD and EOD: lower is better.", "name": "fig-fairclip-vs-clip"}}
@@ -154,7 +144,7 @@ fb.plots.savefig(fig, "fairclip-minus-clip")
 
 # %%
 for attribute in attributes:
-    display(fb.results.group_auc_table(evals, attribute, methods=["CLIP", "FairCLIP"]))
+    display(fb.tables.group_auc_table(evals, attribute, methods=["CLIP", "FairCLIP"]))
 
 # %% [markdown]
 # ## Record the numbers
@@ -166,7 +156,7 @@ fb.runs.save_metrics({
              f"{n_train} training pairs per seed; FairCLIP {form} form, lambda {lam}, blur {blur}",
     "seeds": seeds,
     "regulariser_scale": magnitudes,
-    "table": fb.results.table(evals, methods=["CLIP", "FairCLIP"]),
+    "table": fb.tables.table(evals, methods=["CLIP", "FairCLIP"]),
     "paired": paired,
 })
 
@@ -177,7 +167,7 @@ fb.runs.save_metrics({
 # zero):
 
 # %%
-verdicts = fb.results.claims(paired)
+verdicts = fb.tables.claims(paired)
 print(f"{len(verdicts)} comparisons (4 metrics x {len(attributes)} attributes):",
       verdicts["verdict"].value_counts().to_dict())
 verdicts.loc[verdicts["verdict"] != "no clear difference", ["attribute", "metric", "diff", "boot_lo", "boot_hi",

@@ -53,12 +53,14 @@ batch_size = 32
 n_train = 2000
 prompts = "fairmedfm"
 attributes = ["race", "gender", "ethnicity", "language"]  # one Fair-MoE model per attribute and seed
-n_experts = 10  # M1
-top_k = 3  # K1
-capacity = 0.8  # C
-feature_experts = 4  # M2 (the paper gives no value; the official code uses the number of groups)
-feature_top_k = 2  # k2
-expert_rank = None  # None: each patch expert a full copy of the MLP (paper); r: low-rank experts (fairbook option)
+layers = {  # the FO-MoE layers (fb.methods.fair_moe.add_fo_moe)
+    "n_experts": 10,  # M1
+    "top_k": 3,  # K1
+    "capacity": 0.8,  # C
+    "feature_experts": 4,  # M2 (the paper gives no value; the official code uses the number of groups)
+    "feature_top_k": 2,  # k2
+    "expert_rank": None,  # None: each patch expert a full copy of the MLP (paper); r: low-rank experts (fairbook)
+}
 form = "paper"  # "paper" or "code" (official code's layers and FOL)
 fol_weight = 1000.0  # weight of each F term (see "Choosing the weights")
 lam = 100.0  # weight of the Sinkhorn distance term (chapter 12's lambda)
@@ -69,24 +71,26 @@ n_boot = 1000
 # %% [markdown]
 # ## The model
 #
-# `fb.moe.add_fo_moe` patches an open_clip CLIP in place. Nothing the training loop sees changes, so Fair-MoE
-# trains with the same `fb.train` code, recipe, training draws and epoch selection as CLIP and FairCLIP.
-# `fb.train.build_model` builds the start of one seed's model (here the first seed's), gates included.
+# `fb.methods.FairMoE` declares the method once: its layers (`fb.methods.fair_moe.add_fo_moe` patches an open_clip
+# CLIP in place) and its loss (FOL, below). Nothing the training loop sees changes, so Fair-MoE trains with the same
+# `fb.train` code, recipe, training draws and epoch selection as CLIP and FairCLIP. `fb.protocol.build_model`
+# builds the start of one seed's model (here the first seed's), gates included.
 #
 # The paper's experts are full copies of the MLP, so on ViT-B/16 Fair-MoE has 1.43 times CLIP's parameters
 # (`bench/bench_moe.py`). `expert_rank=r` is a fairbook option, not in the paper: the experts share the MLP and
-# differ by rank-r updates (`fb.moe.LowRankExperts`). With r = 64 the ratio on ViT-B/16 is 1.07.
+# differ by rank-r updates (`fb.methods.fair_moe.LowRankExperts`). With r = 64 the ratio on ViT-B/16 is 1.07.
 
 # %%
 source = fb.data.describe(data_root)
 config = fb.train.TrainConfig.preset(recipe, epochs=epochs, lr=lr, batch_size=batch_size, prompts=prompts)
-moe_args = dict(n_experts=n_experts, top_k=top_k, capacity=capacity, feature_experts=feature_experts,
-                feature_top_k=feature_top_k, form=form, expert_rank=expert_rank)
+fair_moe = fb.methods.FairMoE(layers={**layers, "form": form},
+                               fol=dict(weight=fol_weight, lam=lam, blur=blur, form=form))
+setup = fb.protocol.Setup(data_root, config, model, pretrained, n_train)
 clip, *_ = fb.models.create_clip(model, pretrained)
-net, preprocess_train, preprocess_val, tokenizer = fb.train.build_model(model, pretrained, moe_args, seeds[0])
+net, preprocess_train, preprocess_val, tokenizer = fb.protocol.build_model(fair_moe, setup, seeds[0])
 clip_params, moe_params = (sum(p.numel() for p in m.parameters()) for m in (clip, net))
 print(f"{model}: {clip_params:,} parameters as CLIP, {moe_params:,} as Fair-MoE ({moe_params / clip_params:.2f}x)")
-{name: type(layer).__name__ for name, layer in fb.moe.routers(net).items()}
+{name: type(layer).__name__ for name, layer in fb.methods.fair_moe.routers(net).items()}
 
 # %% [markdown]
 # ## Choosing the weights
@@ -94,38 +98,27 @@ print(f"{model}: {clip_params:,} parameters as CLIP, {moe_params:,} as Fair-MoE 
 # The F terms compare variances of gate weights, which lie between 0 and 1, so their values are tiny. The official
 # scripts weigh FOL by $10^{-4}$, which would leave it with no effect on this model. As in chapter 12 we chose the
 # weights *a priori*, without looking at any validation or test result: `fol_weight` makes the F terms a visible but
-# minor part of the loss at the start. `fb.moe.fol` builds the loss: the four F terms with group statistics from
+# minor part of the loss at the start. `fb.methods.fair_moe.fol` builds the loss: the four F terms with group statistics from
 # the training batch, plus FairCLIP's Sinkhorn term. Here is each term on one seeded training batch, for the first
 # seed's starting model:
 
 # %%
 train_full = fb.data.FairVLMed(data_root, "Training", preprocess_train, tokenizer)
-
-
-fol_args = dict(weight=fol_weight, lam=lam, blur=blur, form=form)
-scale = fb.fairness.regulariser_scale(net, train_full, {a: fb.moe.fol(net, a, **fol_args) for a in attributes},
-                                     batch_size)
+hooks = {a: fair_moe.regulariser(net, train_full, a, seeds[0], batch_size) for a in attributes}
+scale = fb.train.regulariser_scale(net, train_full, hooks, batch_size)
 scale
 
 # %% [markdown]
 # Group statistics $O_{\cdot\mid p}$ come from the training batch itself: the rows of group $p$'s samples. The
-# official code draws a separate batch per group instead; `fb.moe.FairnessOrientedLoss(group_batches=...)` does
+# official code draws a separate batch per group instead; `fb.methods.fair_moe.FairnessOrientedLoss(group_batches=...)` does
 # that.
 #
 # ## Training: one model per attribute and seed
 
 # %%
 out = fb.runs.output_dir()
-setup = dict(data_root=data_root, config=config, model=model, pretrained=pretrained, n_train=n_train)
-histories = []
-for attribute in attributes:
-    for seed in seeds:
-        fit = fb.train.train_and_save(out, "Fair-MoE", seed, attribute=attribute,
-                                      moe=moe_args,
-                                      regulariser=lambda net, train: fb.moe.fol(net, attribute, **fol_args),
-                                      **setup)
-        histories += [{"attribute": attribute, "seed": seed, **h} for h in fit["history"]]
-pd.DataFrame(histories).round(4)
+trained = fb.protocol.train_grid(out, [fair_moe], setup, seeds, attributes)
+fb.protocol.histories(trained).round(4)
 
 # %% [markdown]
 # ## Table 1: CLIP, FairCLIP and Fair-MoE
@@ -135,14 +128,14 @@ pd.DataFrame(histories).round(4)
 # %%
 methods = ["CLIP", "FairCLIP", "Fair-MoE"]
 runs = pd.concat([fb.results.collect(*baseline_runs), fb.results.collect(out)], ignore_index=True)
-evals = fb.results.evaluate(fb.results.same_data(runs, source), n_boot=n_boot)
-fb.results.table(evals, methods=methods)
+evals = fb.tables.evaluate(fb.results.same_data(runs, source), n_boot=n_boot)
+fb.tables.table(evals, methods=methods)
 
 # %% [markdown]
 # Seed means with 95% bootstrap intervals over test resamples:
 
 # %%
-fb.results.ci_table(evals, methods=methods)
+fb.tables.ci_table(evals, methods=methods)
 
 # %% [markdown]
 # ### Paired comparisons
@@ -151,7 +144,7 @@ fb.results.ci_table(evals, methods=methods)
 # ES-AUC and AUC, lower for DPD and EOD.
 
 # %%
-paired = pd.concat([fb.results.paired_table(evals, baseline=b).assign(baseline=b) for b in ("CLIP", "FairCLIP")],
+paired = pd.concat([fb.tables.paired_table(evals, baseline=b).assign(baseline=b) for b in ("CLIP", "FairCLIP")],
                    ignore_index=True)
 paired = paired[paired["method"] == "Fair-MoE"]
 paired.round(4)
@@ -171,9 +164,9 @@ fb.plots.savefig(fig, "fair-moe-paired")
 # capacity drops, and the variance of its gate weights, for each race group.
 
 # %%
-net, preprocess_val, tokenizer = fb.results.load_model(out, "Fair-MoE", attributes[0], seeds[0])
+net, preprocess_val, tokenizer = fb.protocol.load_model(out, "Fair-MoE", attributes[0], seeds[0])
 test = fb.data.FairVLMed(data_root, "Test", preprocess_val, tokenizer)
-routing = fb.moe.routing_frame(net, DataLoader(test, batch_size=64), attributes[0])
+routing = fb.methods.fair_moe.routing_frame(net, DataLoader(test, batch_size=64), attributes[0])
 routing.groupby(["router", "group"])[["load", "dropped", "gate_var"]].agg(["min", "max"]).round(4)
 
 # %% mystnb={"figure": {"caption": "Expert load per group on the test split (Fair-MoE, first attribute, first seed): share of each group's routed tokens (patch routers) or samples (feature routers) that each expert takes.", "name": "fig-fair-moe-load"}}
@@ -194,11 +187,11 @@ fb.plots.savefig(fig, "routing-gate-variance")
 # %%
 fb.runs.save_metrics({
     "data": source,
-    "model": f"{model} from {pretrained} with FO-MoE {moe_args}; recipe {recipe}, epochs={epochs}, lr={lr}, "
-             f"{n_train} training pairs per seed; FOL weight {fol_weight}, Sinkhorn lambda {lam}",
+    "model": f"{model} from {pretrained}; {fair_moe.describe()}; recipe {recipe}, epochs={epochs}, lr={lr}, "
+             f"{n_train} training pairs per seed",
     "parameters": {"clip": clip_params, "fair_moe": moe_params},
     "seeds": seeds,
-    "table": fb.results.table(evals, methods=methods),
+    "table": fb.tables.table(evals, methods=methods),
     "paired": paired,
     "routing_first_model": routing,
 })
@@ -210,7 +203,7 @@ fb.runs.save_metrics({
 # excludes zero in the claimed direction):
 
 # %%
-verdicts = fb.results.claims(paired)
+verdicts = fb.tables.claims(paired)
 verdicts.pivot_table(index=["attribute", "metric"], columns="baseline", values="verdict", aggfunc="first")
 
 # %% [markdown]
@@ -218,9 +211,11 @@ verdicts.pivot_table(index=["attribute", "metric"], columns="baseline", values="
 # for all), and how many experts each router actually used on the test split (load above 1%).
 
 # %%
-used = routing[routing["group"] == "all"].groupby("router", sort=False)["load"].apply(lambda l: int((l > 0.01).sum()))
+loads = routing[routing["group"] == "all"].groupby("router", sort=False)["load"]
+used = loads.apply(lambda load: int((load > 0.01).sum()))
 print("FOL / contrastive loss at the start:", scale.set_index("name")["share"].round(4).to_dict())
-print("experts with more than 1% of the load:", used.to_dict(), f"(of {n_experts} patch, {feature_experts} feature)")
+print("experts with more than 1% of the load:", used.to_dict(),
+      f"(of {layers['n_experts']} patch, {layers['feature_experts']} feature)")
 
 # %% [markdown]
 # - The paper reports Fair-MoE above CLIP and FairCLIP in ES-AUC and AUC for every attribute. On this benchmark each

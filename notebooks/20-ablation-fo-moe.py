@@ -38,11 +38,7 @@ batch_size = 32
 n_train = 1000
 prompts = "fairmedfm"
 attributes = ["race"]  # the paper's Table 2 has all four; the CPU default runs the attribute with designed bias
-n_experts = 10
-top_k = 3
-capacity = 0.8
-feature_experts = 4
-feature_top_k = 2
+layers = {"n_experts": 10, "top_k": 3, "capacity": 0.8, "feature_experts": 4, "feature_top_k": 2}  # chapter 13's
 form = "paper"
 fairclip_form = "paper"  # FairCLIP's regulariser as in chapter 12: "paper" or "code"
 lam = 100.0  # FairCLIP's Sinkhorn weight (chapter 12)
@@ -56,16 +52,11 @@ n_boot = 1000
 # %%
 source = fb.data.describe(data_root)
 config = fb.train.TrainConfig.preset(recipe, epochs=epochs, lr=lr, batch_size=batch_size, prompts=prompts)
-moe_args = dict(n_experts=n_experts, top_k=top_k, capacity=capacity, feature_experts=feature_experts,
-                feature_top_k=feature_top_k, form=form)
-setup = dict(data_root=data_root, config=config, model=model, pretrained=pretrained, n_train=n_train)
+fairclip_moe = fb.methods.FairMoE("FairCLIP w. FO-MoE", layers={**layers, "form": form}, fol=None,
+                                   fairclip=dict(lam=lam, blur=blur, form=fairclip_form))
+setup = fb.protocol.Setup(data_root, config, model, pretrained, n_train)
 out = fb.runs.output_dir()
-for attribute in attributes:
-    for seed in seeds:
-        fairclip = fb.fairness.FairCLIPRegulariser(attribute, lam=lam, blur=blur, form=fairclip_form)
-        fb.train.train_and_save(out, "FairCLIP w. FO-MoE", seed, attribute=attribute,
-                                moe=moe_args,
-                                regulariser=lambda net, train: fairclip.hook(net, train, batch_size, seed), **setup)
+fb.protocol.train_grid(out, [fairclip_moe], setup, seeds, attributes)
 
 # %% [markdown]
 # ## Table 2
@@ -76,12 +67,12 @@ for attribute in attributes:
 methods = ["FairCLIP", "FairCLIP w. FO-MoE", "Fair-MoE"]
 runs = pd.concat([fb.results.collect(*reference_runs), fb.results.collect(out)], ignore_index=True)
 runs = fb.results.same_data(runs[runs["attribute"].isin(attributes)], source)
-evals = fb.results.evaluate(runs, attributes=attributes, n_boot=n_boot)
-table = fb.results.table(evals, methods=methods)
+evals = fb.tables.evaluate(runs, attributes=attributes, n_boot=n_boot)
+table = fb.tables.table(evals, methods=methods)
 table
 
 # %%
-fb.results.ci_table(evals, methods=methods)
+fb.tables.ci_table(evals, methods=methods)
 
 # %% [markdown]
 # ## Does FO-MoE help FairCLIP?
@@ -90,8 +81,8 @@ fb.results.ci_table(evals, methods=methods)
 # AUC, lower DPD and EOD):
 
 # %%
-paired = fb.results.paired_table(evals[evals["method"] != "Fair-MoE"], baseline="FairCLIP")
-verdicts = fb.results.claims(paired)
+paired = fb.tables.paired_table(evals[evals["method"] != "Fair-MoE"], baseline="FairCLIP")
+verdicts = fb.tables.claims(paired)
 verdicts[["attribute", "metric", "diff", "boot_lo", "boot_hi", "p", "verdict"]].round(4)
 
 # %% [markdown]
@@ -99,8 +90,7 @@ verdicts[["attribute", "metric", "diff", "boot_lo", "boot_hi", "p", "verdict"]].
 
 # %%
 fb.runs.save_metrics({"data": source, "attributes": attributes, "seeds": seeds,
-                      "model": f"{model} from {pretrained} with FO-MoE {moe_args}; FairCLIP {fairclip_form} form, "
-                               f"lambda {lam}, blur {blur}",
+                      "model": f"{model} from {pretrained}; {fairclip_moe.describe()}",
                       "table": table, "paired": verdicts})
 
 # %% [markdown]

@@ -37,11 +37,7 @@ lr = 1e-4
 batch_size = 32
 n_train = 1000
 prompts = "fairmedfm"
-n_experts = 10
-top_k = 3
-capacity = 0.8
-feature_experts = 4
-feature_top_k = 2
+layers = {"n_experts": 10, "top_k": 3, "capacity": 0.8, "feature_experts": 4, "feature_top_k": 2}  # chapter 13's
 form = "paper"
 seeds = [0, 1, 2]
 n_boot = 1000
@@ -52,13 +48,10 @@ n_boot = 1000
 # %%
 source = fb.data.describe(data_root)
 config = fb.train.TrainConfig.preset(recipe, epochs=epochs, lr=lr, batch_size=batch_size, prompts=prompts)
-moe_args = dict(n_experts=n_experts, top_k=top_k, capacity=capacity, feature_experts=feature_experts,
-                feature_top_k=feature_top_k, form=form)
+without_fol = fb.methods.FairMoE("Fair-MoE w/o FOL", layers={**layers, "form": form}, fol=None)
+setup = fb.protocol.Setup(data_root, config, model, pretrained, n_train)
 out = fb.runs.output_dir()
-for seed in seeds:
-    fb.train.train_and_save(out, "Fair-MoE w/o FOL", seed, data_root=data_root, config=config, model=model,
-                            pretrained=pretrained, n_train=n_train,
-                            moe=moe_args)
+fb.protocol.train_grid(out, [without_fol], setup, seeds)
 
 # %% [markdown]
 # ## Table 3
@@ -68,12 +61,12 @@ for seed in seeds:
 # %%
 methods = ["CLIP", "Fair-MoE w/o FOL", "Fair-MoE"]
 runs = pd.concat([fb.results.collect(*reference_runs), fb.results.collect(out)], ignore_index=True)
-evals = fb.results.evaluate(fb.results.same_data(runs, source), n_boot=n_boot)
-table = fb.results.table(evals, methods=methods)
+evals = fb.tables.evaluate(fb.results.same_data(runs, source), n_boot=n_boot)
+table = fb.tables.table(evals, methods=methods)
 table
 
 # %%
-fb.results.ci_table(evals, methods=methods)
+fb.tables.ci_table(evals, methods=methods)
 
 # %% [markdown]
 # ## What FOL adds
@@ -82,7 +75,7 @@ fb.results.ci_table(evals, methods=methods)
 
 # %%
 columns = ["attribute", "metric", "diff", "boot_lo", "boot_hi", "p", "verdict"]
-with_fol = fb.results.claims(fb.results.paired_table(evals[evals["method"] != "CLIP"], baseline="Fair-MoE w/o FOL"))
+with_fol = fb.tables.claims(fb.tables.paired_table(evals[evals["method"] != "CLIP"], baseline="Fair-MoE w/o FOL"))
 with_fol[columns].round(4)
 
 # %% [markdown]
@@ -91,7 +84,7 @@ with_fol[columns].round(4)
 # The FOL-free twin minus CLIP, paired on seed:
 
 # %%
-alone = fb.results.claims(fb.results.paired_table(evals[evals["method"] != "Fair-MoE"], baseline="CLIP"))
+alone = fb.tables.claims(fb.tables.paired_table(evals[evals["method"] != "Fair-MoE"], baseline="CLIP"))
 alone[columns].round(4)
 
 # %% [markdown]
@@ -99,7 +92,7 @@ alone[columns].round(4)
 
 # %%
 fb.runs.save_metrics({"data": source, "seeds": seeds,
-                      "model": f"{model} from {pretrained} with FO-MoE {moe_args}, contrastive loss only",
+                      "model": f"{model} from {pretrained}; {without_fol.describe()}, contrastive loss only",
                       "table": table, "fol_effect": with_fol, "experts_alone": alone})
 
 # %% [markdown]

@@ -43,11 +43,7 @@ prompts = "fairmedfm"
 attributes = ["race"]  # the CPU default runs the attribute with designed bias
 variants = ["w/o F_EI", "w/o F_ET", "w/o F_FI", "w/o F_FT", "w/o EM", "w/o FM", "w/o text FO-MoE",
             "w/o image FO-MoE"]  # which rows of Table 4 to train
-n_experts = 10
-top_k = 3
-capacity = 0.8
-feature_experts = 4
-feature_top_k = 2
+layers = {"n_experts": 10, "top_k": 3, "capacity": 0.8, "feature_experts": 4, "feature_top_k": 2}  # chapter 13's
 form = "paper"
 fol_weight = 1000.0  # chapter 13's weights
 lam = 100.0
@@ -58,7 +54,7 @@ n_boot = 1000
 # %% [markdown]
 # ## The variants
 #
-# Each row of Table 4 is a change to `fb.moe.add_fo_moe` (which layers exist) and to `fb.moe.fol` (which F terms
+# Each row of Table 4 is a change to `fb.methods.fair_moe.add_fo_moe` (which layers exist) and to `fb.methods.fair_moe.fol` (which F terms
 # count):
 
 # %%
@@ -81,19 +77,12 @@ pd.DataFrame([{"variant": name, "layers": layers or "all four", "F terms": ", ".
 # %%
 source = fb.data.describe(data_root)
 config = fb.train.TrainConfig.preset(recipe, epochs=epochs, lr=lr, batch_size=batch_size, prompts=prompts)
-moe_args = dict(n_experts=n_experts, top_k=top_k, capacity=capacity, feature_experts=feature_experts,
-                feature_top_k=feature_top_k, form=form)
-fol_args = dict(weight=fol_weight, lam=lam, blur=blur, form=form)
-setup = dict(data_root=data_root, config=config, model=model, pretrained=pretrained, n_train=n_train)
+fol = dict(weight=fol_weight, lam=lam, blur=blur, form=form)
+ablations = [fb.methods.FairMoE(f"Fair-MoE {name}", layers={**layers, "form": form, **TABLE4[name][0]},
+                                fol={**fol, "keep": TABLE4[name][1]}) for name in variants]
+setup = fb.protocol.Setup(data_root, config, model, pretrained, n_train)
 out = fb.runs.output_dir()
-for name in variants:
-    layers, keep = TABLE4[name]
-    for attribute in attributes:
-        for seed in seeds:
-            fb.train.train_and_save(out, f"Fair-MoE {name}", seed, attribute=attribute,
-                                    moe={**moe_args, **layers},
-                                    regulariser=lambda net, train: fb.moe.fol(net, attribute, keep=keep, **fol_args),
-                                    **setup)
+fb.protocol.train_grid(out, ablations, setup, seeds, attributes)
 
 # %% [markdown]
 # ## Table 4
@@ -104,12 +93,12 @@ for name in variants:
 methods = ["Fair-MoE", *(f"Fair-MoE {name}" for name in variants)]
 reference = fb.results.collect(reference_run)
 runs = pd.concat([reference[reference["attribute"].isin(attributes)], fb.results.collect(out)], ignore_index=True)
-evals = fb.results.evaluate(fb.results.same_data(runs, source), attributes=attributes, n_boot=n_boot)
-table = fb.results.table(evals, methods=methods)
+evals = fb.tables.evaluate(fb.results.same_data(runs, source), attributes=attributes, n_boot=n_boot)
+table = fb.tables.table(evals, methods=methods)
 table
 
 # %%
-fb.results.ci_table(evals, methods=methods)
+fb.tables.ci_table(evals, methods=methods)
 
 # %% [markdown]
 # ## Does each component help?
@@ -118,7 +107,7 @@ fb.results.ci_table(evals, methods=methods)
 # makes the model clearly *worse*, i.e. when the verdict of "variant against Fair-MoE" is `worse`.
 
 # %%
-verdicts = fb.results.claims(fb.results.paired_table(evals, baseline="Fair-MoE"))
+verdicts = fb.tables.claims(fb.tables.paired_table(evals, baseline="Fair-MoE"))
 summary = verdicts.pivot_table(index="method", columns=["attribute", "metric"], values="verdict", aggfunc="first")
 summary.reindex([m for m in methods if m in summary.index])
 
@@ -134,7 +123,7 @@ fb.plots.savefig(fig, "variants-minus-fair-moe")
 
 # %%
 fb.runs.save_metrics({"data": source, "attributes": attributes, "seeds": seeds, "variants": variants,
-                      "model": f"{model} from {pretrained} with FO-MoE {moe_args}; FOL {fol_args}",
+                      "model": f"{model} from {pretrained}; " + "; ".join(m.describe() for m in ablations),
                       "table": table, "paired": verdicts})
 
 # %% [markdown]

@@ -52,7 +52,7 @@ mask_key = "disc_mask"
 # %% [markdown]
 # ## The models and the cases
 #
-# Each model is rebuilt from its run folder (`fb.results.load_model`): architecture from its record, weights
+# Each model is rebuilt from its run folder (`fb.protocol.load_model`): architecture from its record, weights
 # from its kept epoch. The cases are drawn from the test split with the same number of glaucoma and healthy
 # images in every group, so that the groups do not differ in their label mix.
 
@@ -60,7 +60,7 @@ mask_key = "disc_mask"
 models = {"CLIP": (clip_run, "CLIP", "all"), "FairCLIP": (fairclip_run, "FairCLIP", attribute),
           "Fair-MoE": (fair_moe_run, "Fair-MoE", attribute)}
 source = fb.data.describe(data_root)
-net, preprocess, tokenizer = fb.results.load_model(clip_run, "CLIP", "all", seeds[0])
+net, preprocess, tokenizer = fb.protocol.load_model(clip_run, "CLIP", "all", seeds[0])
 test = fb.data.FairVLMed(data_root, "Test", preprocess, tokenizer)
 rows = fb.explain.sample_cases(test, attribute, per_cell, seed=0)
 cases = test.metadata.iloc[rows][["glaucoma", f"{attribute}_name"]].rename(columns={f"{attribute}_name": "group"})
@@ -129,7 +129,7 @@ paired.round(4)
 show = cases.reset_index(drop=True).query("glaucoma == 1").groupby("group").head(1).index.tolist()
 maps = {}
 for name, (run, method, trained_on) in models.items():
-    net, preprocess, tokenizer = fb.results.load_model(run, method, trained_on, seeds[0])
+    net, preprocess, tokenizer = fb.protocol.load_model(run, method, trained_on, seeds[0])
     target = fb.explain.decision_direction(net, tokenizer, fb.train.PROMPT_SETS[prompts])
     maps[name] = fb.explain.upsample_map(fb.explain.token_maps(net, images[show], methods[-1], target), net)
 outline = fb.explain.transform_mask(masks[show], preprocess)
@@ -148,7 +148,7 @@ fb.plots.savefig(fig, "attention-cases")
 # (95% intervals over cases).
 
 # %%
-net, preprocess, _ = fb.results.load_model(fair_moe_run, "Fair-MoE", attribute, seeds[0])
+net, preprocess, _ = fb.protocol.load_model(fair_moe_run, "Fair-MoE", attribute, seeds[0])
 weights, dropped = fb.explain.patch_routing(net, images)
 grid = fb.explain.mask_to_grid(masks, preprocess, net)
 
@@ -159,7 +159,7 @@ fb.plots.savefig(fig, "routing-cases")
 # %%
 drops = []
 for seed in seeds:
-    net, _, _ = fb.results.load_model(fair_moe_run, "Fair-MoE", attribute, seed)
+    net, _, _ = fb.protocol.load_model(fair_moe_run, "Fair-MoE", attribute, seed)
     drops.append(fb.explain.dropped_shares(*fb.explain.patch_routing(net, images), grid).assign(seed=seed))
 drops = pd.concat(drops, ignore_index=True)
 drops = drops.assign(case=rows[drops["item"]], group=cases["group"].to_numpy()[drops["item"]])

@@ -80,21 +80,21 @@ chosen.groupby(["method", "attribute"], sort=False)["seed"].apply(list).to_frame
 # splits. The models of one configuration share their preprocess, so the images are decoded once.
 
 # %%
-_, preprocess, _ = fb.results.load_model(clip_run, "CLIP", fb.results.ALL, seeds[0])
+_, preprocess, _ = fb.protocol.load_model(clip_run, "CLIP", fb.results.ALL, seeds[0])
 splits = {"train": fb.data.FairVLMed(data_root, "Training", preprocess).subset(n_train_probe, 0),
           "val": fb.data.FairVLMed(data_root, "Validation", preprocess),
           "test": fb.data.FairVLMed(data_root, "Test", preprocess)}
 images = {split: fb.representation.load_images(data) for split, data in splits.items()}
 
 # %% [markdown]
-# `fb.results.load_model` rebuilds each model with its kept epoch and `fb.representation.image_features` runs its
+# `fb.protocol.load_model` rebuilds each model with its kept epoch and `fb.representation.image_features` runs its
 # image encoder over the images.
 
 # %%
 features = {}
 for method, (run_dir, trained_on) in models.items():
     for seed in seeds:
-        net, preprocess, _ = fb.results.load_model(run_dir, method, trained_on, seed)
+        net, preprocess, _ = fb.protocol.load_model(run_dir, method, trained_on, seed)
         features[method, seed] = {split: fb.representation.image_features(net, preprocess, batches, attribute)
                                   for split, batches in images.items()}
 test = features["CLIP", seeds[0]]["test"]

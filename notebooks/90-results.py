@@ -41,7 +41,7 @@ n_boot = 1000  # bootstrap resamples of the test set
 # model must come from the same data, or the comparison means nothing.
 
 # %%
-folders = [fb.runs.resolve(runs_dir) / chapter / config for chapter in chapters]
+folders = [fb.files.resolve(runs_dir) / chapter / config for chapter in chapters]
 runs = fb.results.collect(*folders)
 source = runs["data"].iloc[0]
 fb.results.same_data(runs, source)
@@ -55,16 +55,16 @@ runs.groupby(["chapter", "method", "attribute"])["seed"].apply(lambda s: ", ".jo
 # attribute only.
 
 # %%
-evals = fb.results.evaluate(runs, n_boot=n_boot)
+evals = fb.tables.evaluate(runs, n_boot=n_boot)
 methods = list(dict.fromkeys(runs["method"]))
-table = fb.results.table(evals, methods=methods)
+table = fb.tables.table(evals, methods=methods)
 table
 
 # %% [markdown]
 # The seed means with 95% bootstrap intervals over test resamples (every model scored on the same resamples):
 
 # %%
-fb.results.ci_table(evals, methods=methods)
+fb.tables.ci_table(evals, methods=methods)
 
 # %% [markdown]
 # ## Against the baseline
@@ -73,7 +73,7 @@ fb.results.ci_table(evals, methods=methods)
 # paired t-test across seeds. Higher is better for ES-AUC and AUC, lower for DPD and EOD.
 
 # %%
-paired = fb.results.paired_table(evals, baseline=baseline)
+paired = fb.tables.paired_table(evals, baseline=baseline)
 paired.round(4)
 
 # %% mystnb={"figure": {"caption": "Each method minus the baseline, per attribute and metric: mean over seeds with paired 95% bootstrap intervals.", "name": "fig-results-vs-baseline"}}
@@ -88,7 +88,7 @@ fb.plots.savefig(fig, "methods-minus-baseline")
 
 # %%
 for attribute in fb.data.FILTER_ATTRIBUTES:
-    display(fb.results.group_auc_table(evals, attribute, methods=methods))
+    display(fb.tables.group_auc_table(evals, attribute, methods=methods))
 
 # %% [markdown]
 # ## Saved for later
@@ -100,7 +100,7 @@ for attribute in fb.data.FILTER_ATTRIBUTES:
 columns = ["chapter", "method", "attribute", "seed", "eval_attribute", "threshold", "auc", "es_auc", "dpd", "eod",
            "eq_odds", "worst_auc", "auc_delta"]
 per_seed = evals[columns]
-fb.runs.atomic_write_text(fb.runs.output_dir() / "per-seed.csv", per_seed.to_csv(index=False))
+fb.files.atomic_write_text(fb.runs.output_dir() / "per-seed.csv", per_seed.to_csv(index=False))
 fb.runs.save_metrics({"data": source, "chapters": chapters, "source_config": config,
                       "table": table, "paired": paired})
 
@@ -110,7 +110,7 @@ fb.runs.save_metrics({"data": source, "chapters": chapters, "source_config": con
 # The number of clear differences (paired bootstrap interval excluding zero), computed:
 
 # %%
-verdicts = fb.results.claims(paired)
+verdicts = fb.tables.claims(paired)
 pd.crosstab(verdicts["method"], verdicts["verdict"])
 
 # %% [markdown]

@@ -14,7 +14,7 @@ SMOKE_CONTROL = "data/synth-smoke-nobias"  # the bias-free twin (preset "none")
 def smoke_data():
     """Write (once; the generator is idempotent) the small datasets the smoke parameters point at."""
     from fairbook.data.synthetic import SynthConfig, generate
-    from fairbook.runs import resolve
+    from fairbook.files import resolve
 
     root = resolve(SMOKE_DATA)
     sizes = dict(n_train=240, n_val=80, n_test=120)
@@ -51,3 +51,12 @@ def model(clip):
     import copy
 
     return copy.deepcopy(clip[0])
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say loudly when the browser checks of the book did not run (no Chromium), so a green run is not mistaken
+    for a checked book."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "browser" in getattr(r, "keywords", {})]
+    if skipped:
+        terminalreporter.write_sep("!", f"BROWSER CHECKS DID NOT RUN: {len(skipped)} skipped (no Chromium); "
+                                        "run `make browser` as root or `bash .ci/run`", red=True, bold=True)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fairbook.cli import main
-from test_fairvlmed import write_dataset, write_npz
+from test_fairvlmed import write_dataset
 
 TOY = '''# %% tags=["parameters"]
 x = 1
@@ -136,7 +136,8 @@ CASES = [
     ("language-nan", lambda r: npz(r, language=np.nan) or CHECK, "language = nan"),
     ("marital-out-of-set", lambda r: npz(r, maritalstatus=9) or CHECK, "maritalstatus = 9"),
     ("age-string", lambda r: npz(r, age="fifty") or CHECK, "age = 'fifty', expected a number"),
-    ("label-array", lambda r: npz(r, glaucoma=[0, 1]) or CHECK, "glaucoma is an array of shape (2,), expected a single"),
+    ("label-array", lambda r: npz(r, glaucoma=[0, 1]) or CHECK,
+     "glaucoma is an array of shape (2,), expected a single"),
     ("missing-key", lambda r: npz(r, tds=None) or CHECK, "lacks required key(s) tds"),
     ("corrupt-npz", lambda r: damage(r, lambda b: b"not a zip") or CHECK, "data_00002.npz (BadZipFile"),
     ("truncated-npz", lambda r: damage(r, lambda b: b[:300]) or CHECK, "corrupt or truncated"),
@@ -181,7 +182,7 @@ CASES = [
     ("notebook-folder", lambda r: ["run", "notebooks"], "is a folder, not a notebook"),
     ("notebook-missing", lambda r: ["run", "notebooks/nope.py"], "no notebook at"),
     ("notebook-stem-dot", lambda r: ["run", write(r, "notebooks/..py", TOY)],
-     "invalid configuration name '.' (from the notebook's file name)"),
+     "cannot read notebook"),
     ("yaml-malformed", lambda r: RUN + ["-p", write(r, "p.yaml", "x: [1, 2\n")], "cannot parse"),
     ("yaml-unsafe", lambda r: RUN + ["-p", write(r, "p.yaml", "x: !!python/object/apply:os.system [ls]\n")],
      "could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'"),
@@ -297,7 +298,8 @@ def test_an_unexpected_error_is_one_line_with_status_1(monkeypatch, capsys):
     monkeypatch.setattr(fv, "check", lambda *a, **k: 1 / 0)
     assert main(["data", "check", "anywhere"]) == 1
     line, = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("fairbook: error: unexpected ZeroDivisionError: division by zero") and "FAIRBOOK_DEBUG" in line
+    assert line.startswith("fairbook: error: unexpected ZeroDivisionError: division by zero")
+    assert "FAIRBOOK_DEBUG" in line
 
 
 def test_python_dash_m_fairbook_is_the_command(tmp_path):

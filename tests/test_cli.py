@@ -100,7 +100,6 @@ def test_metrics_writes_the_documented_json(tmp_path, capsys):
     ({"y_score": np.nan}, "NaN"),                          # NaN scores
 ])
 def test_metrics_input_errors_are_one_line(tmp_path, capsys, change, expected):
-    import pandas as pd
 
     frame = _predictions(tmp_path / "test.csv")
     (column, value), = change.items()

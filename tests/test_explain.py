@@ -57,7 +57,7 @@ def test_rollout_multiplies_later_blocks_on_the_left():
 
 
 def test_rollout_head_fusion_and_discard():
-    P, I = torch.tensor([[0.0, 1, 0], [0, 0, 1], [1, 0, 0]]), torch.eye(3)
+    P, I = torch.tensor([[0.0, 1, 0], [0, 0, 1], [1, 0, 0]]), torch.eye(3)  # noqa: E741 (the identity)
     two_heads = torch.stack([P, I])[None]  # (1, 2, 3, 3)
     # mean: (P + I) / 2 + I, rows sum to 2 -> P / 4 + 3 I / 4
     assert torch.allclose(ex.rollout([two_heads], head_fusion="mean")[0].float(), P / 4 + 3 * I / 4)
@@ -419,7 +419,7 @@ def test_share_table_hand_worked():
 
 
 def test_patch_routing_reads_the_image_patch_router(tiny, images):
-    from fairbook.moe import add_fo_moe, routers
+    from fairbook.methods.fair_moe import add_fo_moe, routers
 
     model = add_fo_moe(copy.deepcopy(tiny[0]), n_experts=4, top_k=2, capacity=0.5)
     weights, dropped = ex.patch_routing(model, images)

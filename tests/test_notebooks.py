@@ -63,9 +63,8 @@ def test_data_chapter_numbers_match_the_loader(smoke_runs, smoke_data):
 def test_book_built_from_the_smoke_runs_renders_offline(smoke_runs, tmp_path):
     """The real chapters, executed under smoke parameters, built into the book and opened in Chromium."""
     from browser import CHROMIUM, check_book_in_browser
-    from test_book import copy_book_sources
-
     from fairbook.book import build_book
+    from test_book import copy_book_sources
 
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium)")

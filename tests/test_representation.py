@@ -262,9 +262,10 @@ def test_bad_input_raises_one_line(call, match):
 
 
 def test_image_features_keep_known_groups_in_item_order(smoke_data, clip, one_thread):
+    from torch.utils.data import DataLoader
+
     from fairbook.data import FairVLMed
     from fairbook.train import extract_features
-    from torch.utils.data import DataLoader
 
     model, _, preprocess, _ = clip
     data = FairVLMed(smoke_data, "Training", preprocess).subset(40, 0)

@@ -1,4 +1,4 @@
-"""The results store: saved predictions, per-seed evaluation and the Table-1 style comparisons."""
+"""The results store (saved predictions) and the comparison tables built from it (fairbook.tables)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,8 @@ import pytest
 from scipy import stats as st
 from sklearn.metrics import roc_auc_score
 
-from fairbook import results
+from fairbook import results, tables
+from fairbook.metrics import report_from_csv
 from fairbook.results import ResultsError
 
 N = 400
@@ -31,7 +32,8 @@ def make_split(split_seed: int, score_seed: int, black_noise: float = 2.0, n: in
 
 def save_model(run_dir, method, seed, attribute=results.ALL, black_noise=2.0, data=DATA):
     offset = 1000 * len(method)  # different methods draw different scores on the same splits
-    scores = {"validation": make_split(1, offset + seed, black_noise), "test": make_split(7, offset + seed, black_noise)}
+    scores = {"validation": make_split(1, offset + seed, black_noise),
+              "test": make_split(7, offset + seed, black_noise)}
     return results.save(run_dir, method, seed, scores, data, {"best_epoch": 1, "scores": "dropped"}, attribute)
 
 
@@ -82,7 +84,7 @@ def test_bad_inputs_give_one_line_errors(store, tmp_path):
 
 def test_evaluate_matches_scikit_learn_and_uses_a_validation_threshold(store):
     runs = results.collect(store[0])
-    evals = results.evaluate(runs, n_boot=0)
+    evals = tables.evaluate(runs, n_boot=0)
     assert len(evals) == 3 * 4  # three seeds, four attributes
     row = evals[(evals["seed"] == 2) & (evals["eval_attribute"] == "race")].iloc[0]
     y, p, codes = make_split(7, 4002)
@@ -96,11 +98,11 @@ def test_evaluate_matches_scikit_learn_and_uses_a_validation_threshold(store):
 
 @pytest.fixture
 def evals(store):
-    return results.evaluate(results.collect(*store), n_boot=200)
+    return tables.evaluate(results.collect(*store), n_boot=200)
 
 
 def test_table_is_mean_and_sample_std_over_seeds_in_percent(evals):
-    table = results.table(evals, decimals=2)
+    table = tables.table(evals, decimals=2)
     assert list(table.columns) == ["ES-AUC", "AUC", "DPD", "EOD", "seeds"]
     # FairCLIP trained on race appears under race only; CLIP under every attribute
     assert ("gender", "FairCLIP") not in table.index and ("gender", "CLIP") in table.index
@@ -114,13 +116,13 @@ def test_interval_of_the_seed_mean_averages_replicates_over_seeds(evals):
     clip = evals[(evals["method"] == "CLIP") & (evals["eval_attribute"] == "gender")]
     mean_reps = np.mean([b["auc"] for b in clip["boot"]], axis=0)
     lo, hi = np.percentile(mean_reps, [2.5, 97.5])
-    cell = results.ci_table(evals).loc[("gender", "CLIP"), "AUC"]
+    cell = tables.ci_table(evals).loc[("gender", "CLIP"), "AUC"]
     assert cell == f"{100 * clip['auc'].mean():.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
     assert lo < clip["auc"].mean() < hi
 
 
 def test_paired_table_matches_scipy_and_a_model_against_itself_gives_a_zero_interval(evals, store, tmp_path):
-    paired = results.paired_table(evals, baseline="CLIP")
+    paired = tables.paired_table(evals, baseline="CLIP")
     assert set(paired["attribute"]) == {"race"} and len(paired) == 4
     auc = paired[paired["metric"] == "auc"].iloc[0]
     at = evals[evals["eval_attribute"] == "race"]
@@ -133,15 +135,15 @@ def test_paired_table_matches_scipy_and_a_model_against_itself_gives_a_zero_inte
     # a copy of CLIP under another name: identical scores on identical resamples, so the interval is [0, 0]
     twin = tmp_path / "twin"
     shutil.copytree(store[0] / "predictions" / "CLIP", twin / "predictions" / "Twin")
-    both = results.evaluate(results.collect(store[0], twin), attributes=["race"], n_boot=100)
-    same = results.paired_table(both, baseline="CLIP")
+    both = tables.evaluate(results.collect(store[0], twin), attributes=["race"], n_boot=100)
+    same = tables.paired_table(both, baseline="CLIP")
     assert np.allclose(same[["diff", "boot_lo", "boot_hi"]].to_numpy(), 0)
     with pytest.raises(ResultsError, match="baseline 'GroupDRO' has no results"):
-        results.paired_table(evals, baseline="GroupDRO")
+        tables.paired_table(evals, baseline="GroupDRO")
 
 
 def test_group_differences_are_signed_and_flag_the_noisy_group(evals):
-    diffs = results.group_differences(evals, "CLIP")
+    diffs = tables.group_differences(evals, "CLIP")
     assert len(diffs) == 3 + 1 + 1 + 3  # group pairs of race, gender, ethnicity, language
     race = diffs[diffs["attribute"] == "race"].set_index("groups")
     # race group 1 ("Black") has noisier scores by construction: Asian - Black is clearly positive
@@ -155,11 +157,11 @@ def test_group_differences_are_signed_and_flag_the_noisy_group(evals):
 
 
 def test_group_auc_table_lists_group_sizes(evals):
-    table = results.group_auc_table(evals, "race")
+    table = tables.group_auc_table(evals, "race")
     assert list(table.index) == ["CLIP", "FairCLIP"]
     assert all(col.split(" (n=")[0] in {"Asian", "Black", "White"} for col in table.columns)
     with pytest.raises(ResultsError, match="no evaluation on attribute 'age'"):
-        results.group_auc_table(evals, "age")
+        tables.group_auc_table(evals, "age")
 
 
 def test_method_names_with_a_slash_round_trip(tmp_path):
@@ -168,3 +170,25 @@ def test_method_names_with_a_slash_round_trip(tmp_path):
     assert list(results.collect(tmp_path)["method"]) == ["Fair-MoE w/o FOL"]
     with pytest.raises(ResultsError, match="method name is empty"):
         save_model(tmp_path, " ", 0)
+
+
+def test_save_predictions_round_trips_through_fairbook_metrics(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 60
+    y = np.tile([0, 1], n // 2)
+    p = np.clip(0.3 * y + rng.uniform(0, 0.7, n), 0, 1)
+    codes = np.column_stack([np.arange(n) % 3, np.arange(n) % 2, np.zeros(n, int), np.full(n, -1)])
+    path = results.save_predictions(tmp_path / "preds.csv", y, p, codes, "test")
+    frame = pd.read_csv(path)
+    assert list(frame.columns) == ["y_true", "y_score", "race", "gender", "ethnicity", "language", "split"]
+    assert frame["race"].tolist()[:3] == ["Asian", "Black", "White"] and set(frame["language"]) == {"Unknown"}
+    assert np.array_equal(frame["y_score"].to_numpy(), p)                        # full precision
+    report = report_from_csv(path, ["race", "gender"], n_boot=20)
+    race = report["attributes"]["race"]
+    assert race["auc"] == pytest.approx(roc_auc_score(y, p))
+    black = codes[:, 0] == 1
+    assert race["group_auc"]["Black"] == pytest.approx(roc_auc_score(y[black], p[black]))
+    assert report["attributes"]["gender"]["group_count"] == {"Female": 30, "Male": 30}
+    assert [f.name for f in tmp_path.iterdir()] == ["preds.csv"]
+    with pytest.raises(ResultsError, match="n x 4 code matrix"):
+        results.save_predictions(tmp_path / "bad.csv", y, p, codes[:, :2], "test")

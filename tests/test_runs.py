@@ -4,14 +4,14 @@ import json
 import pytest
 import yaml
 
-from fairbook import runs
+from fairbook import files, runs
 
 NOTEBOOK = '''# %% [markdown]
 # A toy notebook for the runner tests.
 
 # %%
 from pathlib import Path
-from fairbook import runs
+from fairbook import files, runs
 
 # %% tags=["parameters"]
 x = 1
@@ -136,9 +136,9 @@ def test_to_jsonable_turns_pandas_into_plain_json():
     import pandas as pd
 
     frame = pd.DataFrame({"auc": [0.7, float("nan")]}, index=pd.Index(["race", "gender"], name="attribute"))
-    assert runs.to_jsonable(frame) == [{"attribute": "race", "auc": 0.7}, {"attribute": "gender", "auc": None}]
-    assert runs.to_jsonable(frame["auc"]) == {"race": 0.7, "gender": None}
-    assert json.loads(json.dumps(runs.to_jsonable({"t": frame}))) == {"t": runs.to_jsonable(frame)}
+    assert files.to_jsonable(frame) == [{"attribute": "race", "auc": 0.7}, {"attribute": "gender", "auc": None}]
+    assert files.to_jsonable(frame["auc"]) == {"race": 0.7, "gender": None}
+    assert json.loads(json.dumps(files.to_jsonable({"t": frame}))) == {"t": files.to_jsonable(frame)}
 
 
 def test_long_override_values_give_a_short_unique_config_name():

@@ -13,7 +13,13 @@ from sklearn.metrics import roc_auc_score
 from fairbook.data import synthetic
 from fairbook.data.attributes import ATTRIBUTES, FILTER_ATTRIBUTES, REQUIRED_NPZ_KEYS, SPLITS
 from fairbook.data.synthetic import (
-    SynthConfig, SynthConfigError, generate, load_manifest, load_truth, marker_mask, sample_records,
+    SynthConfig,
+    SynthConfigError,
+    generate,
+    load_manifest,
+    load_truth,
+    marker_mask,
+    sample_records,
 )
 
 TINY = dict(n_train=60, n_val=20, n_test=40)
@@ -285,3 +291,27 @@ def test_the_next_generation_removes_what_killed_ones_left(tmp_path):
     live.mkdir()
     generate(tmp_path / "out", SynthConfig(n_train=3, n_val=2, n_test=2), workers=1, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-1", "out"]
+
+
+# ------------------------------------------------------------------------------------------- pretraining corpus
+def test_pretrain_val_size_is_a_quarter_clipped_to_64_500():
+    assert [synthetic.pretrain_val_size(n) for n in (8, 96, 256, 400, 2000, 5000)] == [64, 64, 64, 100, 500, 500]
+
+
+def test_pretrain_corpus_writes_its_own_folder_once_and_reuses_it(tmp_path):
+    import json
+
+    folder = synthetic.pretrain_corpus(7, 8, root=tmp_path, workers=1)
+    assert folder == tmp_path / "synth-pretrain-7-8"
+    manifest = json.loads((folder / "synthetic.json").read_text())
+    config = manifest["config"]
+    assert (config["seed"], config["name"], config["n_train"], config["n_val"], config["n_test"]) == (
+        7, "default", 8, 64, synthetic.PRETRAIN_TEST_SIZE)
+    assert manifest["counts"] == {"Training": 8, "Validation": 64, "Test": synthetic.PRETRAIN_TEST_SIZE}
+    stamp = (folder / "synthetic.json").stat().st_mtime_ns
+    assert synthetic.pretrain_corpus(7, 8, root=tmp_path, workers=1) == folder              # reused, not rewritten
+    assert (folder / "synthetic.json").stat().st_mtime_ns == stamp
+    other = synthetic.pretrain_corpus(8, 8, root=tmp_path, workers=1)                       # another seed: new folder
+    assert other.name == "synth-pretrain-8-8"
+    with np.load(folder / "Training" / "data_00001.npz") as a, np.load(other / "Training" / "data_00001.npz") as b:
+        assert not np.array_equal(a["slo_fundus"], b["slo_fundus"])                    # independent draws

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from open_clip.loss import ClipLoss
@@ -17,12 +15,21 @@ from torch.utils.data import DataLoader, Subset
 from fairbook import train
 from fairbook.data.fairvlmed import FairVLMed
 from fairbook.data.synthetic import SynthConfig, generate
-from fairbook.metrics import report_from_csv
 from fairbook.models import create_clip
-from fairbook.results import ResultsError
 from fairbook.train import (
-    FAIRCLIP_PROMPTS, FAIRMEDFM_PROMPTS, CheckpointError, TrainConfig, TrainError, class_embeddings, clip_loss,
-    extract_features, fit_clip, linear_probe, load_checkpoint, lr_factor, save_predictions, set_trainable,
+    FAIRCLIP_PROMPTS,
+    FAIRMEDFM_PROMPTS,
+    CheckpointError,
+    TrainConfig,
+    TrainError,
+    class_embeddings,
+    clip_loss,
+    extract_features,
+    fit_clip,
+    linear_probe,
+    load_checkpoint,
+    lr_factor,
+    set_trainable,
     zero_shot_scores,
 )
 
@@ -249,29 +256,6 @@ def test_linear_probe_chooses_c_on_validation(model, data):
         roc_auc_score(result["val"]["y_true"], result["val"]["y_score"]))
 
 
-# -------------------------------------------------------------------------------------------------------- files
-def test_save_predictions_round_trips_through_fairbook_metrics(tmp_path):
-    rng = np.random.default_rng(0)
-    n = 60
-    y = np.tile([0, 1], n // 2)
-    p = np.clip(0.3 * y + rng.uniform(0, 0.7, n), 0, 1)
-    codes = np.column_stack([np.arange(n) % 3, np.arange(n) % 2, np.zeros(n, int), np.full(n, -1)])
-    path = save_predictions(tmp_path / "preds.csv", y, p, codes, "test")
-    frame = pd.read_csv(path)
-    assert list(frame.columns) == ["y_true", "y_score", "race", "gender", "ethnicity", "language", "split"]
-    assert frame["race"].tolist()[:3] == ["Asian", "Black", "White"] and set(frame["language"]) == {"Unknown"}
-    assert np.array_equal(frame["y_score"].to_numpy(), p)                        # full precision
-    report = report_from_csv(path, ["race", "gender"], n_boot=20)
-    race = report["attributes"]["race"]
-    assert race["auc"] == pytest.approx(roc_auc_score(y, p))
-    black = codes[:, 0] == 1
-    assert race["group_auc"]["Black"] == pytest.approx(roc_auc_score(y[black], p[black]))
-    assert report["attributes"]["gender"]["group_count"] == {"Female": 30, "Male": 30}
-    assert [f.name for f in tmp_path.iterdir()] == ["preds.csv"]
-    with pytest.raises(TrainError, match="n x 4 code matrix"):
-        save_predictions(tmp_path / "bad.csv", y, p, codes[:, :2], "test")
-
-
 def test_corrupt_or_incompatible_checkpoint_gives_one_line_error(model, tmp_path):
     corrupt = tmp_path / "best.pt"
     corrupt.write_bytes(b"not a checkpoint at all")
@@ -290,30 +274,6 @@ def test_corrupt_or_incompatible_checkpoint_gives_one_line_error(model, tmp_path
     assert "\n" not in str(err.value)
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         load_checkpoint(tmp_path / "missing.pt", model)
-
-
-# ------------------------------------------------------------------------------------------- pretraining corpus
-def test_pretrain_val_size_is_a_quarter_clipped_to_64_500():
-    assert [train.pretrain_val_size(n) for n in (8, 96, 256, 400, 2000, 5000)] == [64, 64, 64, 100, 500, 500]
-
-
-def test_pretrain_corpus_writes_its_own_folder_once_and_reuses_it(tmp_path):
-    import json
-
-    folder = train.pretrain_corpus(7, 8, root=tmp_path, workers=1)
-    assert folder == tmp_path / "synth-pretrain-7-8"
-    manifest = json.loads((folder / "synthetic.json").read_text())
-    config = manifest["config"]
-    assert (config["seed"], config["name"], config["n_train"], config["n_val"], config["n_test"]) == (
-        7, "default", 8, 64, train.PRETRAIN_TEST_SIZE)
-    assert manifest["counts"] == {"Training": 8, "Validation": 64, "Test": train.PRETRAIN_TEST_SIZE}
-    stamp = (folder / "synthetic.json").stat().st_mtime_ns
-    assert train.pretrain_corpus(7, 8, root=tmp_path, workers=1) == folder              # reused, not rewritten
-    assert (folder / "synthetic.json").stat().st_mtime_ns == stamp
-    other = train.pretrain_corpus(8, 8, root=tmp_path, workers=1)                       # another seed: new folder
-    assert other.name == "synth-pretrain-8-8"
-    with np.load(folder / "Training" / "data_00001.npz") as a, np.load(other / "Training" / "data_00001.npz") as b:
-        assert not np.array_equal(a["slo_fundus"], b["slo_fundus"])                    # independent draws
 
 
 def test_fit_and_score_scores_validation_and_test_with_the_kept_epoch(model, clip, data, tmp_path):
@@ -353,35 +313,3 @@ def test_a_checkpoint_file_is_a_valid_pretrained_argument(model, tmp_path):
     reloaded, *_ = create_clip("fairbook-tiny", pretrained=str(path), device="cpu")
     for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
-
-
-def test_train_and_save_patches_regularises_saves_and_reloads_one_seed(tmp_path):
-    from fairbook.moe import routers
-    from fairbook.results import load_model
-
-    root = tmp_path / "data"
-    generate(root, SynthConfig.preset("default", n_train=48, n_val=32, n_test=32), progress=False)
-    calls = []
-    moe = dict(n_experts=2, top_k=1, feature_experts=2, feature_top_k=1)
-
-    def regulariser(net, train_ds):
-        calls.append((len(routers(net)), len(train_ds)))
-        return _constant(0.0, [])
-
-    fit = train.train_and_save(tmp_path / "run", "Method", 3, data_root=root, config=quick(prompts="fairmedfm"),
-                               n_train=20, attribute="race", moe=moe, regulariser=regulariser)
-    assert calls == [(4, 20)]  # patched (four routers) before the regulariser saw the 20 drawn pairs
-    folder = tmp_path / "run" / "predictions" / "Method" / "race" / "seed-3"
-    test = pd.read_csv(folder / "test.csv")
-    assert len(test) == len(FairVLMed(root, "Test")) and set(test["split"]) == {"test"}
-    info = json.loads((folder / "info.json").read_text())
-    assert info["n_train"] == 20 and info["data"].startswith("SynthFairVLMed (synthetic")
-    assert info["moe"] == moe and info["checkpoint"] == "checkpoints/Method/race/seed-3/best.pt"
-    assert (tmp_path / "run" / info["checkpoint"]).is_file()
-    # the reloaded model reproduces the saved test scores
-    net, preprocess, tokenizer = load_model(tmp_path / "run", "Method", "race", 3)
-    loader = DataLoader(FairVLMed(root, "Test", preprocess, tokenizer), batch_size=16)
-    scores = zero_shot_scores(net, tokenizer, loader, FAIRMEDFM_PROMPTS)
-    np.testing.assert_allclose(scores[1], test["y_score"].to_numpy(), atol=1e-5)
-    with pytest.raises(ResultsError, match="no saved model 'Other'"):
-        load_model(tmp_path / "run", "Other", "race", 3)

@@ -1,11 +1,30 @@
 """Data: Harvard-FairVLMed attribute codes, the real-data loader, the SynthFairVLMed generator and summaries."""
 from fairbook.data.attributes import (
-    ATTRIBUTES, FILTER_ATTRIBUTES, SPLITS, UNKNOWN, check_attribute, decode,
+    ATTRIBUTES,
+    FILTER_ATTRIBUTES,
+    SPLITS,
+    UNKNOWN,
+    check_attribute,
+    decode,
 )
 from fairbook.data.fairvlmed import (
-    DataError, FairVLMed, check, describe, format_check, load_metadata, load_pixels, read_notes, truncate_note,
+    DataError,
+    FairVLMed,
+    check,
+    describe,
+    format_check,
+    load_metadata,
+    load_pixels,
+    read_notes,
+    truncate_note,
 )
 from fairbook.data.summary import (
-    group_table, image_statistics, intersection_table, note_lengths, split_table, vertical_cdr, wilson_interval,
+    group_table,
+    image_statistics,
+    intersection_table,
+    note_lengths,
+    split_table,
+    vertical_cdr,
+    wilson_interval,
 )
 from fairbook.data.synthetic import SynthConfig, generate

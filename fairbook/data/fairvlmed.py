@@ -34,8 +34,8 @@ import io
 import json
 import math
 import os
-import warnings
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -45,7 +45,13 @@ import torch
 from PIL import Image
 
 from fairbook.data.attributes import (
-    ATTRIBUTES, FILTER_ATTRIBUTES, NOTES_FILES, REQUIRED_NPZ_KEYS, SPLIT_ALIASES, SPLITS, UNKNOWN,
+    ATTRIBUTES,
+    FILTER_ATTRIBUTES,
+    NOTES_FILES,
+    REQUIRED_NPZ_KEYS,
+    SPLIT_ALIASES,
+    SPLITS,
+    UNKNOWN,
 )
 
 #: The npz scalars read into the metadata (the image and ``tds`` are never read by :func:`load_metadata`).

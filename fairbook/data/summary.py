@@ -1,4 +1,5 @@
-"""Descriptive tables for a FairVLMed folder: group sizes, intersections, prevalence with CIs, image and note statistics.
+"""Descriptive tables for a FairVLMed folder: group sizes, intersections, prevalence with CIs, image and note
+statistics.
 
 All functions take the metadata frame of :func:`fairbook.data.fairvlmed.load_metadata` (one row per sample, with
 ``glaucoma``, the attribute codes and their ``<attribute>_name`` columns).

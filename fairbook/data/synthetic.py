@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 
 from fairbook.data.attributes import ATTRIBUTES, SPLITS
-from fairbook.files import temporary_sibling
+from fairbook.files import resolve, temporary_sibling
 
 GENERATOR = "SynthFairVLMed"
 VERSION = "1.0"
@@ -617,5 +617,35 @@ def load_manifest(out_dir: str | os.PathLike) -> dict:
     return json.loads((Path(out_dir) / MANIFEST).read_text())
 
 
+# ----------------------------------------------------------------------------------------- pretraining corpus
+def pretrain_val_size(n_train: int) -> int:
+    """Validation samples of :func:`pretrain_corpus` for ``n_train`` training samples: ``n_train // 4`` clipped to
+    [64, 500] (enough for a stable validation AUC, small enough to stay cheap)."""
+    return min(500, max(64, int(n_train) // 4))
+
+
+#: Test samples of a pretraining corpus: the FairVLMed layout needs a test split; the pretraining never reads it.
+PRETRAIN_TEST_SIZE = 32
+
+
+def pretrain_corpus(seed: int, n_train: int, root: str | os.PathLike = "data", workers: int = 2) -> Path:
+    """Write (or reuse) a SynthFairVLMed corpus for contrastive pretraining of a CLIP and return its folder.
+
+    The corpus is the generator's default population (:class:`fairbook.data.synthetic.SynthConfig`, bias preset
+    ``"default"``) drawn with its own ``seed``: ``n_train`` training samples, :func:`pretrain_val_size` validation
+    samples (for choosing the epoch) and :data:`PRETRAIN_TEST_SIZE` test samples (never read). With a seed other
+    than the evaluation data's, every image, note and label is an independent draw, so the corpus shares no
+    sample with the evaluation data. The folder is ``<root>/synth-pretrain-<seed>-<n_train>`` (a relative
+    ``root`` starts at the checkout); :func:`fairbook.data.synthetic.generate` is idempotent, so a folder written
+    earlier with the same settings is reused as it is.
+    """
+    config = SynthConfig.preset("default", seed=int(seed), n_train=int(n_train),
+                                n_val=pretrain_val_size(n_train), n_test=PRETRAIN_TEST_SIZE)
+    folder = resolve(root) / f"synth-pretrain-{int(seed)}-{int(n_train)}"
+    generate(folder, config, workers=workers, progress=False)
+    return folder
+
+
 __all__ = ["SynthConfig", "SynthConfigError", "PRESETS", "generate", "sample_records", "render_fundus", "load_manifest",
-           "FIELD_POINTS", "load_truth", "marker_box", "marker_mask"]
+           "FIELD_POINTS", "load_truth", "marker_box", "marker_mask", "PRETRAIN_TEST_SIZE", "pretrain_corpus",
+           "pretrain_val_size"]

@@ -1,44 +1,44 @@
-"""Fairness losses and mitigations: the FairCLIP Sinkhorn regulariser, group-balanced resampling and GroupDRO.
+"""FairCLIP (Luo et al., "FairCLIP: Harnessing Fairness in Vision-Language Learning", CVPR 2024, arXiv 2403.19949).
 
-* :class:`FairCLIPRegulariser` (Luo et al., "FairCLIP: Harnessing Fairness in Vision-Language Learning", CVPR 2024,
-  arXiv 2403.19949) in two forms behind one switch, ``form``: ``"paper"`` (the objective as the paper states it)
-  and ``"code"`` (what the official repository computes). See ``shared/reference/methods.md`` for the differences
-  and the reproduction by Bakker et al. (arXiv 2509.06535), which implemented the paper form as "A-FairCLIP".
-* :func:`group_balanced_weights` / :func:`balanced_sampler`: resampling with per-sample weight 1 / group size, the
-  "Resampling" mitigation of MEDFAIR (Zong et al., ICLR 2023) and FairMedFM (Jin et al., NeurIPS 2024 D&B, Tab. 2).
-* :class:`GroupDRO`: the online group DRO algorithm of Sagawa et al. (ICLR 2020, Algorithm 1) with their optional
-  group adjustment C / sqrt(n_g) (FairMedFM uses C = 1, appendix D.1.3; MEDFAIR uses step size 0.01).
+FairCLIP fine-tunes CLIP contrastively with a Sinkhorn regulariser that pulls each group's distribution of
+image-text similarity scores towards the whole batch's (the paper's method section, the optimal-transport objective).
+The regulariser comes in two forms behind one switch, ``form``: ``"paper"`` (the objective as the paper states it)
+and ``"code"`` (what the official repository computes, see :class:`FairCLIPRegulariser`). The reproduction of
+Bakker et al. (arXiv 2509.06535) implemented the paper form as "A-FairCLIP" and found no fairness gain from either.
 
 Distances use geomloss ``SamplesLoss("sinkhorn", p=2, blur=b, backend="tensorized")``: the cost is |x - y|^2 / 2
 and, with ``debias=True`` (the default), the value is the Sinkhorn divergence, which tends to W2^2 / 2 as the blur
 goes to 0. Scores are 1-D, so they are passed as (N, 1) point clouds.
+
+The method on the harness is :class:`FairCLIP` (chapter 12): CLIP's model and recipe, plus the regulariser for
+one attribute.
 """
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import torch
 from geomloss import SamplesLoss
-from numpy.typing import ArrayLike
 from torch import nn
-from torch.utils.data import DataLoader, Subset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Subset
 
 from fairbook.data.attributes import ATTRIBUTES, FILTER_ATTRIBUTES, UNKNOWN
+from fairbook.methods.base import Method
 
 __all__ = [
-    "FORMS", "FairnessError", "paper_scores", "code_scores", "FairCLIPRegulariser", "GroupBatches",
-    "encode_groups", "regulariser_scale", "group_balanced_weights", "balanced_sampler", "GroupDRO",
+    "FORMS", "FairCLIP", "FairCLIPError", "FairCLIPRegulariser", "GroupBatches", "code_scores", "encode_groups",
+    "paper_scores",
 ]
 
 #: The two forms of the FairCLIP regulariser (see :class:`FairCLIPRegulariser`).
 FORMS = ("paper", "code")
 
 
-class FairnessError(ValueError):
-    """Bad input to a fairness loss or mitigation."""
+class FairCLIPError(ValueError):
+    """Bad input to FairCLIP's regulariser or its group batches."""
 
 
 # ------------------------------------------------------------------------------------------------------ FairCLIP
@@ -54,7 +54,7 @@ def _normalised(features: torch.Tensor) -> torch.Tensor:
 
 def _check_features(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
     if image_features.ndim != 2 or image_features.shape != text_features.shape:
-        raise FairnessError(
+        raise FairCLIPError(
             f"image and text features must both be (N, D) with the same shape, got {tuple(image_features.shape)} "
             f"and {tuple(text_features.shape)}; pass one row per image-text pair")
 
@@ -82,7 +82,7 @@ def code_scores(image_features: torch.Tensor, text_features: torch.Tensor, logit
 
 def _attribute_column(attribute: str) -> int:
     if attribute not in FILTER_ATTRIBUTES:
-        raise FairnessError(
+        raise FairCLIPError(
             f"unknown attribute {attribute!r} for batch['attributes']; choose one of: {', '.join(FILTER_ATTRIBUTES)}")
     return FILTER_ATTRIBUTES.index(attribute)
 
@@ -120,7 +120,7 @@ class FairCLIPRegulariser:
         self, attribute: str, lam: float = 1e-6, blur: float = 1e-4, form: str = "paper", scaling: float = 0.5,
     ) -> None:
         if form not in FORMS:
-            raise FairnessError(f"unknown FairCLIP form {form!r}; choose 'paper' (as published) or 'code' (as coded)")
+            raise FairCLIPError(f"unknown FairCLIP form {form!r}; choose 'paper' (as published) or 'code' (as coded)")
         self.attribute, self.column = attribute, _attribute_column(attribute)
         self.groups = tuple(code for code in ATTRIBUTES[attribute] if code != UNKNOWN)
         self.lam, self.form = float(lam), form
@@ -140,7 +140,7 @@ class FairCLIPRegulariser:
         if self.form == "paper":
             return self._paper(image_features, text_features, batch)
         if not group_features:
-            raise FairnessError("form='code' needs group_features={group: (image_features, text_features)}; "
+            raise FairCLIPError("form='code' needs group_features={group: (image_features, text_features)}; "
                                 "build them with GroupBatches and encode_groups")
         return self._code(image_features, text_features, logit_scale, group_features)
 
@@ -154,7 +154,7 @@ class FairCLIPRegulariser:
         if self.form == "paper":
             return self
         if model is None or dataset is None:
-            raise FairnessError("form='code' draws per-group batches: pass hook(model, train_dataset)")
+            raise FairCLIPError("form='code' draws per-group batches: pass hook(model, train_dataset)")
         batches = GroupBatches(dataset, self.attribute, batch_size=batch_size, seed=seed)
 
         def code_hook(image_features, text_features, logit_scale, batch):
@@ -166,7 +166,7 @@ class FairCLIPRegulariser:
         scores = paper_scores(image_features, text_features)
         codes = torch.as_tensor(batch["attributes"])
         if codes.ndim != 2 or len(codes) != len(scores):
-            raise FairnessError(f"batch['attributes'] must be (N, {len(FILTER_ATTRIBUTES)}) with N = {len(scores)}, "
+            raise FairCLIPError(f"batch['attributes'] must be (N, {len(FILTER_ATTRIBUTES)}) with N = {len(scores)}, "
                                 f"got {tuple(codes.shape)}; pass the batch the features came from")
         codes = codes[:, self.column].to(scores.device)
         total = scores.new_zeros(())
@@ -189,37 +189,6 @@ class FairCLIPRegulariser:
         return self.lam * total
 
 
-@torch.no_grad()
-def regulariser_scale(model: nn.Module, dataset, hooks: Mapping[str, object], batch_size: int = 32,
-                      seed: int = 0) -> pd.DataFrame:
-    """Size of each loss hook against the contrastive loss on one shuffled training batch, before training: a check
-    of the scale of a regulariser's weight (FairCLIP's lambda, FOL's weights).
-
-    ``hooks``: name (e.g. the attribute) -> ``hook(image_features, text_features, logit_scale, batch)`` as
-    :func:`fairbook.train.fit_clip` calls it. One row per hook: ``clip_loss``, ``regulariser``, ``share`` =
-    regulariser / clip_loss, plus the hook's ``last_terms`` (e.g. FOL's ``F_EI`` ...) when it records them.
-    The model's train/eval mode is left as it is. The batch, its augmentation and any sampling inside the hooks
-    draw from generators seeded with ``seed`` (the global torch state is restored afterwards), so the table is
-    the same at every execution for the same model.
-    """
-    from fairbook.train import _features, clip_loss
-
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        batch = next(iter(DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                                     generator=torch.Generator().manual_seed(seed))))
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        image, text, scale = _features(model(batch["image"], batch["text"]))
-        contrastive = float(clip_loss(image, text, scale))
-        rows = []
-        for name, hook in hooks.items():
-            value = float(hook(image, text, scale, batch))
-            rows.append({"name": name, "clip_loss": contrastive, "regulariser": value, "share": value / contrastive,
-                         **getattr(hook, "last_terms", {})})
-    return pd.DataFrame(rows)
-
-
 class GroupBatches:
     """Endless source of one group-only batch per group, as the official FairCLIP code's per-group loaders.
 
@@ -231,7 +200,7 @@ class GroupBatches:
 
     def __init__(self, dataset, attribute: str, batch_size: int = 32, seed: int = 0, num_workers: int = 0) -> None:
         if not hasattr(dataset, "groups"):
-            raise FairnessError("dataset has no groups(attribute) method; use fairbook.data.fairvlmed.FairVLMed")
+            raise FairCLIPError("dataset has no groups(attribute) method; use fairbook.data.fairvlmed.FairVLMed")
         codes = np.asarray(dataset.groups(attribute))
         self.loaders = {
             int(code): DataLoader(
@@ -267,71 +236,21 @@ def encode_groups(model: nn.Module, batches: Mapping[int, Mapping], device=None)
                 for group, batch in batches.items()}
 
 
-# ---------------------------------------------------------------------------------------------------- resampling
-def group_balanced_weights(groups: ArrayLike) -> np.ndarray:
-    """Per-sample weight 1 / (size of the sample's group), MEDFAIR's resampling weights.
+@dataclass(frozen=True)
+class FairCLIP(Method):
+    """FairCLIP on the harness (chapter 12): CLIP's model, recipe and training draw, plus
+    :class:`FairCLIPRegulariser` for the training attribute (weight ``lam``, Sinkhorn ``blur``, ``form``).
 
-    Each group's weights sum to 1, so all weights sum to the number of groups and a weighted draw picks every
-    group with the same probability.
-    """
-    groups = np.asarray(groups)
-    if groups.ndim != 1 or len(groups) == 0:
-        raise FairnessError(f"groups must be a non-empty 1-D array of group codes, got shape {groups.shape}")
-    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
-    return 1.0 / counts[inverse]
-
-
-def balanced_sampler(groups: ArrayLike, num_samples: int | None = None, seed: int = 0) -> WeightedRandomSampler:
-    """WeightedRandomSampler (with replacement, seeded) drawing groups equally often; ``num_samples`` defaults to
-    the number of samples (one "epoch"). Pass it as ``DataLoader(dataset, sampler=...)``."""
-    weights = group_balanced_weights(groups)
-    return WeightedRandomSampler(
-        torch.as_tensor(weights, dtype=torch.double), num_samples or len(weights), replacement=True,
-        generator=torch.Generator().manual_seed(seed))
-
-
-# ------------------------------------------------------------------------------------------------------ GroupDRO
-class GroupDRO(nn.Module):
-    """Online group DRO (Sagawa et al., ICLR 2020, Algorithm 1) on per-sample losses.
-
-    Per batch: ``l_g`` = mean loss of group ``g``'s samples (0 when absent);
-    ``q_g <- q_g * exp(eta * (l_g + C / sqrt(n_g)))``, then ``q <- q / sum(q)``; the returned loss is
-    ``sum_g q_g l_g`` with the updated ``q`` held constant (no gradient through ``q``). ``q`` starts uniform and is
-    a buffer (:attr:`q`, saved in ``state_dict``); every call updates it, so call it on training batches only.
-    The group adjustment ``C = adjustment`` (0 = off; FairMedFM uses 1) needs ``group_counts`` (training size of
-    each group); it is added for every group, present or not, and only enters ``q`` (as a constant inside
-    ``sum_g q_g (l_g + C / sqrt(n_g))`` it would not change the gradient).
+    The code form draws its per-group batches (:class:`GroupBatches`) of the recipe's batch size with the seed.
     """
 
-    q: torch.Tensor
+    name: str = "FairCLIP"
+    lam: float = 100.0
+    blur: float = 1e-4
+    form: str = "paper"
 
-    def __init__(
-        self, n_groups: int, eta: float = 0.01, adjustment: float = 0.0, group_counts: ArrayLike | None = None,
-    ) -> None:
-        super().__init__()
-        if adjustment and group_counts is None:
-            raise FairnessError("GroupDRO adjustment C / sqrt(n_g) needs group_counts (training samples per group)")
-        counts = torch.ones(n_groups) if group_counts is None else torch.as_tensor(group_counts, dtype=torch.float)
-        if counts.shape != (n_groups,) or bool((counts <= 0).any()):
-            raise FairnessError(f"group_counts must hold {n_groups} positive counts, got {counts.tolist()}")
-        self.n_groups, self.eta = n_groups, float(eta)
-        self.register_buffer("q", torch.full((n_groups,), 1.0 / n_groups))
-        self.register_buffer("adjust", float(adjustment) / counts.sqrt())
+    uses_attribute = True
 
-    def group_losses(self, losses: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        """Mean loss of each group in the batch, 0 for absent groups (differentiable)."""
-        groups = torch.as_tensor(groups, device=losses.device)
-        if losses.ndim != 1 or groups.shape != losses.shape:
-            raise FairnessError(f"pass per-sample losses (reduction='none') and one group code per sample, got "
-                                f"shapes {tuple(losses.shape)} and {tuple(groups.shape)}")
-        if len(groups) and (int(groups.min()) < 0 or int(groups.max()) >= self.n_groups):
-            raise FairnessError(f"group codes must lie in 0..{self.n_groups - 1}; remap or drop unknown (-1) samples")
-        sums = losses.new_zeros(self.n_groups).index_add(0, groups, losses)
-        counts = torch.bincount(groups, minlength=self.n_groups).to(losses.dtype)
-        return sums / counts.clamp(min=1)
-
-    def forward(self, losses: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        group_loss = self.group_losses(losses, groups)
-        q = self.q * torch.exp(self.eta * (group_loss.detach().to(self.q) + self.adjust))
-        self.q = q / q.sum()
-        return (self.q.to(group_loss) * group_loss).sum()
+    def regulariser(self, model: nn.Module, train, attribute: str, seed: int, batch_size: int):
+        loss = FairCLIPRegulariser(attribute, lam=self.lam, blur=self.blur, form=self.form)
+        return loss.hook(model, train, batch_size, seed)

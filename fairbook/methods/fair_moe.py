@@ -1,8 +1,7 @@
 """Fair-MoE for open_clip CLIP: the FO-MoE layers, the FOL loss and per-group routing diagnostics.
 
 Paper: Wang, Tong, Wu, Liu & Liu, "Fair-MoE: Medical Fairness-Oriented Mixture of Experts in Vision-Language
-Models" (section 2, Fig. 1-2; ablations in Tables 2-4). Official repository: LinjieT/Fair-MoE-...; what it computes
-is summarised in ``shared/reference/methods.md`` (section "Fair-MoE"). Each component has one switch,
+Models" (section 2, Fig. 1-2; ablations in Tables 2-4), and its official repository. Each component has one switch,
 ``form``: ``"paper"`` (the equations as published, fairbook's default) or ``"code"`` (the official code's quirks).
 
 * :class:`PatchMoE` (Sec. 2.1, "Patch Embedding-based MoE"): replaces the MLP of the LAST residual block of a
@@ -13,10 +12,12 @@ is summarised in ``shared/reference/methods.md`` (section "Fair-MoE"). Each comp
   experts share the block's MLP and each adds rank-r updates, so that FO-MoE adds few parameters.
 * :func:`add_fo_moe`: patches a CLIP in place (image/text x patch/feature, the ablations of Table 4 b-c).
 * :class:`FairnessOrientedLoss` (Sec. 2.2, FOL): ``F_EI + F_ET + F_FI + F_FT + L_distance`` with
-  ``F_r = sum_p sum_j (Var(O_j) - Var(O_{p,j}))^2``; the distance is :class:`fairbook.fairness.FairCLIPRegulariser`.
+  ``F_r = sum_p sum_j (Var(O_j) - Var(O_{p,j}))^2``; the distance is
+  :class:`fairbook.methods.fairclip.FairCLIPRegulariser`.
 * :class:`RoutingLog` / :func:`routing_frame`: expert load, capacity drops and gate variance per group.
+* :class:`FairMoE`: the method on the harness (chapters 13 and 20-22): which layers, which loss.
 
-Not reproduced from the official snapshot (ablation leftovers, see methods.md): only its text routers feed FOL
+Not reproduced from the official snapshot (ablation leftovers): only its text routers feed FOL
 (``weights={"ET": w, "FT": w}`` gives that) and its image feature MoE is missing from the optimizer (stays random).
 Its hard-coded capacity of 197 tokens is replaced by the real sequence length (:func:`expert_capacity`).
 
@@ -35,7 +36,7 @@ import copy
 import math
 import types
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -45,12 +46,13 @@ from open_clip.transformer import QuickGELU
 from torch import nn
 
 from fairbook.data.attributes import ATTRIBUTES, FILTER_ATTRIBUTES, UNKNOWN, decode
-from fairbook.fairness import FairCLIPRegulariser
+from fairbook.methods.base import Method, MethodError
+from fairbook.methods.fairclip import FairCLIP, FairCLIPRegulariser
 
 __all__ = [
-    "FORMS", "ROUTERS", "FairnessOrientedLoss", "FeatureMoE", "LowRankExperts", "MoEError", "PatchMoE", "Routing",
-    "RoutingLog", "add_fo_moe", "expert_capacity", "fol", "group_variance_gap", "moe_parameter_names", "routers", "routing_frame",
-    "split_rows", "top_c_mask", "top_r_mask",
+    "FORMS", "ROUTERS", "FairMoE", "FairnessOrientedLoss", "FeatureMoE", "LowRankExperts", "MoEError", "PatchMoE",
+    "Routing", "RoutingLog", "add_fo_moe", "expert_capacity", "fol", "group_variance_gap", "moe_parameter_names",
+    "routers", "routing_frame", "split_rows", "top_c_mask", "top_r_mask",
 ]
 
 #: Router names: patch MoE of the image / text encoder, feature MoE after the image / text encoder (Sec. 2.2).
@@ -509,7 +511,7 @@ class FairnessOrientedLoss:
     weighted 0 is off, as in Table 4 a).
 
     Where ``O_p`` comes from: by default from ``batch`` itself (the paper's reading: the group's rows of the same
-    draw). With ``group_batches`` (e.g. :class:`fairbook.fairness.GroupBatches`: ``next()`` gives
+    draw). With ``group_batches`` (e.g. :class:`fairbook.methods.fairclip.GroupBatches`: ``next()`` gives
     ``{group: batch}``), each call also runs the model, without gradient, on one group-only batch per group and
     takes ``O_p`` from those, like the official code's per-group loaders; ``tokenizer`` is then needed if the
     batches hold raw strings; afterwards the routers hold the last group batch's routing, not ``batch``'s.
@@ -517,7 +519,7 @@ class FairnessOrientedLoss:
     subtracts ``lambda_moe * mean_j Var(O_j)`` of the batch routing (rewarding spread-out gate weights); its
     value is not in fairbook's reference notes, so it defaults to 0 (off).
 
-    ``distance``: the Sinkhorn term ``L_distance``, a :class:`fairbook.fairness.FairCLIPRegulariser` (its own
+    ``distance``: the Sinkhorn term ``L_distance``, a :class:`fairbook.methods.fairclip.FairCLIPRegulariser` (its own
     ``lam``; the official Fair-MoE scripts use lambda 1e-4 and blur 1e-4); its ``form="code"`` needs
     ``group_batches`` and then gets the group features from the same group forwards. :attr:`last_terms` holds
     the last call's values (floats) for logging.
@@ -531,7 +533,7 @@ class FairnessOrientedLoss:
         self.groups = tuple(code for code in ATTRIBUTES[attribute] if code != UNKNOWN)
         self.routers = routers(model)
         if not self.routers:
-            raise MoEError("the model has no Fair-MoE layers; call fairbook.moe.add_fo_moe(model) first")
+            raise MoEError("the model has no Fair-MoE layers; call fairbook.methods.fair_moe.add_fo_moe(model) first")
         if isinstance(weights, Mapping):
             unknown = sorted(set(weights) - set(self.routers))
             if unknown:
@@ -541,7 +543,7 @@ class FairnessOrientedLoss:
         else:
             self.weights = {name: float(weights) for name in self.routers}
         if distance is not None and distance.form == "code" and group_batches is None:
-            raise MoEError("a FairCLIPRegulariser in form='code' needs group_batches (e.g. fairbook.fairness."
+            raise MoEError("a FairCLIPRegulariser in form='code' needs group_batches (e.g. fairbook.methods.fairclip."
                            "GroupBatches) to encode one group-only batch per group")
         self.distance, self.group_batches, self.tokenizer = distance, group_batches, tokenizer
         self.dispersion = float(dispersion)
@@ -696,3 +698,37 @@ def routing_frame(model: nn.Module, loader, attribute: str, tokenizer=None, devi
     finally:
         model.train(was_training)
     return log.frame()
+
+
+# --------------------------------------------------------------------------------------------- the method
+@dataclass(frozen=True)
+class FairMoE(Method):
+    """Fair-MoE on the harness (chapter 13; its ablations in chapters 20-22): the FO-MoE layers added to each seed's
+    model (:func:`add_fo_moe` with the keyword arguments ``layers``) and one of three losses for the training
+    attribute: FOL (:func:`fol` with the keyword arguments ``fol``; the paper's method), FairCLIP's regulariser
+    instead (``fairclip``: the settings of :class:`fairbook.methods.fairclip.FairCLIP`; Table 2's "FairCLIP w.
+    FO-MoE"), or nothing (``fol=None``: Table 3's "w/o FOL", one model for all attributes).
+    """
+
+    name: str = "Fair-MoE"
+    layers: dict = field(default_factory=dict)
+    fol: dict | None = field(default_factory=dict)
+    fairclip: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.fol is not None and self.fairclip is not None:
+            raise MethodError(f"{self.name}: choose one loss, fol or fairclip (set the other to None)")
+
+    @property
+    def uses_attribute(self) -> bool:
+        return self.fol is not None or self.fairclip is not None
+
+    def adapt(self, model: nn.Module) -> None:
+        add_fo_moe(model, **self.layers)
+
+    def regulariser(self, model: nn.Module, train, attribute: str, seed: int, batch_size: int):
+        if self.fairclip is not None:
+            return FairCLIP(**self.fairclip).regulariser(model, train, attribute, seed, batch_size)
+        if self.fol is not None:
+            return fol(model, attribute, **self.fol)
+        return None

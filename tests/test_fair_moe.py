@@ -1,4 +1,5 @@
-"""fairbook.moe: Top_r / Top_c routing, the patch and feature MoEs, patching a CLIP, FOL and routing diagnostics."""
+"""Fair-MoE (fairbook.methods.fair_moe): Top_r / Top_c routing, the patch and feature MoEs, patching a CLIP, FOL
+and routing diagnostics."""
 from __future__ import annotations
 
 import copy
@@ -10,17 +11,26 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from fairbook import moe
 from fairbook.data.fairvlmed import FairVLMed
 from fairbook.data.synthetic import SynthConfig, generate
-from fairbook.fairness import FairCLIPRegulariser
-from fairbook.models import create_clip
-from fairbook.moe import (
-    FairnessOrientedLoss, FeatureMoE, MoEError, PatchMoE, RoutingLog, add_fo_moe, expert_capacity,
-    group_variance_gap, moe_parameter_names, routers, split_rows, top_c_mask, top_r_mask,
+from fairbook.methods import fair_moe as moe
+from fairbook.methods.fair_moe import (
+    FairnessOrientedLoss,
+    FeatureMoE,
+    MoEError,
+    PatchMoE,
+    RoutingLog,
+    add_fo_moe,
+    expert_capacity,
+    group_variance_gap,
+    moe_parameter_names,
+    routers,
+    split_rows,
+    top_c_mask,
+    top_r_mask,
 )
+from fairbook.methods.fairclip import FairCLIPRegulariser
 from fairbook.train import TrainConfig, clip_loss, fit_clip
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

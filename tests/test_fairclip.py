@@ -1,4 +1,5 @@
-"""FairCLIP regulariser (both forms), resampling weights and GroupDRO against hand-worked values."""
+"""FairCLIP: the regulariser in both forms against hand-worked values and an exact W2, its group batches, and
+the scale check of a loss hook."""
 from __future__ import annotations
 
 import math
@@ -8,11 +9,14 @@ import pandas as pd
 import pytest
 import torch
 
-from fairbook import fairness
-from fairbook.fairness import (
-    FairCLIPRegulariser, FairnessError, GroupBatches, GroupDRO, balanced_sampler, code_scores,
-    group_balanced_weights, paper_scores,
+from fairbook.methods.fairclip import (
+    FairCLIPError,
+    FairCLIPRegulariser,
+    GroupBatches,
+    code_scores,
+    paper_scores,
 )
+from fairbook.train import regulariser_scale
 
 # Sinkhorn settings close to the unregularised limit: tiny blur, slow epsilon-scaling so the iterations converge.
 CONVERGED = {"blur": 1e-4, "scaling": 0.99}
@@ -149,14 +153,14 @@ def test_code_form_gradient_reaches_only_the_batch_side():
 
 
 def test_bad_inputs_raise_one_line_errors():
-    with pytest.raises(FairnessError, match="choose 'paper'"):
+    with pytest.raises(FairCLIPError, match="choose 'paper'"):
         FairCLIPRegulariser("race", form="official")
-    with pytest.raises(FairnessError, match="unknown attribute"):
+    with pytest.raises(FairCLIPError, match="unknown attribute"):
         FairCLIPRegulariser("maritalstatus")
     eye = torch.eye(3)
-    with pytest.raises(FairnessError, match="needs group_features"):
+    with pytest.raises(FairCLIPError, match="needs group_features"):
         FairCLIPRegulariser("race", form="code")(eye, eye, 1.0, batch_for(0, [0, 1, 2]))
-    with pytest.raises(FairnessError, match="batch\\['attributes'\\]"):
+    with pytest.raises(FairCLIPError, match="batch\\['attributes'\\]"):
         FairCLIPRegulariser("race")(eye, eye, 1.0, batch_for(0, [0, 1]))
 
 
@@ -191,60 +195,10 @@ def test_group_batches_are_group_only_cycle_and_cover_each_group():
     assert again[0] == steps[0][0]["index"].tolist()
 
 
-# ------------------------------------------------------------------------------------------------- resampling
-def test_group_balanced_weights_hand_case():
-    weights = group_balanced_weights(["a", "a", "a", "b", "c", "c"])
-    assert np.allclose(weights, [1 / 3, 1 / 3, 1 / 3, 1, 1 / 2, 1 / 2])
-    assert weights.sum() == pytest.approx(3.0)
-
-
-def test_balanced_sampler_draws_groups_equally_and_is_seeded():
-    groups = np.array([0] * 90 + [1] * 10)
-    draws = np.array(list(balanced_sampler(groups, num_samples=4000, seed=1)))
-    minority_share = (groups[draws] == 1).mean()
-    assert abs(minority_share - 0.5) < 0.04  # 0.1 without resampling; binomial sd at n=4000 is 0.008
-    assert len(list(balanced_sampler(groups))) == 100
-    assert list(balanced_sampler(groups, seed=1)) == list(balanced_sampler(groups, seed=1))
-
-
-# --------------------------------------------------------------------------------------------------- GroupDRO
-def test_group_dro_two_steps_by_hand():
-    dro = GroupDRO(n_groups=3, eta=0.5)
-    assert torch.allclose(dro.q, torch.full((3,), 1 / 3))
-
-    losses = torch.tensor([1.0, 3.0, 1.0], requires_grad=True)  # group 0: mean 2, group 1: 1, group 2: absent
-    loss = dro(losses, torch.tensor([0, 0, 1]))
-    w = [math.exp(0.5 * 2), math.exp(0.5 * 1), 1.0]
-    q1 = [x / sum(w) for x in w]
-    assert dro.q.tolist() == pytest.approx(q1)
-    assert loss.item() == pytest.approx(q1[0] * 2 + q1[1] * 1)
-    loss.backward()  # q is constant: d loss / d loss_i = q_g / (group batch size)
-    assert losses.grad.tolist() == pytest.approx([q1[0] / 2, q1[0] / 2, q1[1]])
-
-    loss2 = dro(torch.tensor([4.0]), torch.tensor([2]))  # only group 2 present, loss 4
-    w2 = [q1[0], q1[1], q1[2] * math.exp(0.5 * 4)]
-    q2 = [x / sum(w2) for x in w2]
-    assert dro.q.tolist() == pytest.approx(q2)
-    assert loss2.item() == pytest.approx(q2[2] * 4)
-
-
-def test_group_dro_adjustment_enters_q_only():
-    dro = GroupDRO(n_groups=2, eta=1.0, adjustment=1.0, group_counts=[4, 100])
-    loss = dro(torch.tensor([1.0, 1.0]), torch.tensor([0, 1]))
-    w = [math.exp(1 + 1 / 2), math.exp(1 + 1 / 10)]
-    q = [x / sum(w) for x in w]
-    assert dro.q.tolist() == pytest.approx(q)
-    assert loss.item() == pytest.approx(q[0] * 1 + q[1] * 1)
-    with pytest.raises(FairnessError, match="needs group_counts"):
-        GroupDRO(2, adjustment=1.0)
-    with pytest.raises(FairnessError, match="0..1"):
-        GroupDRO(2)(torch.ones(2), torch.tensor([0, -1]))
-
-
 def test_hook_is_the_regulariser_for_the_paper_form_and_needs_data_for_the_code_form():
     paper = FairCLIPRegulariser("race")
     assert paper.hook() is paper
-    with pytest.raises(FairnessError, match="pass hook\\(model, train_dataset\\)"):
+    with pytest.raises(FairCLIPError, match="pass hook\\(model, train_dataset\\)"):
         FairCLIPRegulariser("race", form="code").hook()
 
 
@@ -256,10 +210,11 @@ def test_regulariser_scale_is_the_weighted_term_over_the_clip_loss():
     model, *_ = create_clip("fairbook-tiny", device="cpu")
     n = 12
     generator = torch.Generator().manual_seed(1)
-    items = [{"image": torch.randn(3, 96, 96, generator=generator), "text": torch.randint(1, 400, (77,), generator=generator),
+    items = [{"image": torch.randn(3, 96, 96, generator=generator),
+              "text": torch.randint(1, 400, (77,), generator=generator),
               "label": torch.tensor(i % 2), "attributes": torch.tensor([i % 3, i % 2, 0, 0])} for i in range(n)]
     hooks = {a: FairCLIPRegulariser(a, lam=10.0).hook() for a in ("race", "gender")}
-    table = fairness.regulariser_scale(model, items, hooks, batch_size=n)
+    table = regulariser_scale(model, items, hooks, batch_size=n)
     batch = {k: torch.stack([item[k] for item in items]) for k in items[0]}  # batch_size = n: the whole set
     with torch.no_grad():
         out = model(batch["image"], batch["text"])
@@ -289,10 +244,10 @@ def test_regulariser_scale_is_reproducible_under_random_augmentation():
 
     hooks = {"race": FairCLIPRegulariser("race", lam=10.0).hook()}
     state = torch.get_rng_state()
-    first = fairness.regulariser_scale(model, Augmented(), hooks, batch_size=8, seed=3)
+    first = regulariser_scale(model, Augmented(), hooks, batch_size=8, seed=3)
     assert torch.equal(torch.get_rng_state(), state)
     torch.rand(5)  # move the global generator on
-    again = fairness.regulariser_scale(model, Augmented(), hooks, batch_size=8, seed=3)
-    other = fairness.regulariser_scale(model, Augmented(), hooks, batch_size=8, seed=4)
+    again = regulariser_scale(model, Augmented(), hooks, batch_size=8, seed=3)
+    other = regulariser_scale(model, Augmented(), hooks, batch_size=8, seed=4)
     pd.testing.assert_frame_equal(first, again)
     assert first.loc[0, "regulariser"] != other.loc[0, "regulariser"]

@@ -1,4 +1,4 @@
-"""Model factory: one code path for the tiny default CLIP and the real open_clip backbones.
+"""The CLIP factory: one code path for the tiny default CLIP and the real open_clip backbones.
 
 ``create_clip("fairbook-tiny")`` builds the small randomly initialised CLIP defined in
 ``fairbook/configs/fairbook-tiny.json``; ``create_clip("ViT-B-16", pretrained="openai")`` builds the CLIP of
@@ -12,9 +12,8 @@ from pathlib import Path
 
 import open_clip
 import torch
-from torch import nn
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 open_clip.add_model_config(CONFIG_DIR)
 
 
@@ -71,48 +70,17 @@ def _pretrained(name: str, pretrained: str | None) -> str | None:
     """An open_clip weight tag as it is, or a checkpoint file resolved from the checkout (it must exist)."""
     if pretrained is None or pretrained in open_clip.list_pretrained_tags_by_model(name):
         return pretrained
-    from fairbook.runs import resolve
+    from fairbook.files import resolve
 
     path = resolve(pretrained)
     if not path.is_file():
-        hint = ("run chapter 10 with that configuration first, e.g. fairbook run notebooks/10-pretrain-synthetic-clip.py "
-                "-p params/10-pretrain-synthetic-clip/default.yaml (make book does)" if "10-pretrain" in str(path)
-                else f"use a weight tag of {name} ({', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'})"
-                " or the path of a checkpoint")
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+        hint = ("run chapter 10 with that configuration first, e.g. fairbook run "
+                "notebooks/10-pretrain-synthetic-clip.py -p params/10-pretrain-synthetic-clip/default.yaml "
+                "(make book does)" if "10-pretrain" in str(path)
+                else f"use a weight tag of {name} ({tags}) or the path of a checkpoint")
         raise ModelError(f"pretrained weights {pretrained!r} not found (no such tag or file {path}): {hint}")
     return str(path)
 
 
-class ImageClassifier(nn.Module):
-    """CLIP image encoder followed by a linear head: logits = W f(x) + b (supervised fine-tuning / linear probe).
-
-    ``n_classes=1`` gives one logit for binary cross-entropy (glaucoma yes/no).
-    """
-
-    def __init__(self, visual: nn.Module, n_classes: int = 1):
-        super().__init__()
-        self.visual = visual
-        self.head = nn.Linear(int(visual.output_dim), n_classes)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.visual(images))
-        return logits.squeeze(-1) if logits.shape[-1] == 1 else logits
-
-
-def fit_logistic(X_train, y_train, X_val, y_val, Cs=(1e-4, 1e-3, 1e-2, 1e-1, 1.0)):
-    """L2 logistic regression whose inverse regularisation ``C`` is chosen on VALIDATION AUC, never on test.
-
-    Returns the model fitted on the training split with the chosen ``C``; its ``C`` attribute and ``val_auc_``
-    (a dict C -> validation AUC) record the choice.
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-
-    fits = {C: LogisticRegression(C=C, max_iter=2000).fit(X_train, y_train) for C in Cs}
-    scores = {C: roc_auc_score(y_val, m.predict_proba(X_val)[:, 1]) for C, m in fits.items()}
-    best = fits[max(scores, key=scores.get)]
-    best.val_auc_ = scores
-    return best
-
-
-__all__ = ["CONFIG_DIR", "ImageClassifier", "ModelError", "create_clip", "fit_logistic", "pick_device"]
+__all__ = ["CONFIG_DIR", "ModelError", "create_clip", "pick_device"]

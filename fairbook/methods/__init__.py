@@ -1,0 +1,19 @@
+"""The methods of the handbook, one module per paper. Each method is declared once, as a :class:`Method` whose
+fields are its own settings; :mod:`fairbook.protocol` trains and evaluates every method the same way.
+
+=============  ===============================  =========  ============================================================
+method         class                            chapter    paper
+=============  ===============================  =========  ============================================================
+CLIP           :class:`clip.CLIP`               11         Radford et al., ICML 2021 (the FairCLIP paper's baseline)
+FairCLIP       :class:`fairclip.FairCLIP`       12         Luo et al., "FairCLIP", CVPR 2024
+Fair-MoE       :class:`fair_moe.FairMoE`        13, 20-22  Wang et al., "Fair-MoE", Tables 1-4
+=============  ===============================  =========  ============================================================
+
+Mitigations that apply to any method (resampling, GroupDRO) are in :mod:`fairbook.mitigations`.
+"""
+from fairbook.methods.base import Method, MethodError, method_from_record
+from fairbook.methods.clip import CLIP
+from fairbook.methods.fair_moe import FairMoE
+from fairbook.methods.fairclip import FairCLIP
+
+__all__ = ["CLIP", "FairCLIP", "FairMoE", "Method", "MethodError", "method_from_record"]

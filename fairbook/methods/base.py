@@ -1,0 +1,79 @@
+"""What a method is on the harness: a name, a change to the model, a term added to the loss.
+
+Every method of the handbook is a small frozen dataclass that subclasses :class:`Method`. Its fields are its own
+settings (FairCLIP's lambda, Fair-MoE's layers and loss weights); everything else (data, pretrained start, recipe,
+training draw, epoch choice, evaluation) is shared and lives in :mod:`fairbook.protocol`. So two methods trained in
+one chapter differ by exactly what their declarations say.
+
+A method is saved with every model it trains as ``{"class": "<module>.<Class>", "settings": {...}}``
+(:meth:`Method.record`) and rebuilt from that record by :func:`method_from_record`, so a trained model can be
+loaded again without any method-specific code in the generic layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Mapping
+from typing import ClassVar
+
+from torch import nn
+
+__all__ = ["Method", "MethodError", "method_from_record"]
+
+
+class MethodError(ValueError):
+    """A method declaration or record that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """Base of every method: plain contrastive fine-tuning of the model as it is built (see
+    :class:`fairbook.methods.clip.CLIP`).
+
+    Subclasses add fields for their settings and override :meth:`adapt` (change the freshly built model in place,
+    e.g. add layers) and :meth:`regulariser` (a loss term for the training attribute). ``uses_attribute`` says
+    whether the method trains one model per sensitive attribute (FairCLIP) or one model for all (CLIP).
+    """
+
+    name: str = "method"
+
+    uses_attribute: ClassVar[bool] = False
+
+    def adapt(self, model: nn.Module) -> None:
+        """Change the model built for one seed in place, before training (nothing for plain CLIP)."""
+
+    def regulariser(self, model: nn.Module, train, attribute: str, seed: int, batch_size: int
+                    ) -> Callable | None:
+        """The term added to the contrastive loss at each step,
+        ``hook(image_features, text_features, logit_scale, batch)`` as :func:`fairbook.train.fit_clip` calls it,
+        for the training ``attribute`` and ``seed``; None adds nothing."""
+        return None
+
+    def settings(self) -> dict:
+        """The declared fields, name included."""
+        return dataclasses.asdict(self)
+
+    def record(self) -> dict:
+        """What rebuilds this method: its class path and its settings."""
+        return {"class": f"{type(self).__module__}.{type(self).__qualname__}", "settings": self.settings()}
+
+    def describe(self) -> str:
+        """One line for tables and saved metrics: the name and the settings that differ from the class defaults."""
+        defaults = type(self)()
+        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                   if f.name != "name" and getattr(self, f.name) != getattr(defaults, f.name)]
+        return f"{self.name} ({', '.join(changed)})" if changed else self.name
+
+
+def method_from_record(record: Mapping) -> Method:
+    """The method that :meth:`Method.record` describes."""
+    path = str(record.get("class", ""))
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise MethodError(f"unknown method class {path!r} in a saved record: it was saved by another fairbook; "
+                          "run its chapter again") from None
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise MethodError(f"{path!r} is not a fairbook method class")
+    return cls(**record.get("settings", {}))

@@ -1,0 +1,90 @@
+"""Mitigations that work with any method: group-balanced resampling and GroupDRO.
+
+* :func:`group_balanced_weights` / :func:`balanced_sampler`: resampling with per-sample weight 1 / group size, the
+  "Resampling" mitigation of MEDFAIR (Zong et al., ICLR 2023) and FairMedFM (Jin et al., NeurIPS 2024 D&B, Tab. 2).
+* :class:`GroupDRO`: the online group DRO algorithm of Sagawa et al. (ICLR 2020, Algorithm 1) with their optional
+  group adjustment C / sqrt(n_g) (FairMedFM uses C = 1, appendix D.1.3; MEDFAIR uses step size 0.01).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike
+from torch import nn
+from torch.utils.data import WeightedRandomSampler
+
+__all__ = ["GroupDRO", "MitigationError", "balanced_sampler", "group_balanced_weights"]
+
+
+class MitigationError(ValueError):
+    """Bad input to a mitigation."""
+
+
+# ---------------------------------------------------------------------------------------------------- resampling
+def group_balanced_weights(groups: ArrayLike) -> np.ndarray:
+    """Per-sample weight 1 / (size of the sample's group), MEDFAIR's resampling weights.
+
+    Each group's weights sum to 1, so all weights sum to the number of groups and a weighted draw picks every
+    group with the same probability.
+    """
+    groups = np.asarray(groups)
+    if groups.ndim != 1 or len(groups) == 0:
+        raise MitigationError(f"groups must be a non-empty 1-D array of group codes, got shape {groups.shape}")
+    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    return 1.0 / counts[inverse]
+
+
+def balanced_sampler(groups: ArrayLike, num_samples: int | None = None, seed: int = 0) -> WeightedRandomSampler:
+    """WeightedRandomSampler (with replacement, seeded) drawing groups equally often; ``num_samples`` defaults to
+    the number of samples (one "epoch"). Pass it as ``DataLoader(dataset, sampler=...)``."""
+    weights = group_balanced_weights(groups)
+    return WeightedRandomSampler(
+        torch.as_tensor(weights, dtype=torch.double), num_samples or len(weights), replacement=True,
+        generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------------------ GroupDRO
+class GroupDRO(nn.Module):
+    """Online group DRO (Sagawa et al., ICLR 2020, Algorithm 1) on per-sample losses.
+
+    Per batch: ``l_g`` = mean loss of group ``g``'s samples (0 when absent);
+    ``q_g <- q_g * exp(eta * (l_g + C / sqrt(n_g)))``, then ``q <- q / sum(q)``; the returned loss is
+    ``sum_g q_g l_g`` with the updated ``q`` held constant (no gradient through ``q``). ``q`` starts uniform and is
+    a buffer (:attr:`q`, saved in ``state_dict``); every call updates it, so call it on training batches only.
+    The group adjustment ``C = adjustment`` (0 = off; FairMedFM uses 1) needs ``group_counts`` (training size of
+    each group); it is added for every group, present or not, and only enters ``q`` (as a constant inside
+    ``sum_g q_g (l_g + C / sqrt(n_g))`` it would not change the gradient).
+    """
+
+    q: torch.Tensor
+
+    def __init__(
+        self, n_groups: int, eta: float = 0.01, adjustment: float = 0.0, group_counts: ArrayLike | None = None,
+    ) -> None:
+        super().__init__()
+        if adjustment and group_counts is None:
+            raise MitigationError("GroupDRO adjustment C / sqrt(n_g) needs group_counts (training samples per group)")
+        counts = torch.ones(n_groups) if group_counts is None else torch.as_tensor(group_counts, dtype=torch.float)
+        if counts.shape != (n_groups,) or bool((counts <= 0).any()):
+            raise MitigationError(f"group_counts must hold {n_groups} positive counts, got {counts.tolist()}")
+        self.n_groups, self.eta = n_groups, float(eta)
+        self.register_buffer("q", torch.full((n_groups,), 1.0 / n_groups))
+        self.register_buffer("adjust", float(adjustment) / counts.sqrt())
+
+    def group_losses(self, losses: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """Mean loss of each group in the batch, 0 for absent groups (differentiable)."""
+        groups = torch.as_tensor(groups, device=losses.device)
+        if losses.ndim != 1 or groups.shape != losses.shape:
+            raise MitigationError(f"pass per-sample losses (reduction='none') and one group code per sample, got "
+                                f"shapes {tuple(losses.shape)} and {tuple(groups.shape)}")
+        if len(groups) and (int(groups.min()) < 0 or int(groups.max()) >= self.n_groups):
+            raise MitigationError(f"group codes must lie in 0..{self.n_groups - 1}; remap or drop unknown (-1) samples")
+        sums = losses.new_zeros(self.n_groups).index_add(0, groups, losses)
+        counts = torch.bincount(groups, minlength=self.n_groups).to(losses.dtype)
+        return sums / counts.clamp(min=1)
+
+    def forward(self, losses: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        group_loss = self.group_losses(losses, groups)
+        q = self.q * torch.exp(self.eta * (group_loss.detach().to(self.q) + self.adjust))
+        self.q = q / q.sum()
+        return (self.q.to(group_loss) * group_loss).sum()

@@ -1,0 +1,142 @@
+"""The protocol: how every method is trained, selected and saved, the same way for all.
+
+One seed of one method (:func:`train_one`):
+
+1. the model: ``torch.manual_seed(seed)``, the shared start (:class:`Setup` ``model`` and ``pretrained``), then the
+   method's own change (:meth:`fairbook.methods.Method.adapt`);
+2. the data: ``n_train`` training pairs drawn with ``seed`` (:meth:`fairbook.data.FairVLMed.subset`; the same draw
+   for every method at the same seed, so methods are paired on seed), the whole validation and test splits;
+3. training: :func:`fairbook.train.fit_clip` with the shared recipe and ``seed``, plus the method's loss term
+   (:meth:`fairbook.methods.Method.regulariser`) for the training attribute; the epoch is chosen on validation AUC;
+4. scoring: validation and test predictions of the kept epoch, saved in the results store
+   (:func:`fairbook.results.save`) with a record that rebuilds the model (:func:`load_model`). The test split is
+   read once, after training.
+
+:func:`train_grid` runs methods x attributes x seeds with one call; a method that uses no attribute (CLIP) is
+trained once per seed under the attribute ``all``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+
+from fairbook.data.attributes import FILTER_ATTRIBUTES
+from fairbook.data.fairvlmed import FairVLMed, describe
+from fairbook.files import resolve
+from fairbook.methods.base import Method, method_from_record
+from fairbook.models import create_clip
+from fairbook.results import ALL, ResultsError, collect, model_folder, save
+from fairbook.train import TrainConfig, fit_and_score, load_checkpoint
+
+__all__ = ["Setup", "build_model", "histories", "load_model", "train_grid", "train_one"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What every method of a chapter shares: the data, the pretrained start, the recipe and the training draw.
+
+    ``data_root``: a FairVLMed-layout folder. ``model``/``pretrained``: :func:`fairbook.models.create_clip`'s
+    arguments (an open_clip architecture and a weight tag or checkpoint file). ``config``: the training recipe
+    (its ``seed`` is replaced by each run's seed). ``n_train``: training pairs drawn per seed (None: all).
+    """
+
+    data_root: str
+    config: TrainConfig
+    model: str = "fairbook-tiny"
+    pretrained: str | None = None
+    n_train: int | None = None
+
+    def replace(self, **changes) -> Setup:
+        """A copy with some fields changed, e.g. ``setup.replace(data_root=control_root)``."""
+        return dataclasses.replace(self, **changes)
+
+
+def build_model(method: Method, setup: Setup, seed: int):
+    """The network ``method`` starts from at ``seed``: ``torch.manual_seed(seed)``, then
+    :func:`fairbook.models.create_clip` with the setup's model and weights, then ``method.adapt`` (e.g. Fair-MoE's
+    layers, whose gates are initialised from the seeded generator). Returns ``create_clip``'s 4-tuple."""
+    torch.manual_seed(seed)
+    net, preprocess_train, preprocess_val, tokenizer = create_clip(setup.model, setup.pretrained)
+    method.adapt(net)
+    return net, preprocess_train, preprocess_val, tokenizer
+
+
+def train_one(run_dir: str | os.PathLike, method: Method, setup: Setup, seed: int, attribute: str = ALL,
+              progress: bool = False) -> dict:
+    """One seed of one method trained for ``attribute`` (``all`` for a method that uses none), as described in the
+    module docstring; returns :func:`fairbook.train.fit_and_score`'s dict plus ``model`` (the trained network, kept
+    epoch loaded) and ``folder`` (its folder in the results store).
+
+    The checkpoint goes to ``run_dir/checkpoints/<method>/<attribute>/seed-<k>/best.pt``; ``info.json`` records the
+    setup's ``model`` and ``pretrained``, the method (:meth:`fairbook.methods.Method.record`) and the checkpoint
+    path relative to ``run_dir``.
+    """
+    if method.uses_attribute == (attribute == ALL):
+        need = f"one of {', '.join(FILTER_ATTRIBUTES)}" if method.uses_attribute else repr(ALL)
+        use = "trains for an attribute" if method.uses_attribute else "uses no attribute"
+        raise ResultsError(f"{method.name} {use}: pass attribute={need}")
+    run_dir = resolve(run_dir)
+    net, preprocess_train, preprocess_val, tokenizer = build_model(method, setup, seed)
+    train = FairVLMed(setup.data_root, "Training", preprocess_train, tokenizer).subset(setup.n_train, seed)
+    val, test = (FairVLMed(setup.data_root, split, preprocess_val, tokenizer) for split in ("Validation", "Test"))
+    hook = method.regulariser(net, train, attribute, seed, setup.config.batch_size)
+    folder = model_folder(run_dir, method.name, attribute, seed, kind="checkpoints")
+    fit = fit_and_score(net, tokenizer, train, val, test, setup.config.replace(seed=seed), folder, hook, progress)
+    record = {"model": setup.model, "pretrained": setup.pretrained, "method": method.record(),
+              "checkpoint": str((folder / "best.pt").relative_to(run_dir)), "n_train": len(train)}
+    saved = save(run_dir, method.name, seed, fit["scores"], describe(setup.data_root), {**fit, **record}, attribute)
+    return {**fit, "model": net, "folder": saved}
+
+
+def train_grid(run_dir: str | os.PathLike, methods: Sequence[Method], setup: Setup, seeds: Sequence[int],
+               attributes: Sequence[str] = FILTER_ATTRIBUTES, progress: bool = False) -> pd.DataFrame:
+    """Train every method for every attribute it uses and every seed (:func:`train_one`) and return the results-store
+    rows of the models trained (as :func:`fairbook.results.collect` gives them), in training order."""
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ResultsError(f"two methods share a name in {names}: give each its own name (it names its folder)")
+    folders = []
+    for method in methods:
+        for attribute in attributes if method.uses_attribute else [ALL]:
+            for seed in seeds:
+                folders.append(train_one(run_dir, method, setup, seed, attribute, progress)["folder"])
+    rows = collect(run_dir).set_index("folder").loc[folders].reset_index()
+    return rows[["chapter", "method", "attribute", "seed", "data", "folder"]]
+
+
+def histories(rows: pd.DataFrame) -> pd.DataFrame:
+    """The per-epoch training record of each model of ``rows`` (from :func:`train_grid` or
+    :func:`fairbook.results.collect`): method, attribute, seed, then epoch, train_loss, reg_loss, val_auc, seconds,
+    and ``kept`` (True for the epoch chosen on validation, whose weights the model keeps)."""
+    out = []
+    for row in rows.to_dict("records"):
+        info = json.loads((row["folder"] / "info.json").read_text())
+        out += [{"method": row["method"], "attribute": row["attribute"], "seed": row["seed"], **epoch,
+                 "kept": epoch["epoch"] == info.get("best_epoch")} for epoch in info.get("history", [])]
+    return pd.DataFrame(out)
+
+
+def load_model(run_dir: str | os.PathLike, method: str, attribute: str, seed: int):
+    """Rebuild a model that :func:`train_one` trained and load its kept epoch; returns
+    ``(model, preprocess_val, tokenizer)``, the model in eval mode.
+
+    The architecture comes from the model's ``info.json`` (``model``, ``pretrained`` and the method record, whose
+    ``adapt`` is replayed), the weights from its ``best.pt``."""
+    run_dir = resolve(run_dir)
+    info_path = model_folder(run_dir, method, attribute, seed) / "info.json"
+    if not info_path.is_file():
+        raise ResultsError(f"no saved model {method!r} ({attribute}, seed {seed}) in {run_dir}: run the chapter "
+                           "that trains it first, or pick a method, attribute and seed from fb.results.collect")
+    info = json.loads(info_path.read_text())
+    if "method" not in info:
+        raise ResultsError(f"{info_path} does not record its method (saved by an older fairbook): run that "
+                           "chapter again")
+    net, _, preprocess_val, tokenizer = create_clip(info["model"], info["pretrained"])
+    method_from_record(info["method"]).adapt(net)
+    load_checkpoint(model_folder(run_dir, method, attribute, seed, kind="checkpoints") / "best.pt", net)
+    return net.eval(), preprocess_val, tokenizer
