@@ -94,29 +94,32 @@ fig = fb.plots.group_metric(race, "auc", overall=report["attributes"]["race"]["a
 fb.plots.savefig(fig, "group-auc-race")
 
 # %% [markdown]
-# ## Where the papers disagree: two forms of ES-AUC
+# ## Where the papers disagree: three readings of ES-AUC
 #
 # FairCLIP and Fair-MoE scale the overall AUC by the summed deviations of the groups from it:
 # $\mathrm{ES\text{-}AUC} = \mathrm{AUC} / (1 + \sum_g |\mathrm{AUC} - \mathrm{AUC}_g|)$.
-# FairMedFM scales the mean group AUC by the spread of the groups:
-# $\mathrm{AUC_{ES}} = \overline{\mathrm{AUC}_g} / (1 + \operatorname{std}_g \mathrm{AUC}_g)$.
-# The sum form grows with the number of groups and compares groups with the pooled AUC; the std form does not.
-# Two hypothetical models with three groups each:
+# FairMedFM scales by the spread of the group AUCs instead. Its code, and every consistent row of its Table 2,
+# divide the overall AUC: $\mathrm{AUC_{ES}} = \mathrm{AUC} / (1 + \operatorname{std}_g \mathrm{AUC}_g)$, e.g.
+# linear probing $76.07 / (1 + 0.53 / 2 / 100) = 75.87$. Its appendix can also be read as scaling the mean group
+# AUC, $\overline{\mathrm{AUC}_g} / (1 + \operatorname{std}_g \mathrm{AUC}_g)$, which the table does not follow.
+# The sum form grows with the number of groups; the std forms do not. Two hypothetical models with three groups
+# each:
 
 # %%
 models = {"A": (0.85, [0.85, 0.85, 0.70]), "B": (0.80, [0.88, 0.72, 0.80])}
-pd.DataFrame({name: {"AUC": auc, "group AUCs": g,
-                     "ES-AUC (sum form)": fb.metrics.equity_scaled_sum(auc, g),
-                     "AUC_ES (std form)": fb.metrics.equity_scaled_std(g)}
-              for name, (auc, g) in models.items()}).T
+forms = pd.DataFrame({name: {"ES-AUC (sum)": fb.metrics.equity_scaled_sum(auc, g),
+                             "AUC_ES (FairMedFM)": fb.metrics.equity_scaled_std(auc, g),
+                             "AUC_ES (group mean)": fb.metrics.equity_scaled_group_mean(g)}
+                      for name, (auc, g) in models.items()}).T.astype(float)
+print("ranked first:", forms.idxmax().to_dict())
+forms.round(4)
 
 # %% [markdown]
-# The sum form ranks A above B; the std form ranks B above A. Under the sum form A pays for one deviation of 0.15
-# and B for two of 0.08, and A's higher pooled AUC decides. Under the std form the pooled AUC plays no part: both
-# models have a mean group AUC of 0.80, and A's groups are spread more (std 0.071 against 0.065). Neither form is
-# wrong, but a table that mixes them, or compares a number of one form with a number of the other, is. fairbook
-# reports both under distinct keys
-# (`es_auc`, `es_auc_std`).
+# Under the sum form A pays for one deviation of 0.15 and B for two of 0.08, and A's higher pooled AUC decides.
+# FairMedFM's form keeps the pooled AUC too. The group-mean reading drops it: both models have a mean group AUC of
+# 0.80, A's groups are spread more (std 0.071 against 0.065), and the ranking can flip. No form is wrong, but a
+# table that mixes them, or compares a number of one form with a number of another, is. fairbook reports all
+# three under distinct keys (`es_auc`, `es_auc_std`, `es_auc_group_mean`).
 
 # %% [markdown]
 # ## The threshold moves DPD and EOD
@@ -168,7 +171,8 @@ fb.runs.save_metrics({
 # %% [markdown]
 # ## Takeaways
 #
-# - Name the definition: `es_auc` (sum form) and `es_auc_std` (std form) can rank models differently.
+# - Name the definition: `es_auc` (sum form), `es_auc_std` (FairMedFM's) and `es_auc_group_mean` can rank models
+#   differently.
 # - Choose the threshold on validation; DPD and EOD move with it, so a threshold fitted on test flatters them.
 # - Small groups have wide intervals: a gap smaller than the interval of the smallest group is not evidence of
 #   unfairness, nor of its absence.
