@@ -23,8 +23,8 @@ import pandas as pd
 from fairbook.data.attributes import FILTER_ATTRIBUTES, decode
 from fairbook.files import atomic_write_text, resolve, to_jsonable
 
-__all__ = ["ALL", "PREDICTIONS", "ResultsError", "collect", "model_folder", "read_predictions", "same_data", "save",
-           "save_predictions"]
+__all__ = ["ALL", "PREDICTIONS", "ResultsError", "collect", "compare_runs", "model_folder", "read_predictions",
+           "same_data", "save", "save_predictions"]
 
 PREDICTIONS = "predictions"
 #: Training attribute of a method that uses no sensitive attribute (CLIP).
@@ -120,3 +120,30 @@ def read_predictions(folder: Path, split: str) -> pd.DataFrame:
     if not path.is_file():
         raise ResultsError(f"{path} is missing: the saved run is incomplete; run its chapter again")
     return pd.read_csv(path, keep_default_na=False)
+
+
+def compare_runs(first: str | os.PathLike, second: str | os.PathLike) -> pd.DataFrame:
+    """Saved predictions of two run folders side by side, to check that a change left results unchanged.
+
+    One row per (method, attribute, seed, split) saved in either folder: ``identical`` (the CSV files are equal byte
+    for byte), ``max_abs_diff`` (largest difference of ``y_score``; NaN when the rows or labels do not match) and
+    ``only_in`` (the folder that has it, when the other does not).
+    """
+    runs = {name: collect(folder).set_index(["method", "attribute", "seed"])["folder"]
+            for name, folder in (("first", first), ("second", second))}
+    rows = []
+    for key in sorted(set(runs["first"].index) | set(runs["second"].index), key=str):
+        folders = {name: runs[name].get(key) for name in runs}
+        for split in ("validation", "test"):
+            row = dict(zip(("method", "attribute", "seed"), key), split=split, identical=False,
+                       max_abs_diff=np.nan, only_in=None)
+            if folders["first"] is None or folders["second"] is None:
+                row["only_in"] = "first" if folders["second"] is None else "second"
+            else:
+                a, b = (read_predictions(folders[name], split) for name in ("first", "second"))
+                row["identical"] = ((folders["first"] / f"{split}.csv").read_bytes()
+                                    == (folders["second"] / f"{split}.csv").read_bytes())
+                if len(a) == len(b) and a["y_true"].equals(b["y_true"]):
+                    row["max_abs_diff"] = float((a["y_score"] - b["y_score"]).abs().max())
+            rows.append(row)
+    return pd.DataFrame(rows)

@@ -281,7 +281,22 @@ def test_ablation_switches_and_parameter_names(clip):
     assert extra == 9 * mlp_params + gate_params == sum(image_only.get_parameter(n).numel() for n in names) - mlp_params
     full = add_fo_moe(copy.deepcopy(base), form="code", feature_experts="race")
     assert full.transformer.feature_moe.n_experts == 3 and full.visual.feature_moe.top_k == 3
-    assert full.visual.transformer.resblocks[-1].mlp.subtract_input
+    patch = full.visual.transformer.resblocks[-1].mlp
+    assert patch.subtract_input
+    # the official experts: the block MLP's weights with ReLU instead of GELU
+    mlp = base.visual.transformer.resblocks[-1].mlp
+    expert = patch.experts[0]
+    assert isinstance(expert.gelu, torch.nn.ReLU) and not isinstance(mlp.gelu, torch.nn.ReLU)
+    assert torch.equal(expert.c_fc.weight, mlp.c_fc.weight) and torch.equal(expert.c_proj.weight, mlp.c_proj.weight)
+    x = torch.randn(4, mlp.c_fc.in_features)
+    torch.testing.assert_close(expert(x), mlp.c_proj(torch.relu(mlp.c_fc(x))))
+    # and the official feature experts: Linear(D, 4D)-ReLU-Linear(4D, D)
+    feature = full.visual.feature_moe.experts[0]
+    dim = full.visual.output_dim
+    assert [type(m) for m in feature] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
+    assert (feature[0].in_features, feature[0].out_features, feature[2].out_features) == (dim, 4 * dim, dim)
+    assert not isinstance(add_fo_moe(copy.deepcopy(base)).visual.transformer.resblocks[-1].mlp.experts[0].gelu,
+                          torch.nn.ReLU)  # the paper form keeps the MLP as it is
 
 
 def test_deepcopy_after_forward_and_text_binding(model, inputs):
@@ -303,15 +318,18 @@ def test_fol_hand_worked_values():
     rows = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.5, 0.5]])
     groups = split_rows(rows, torch.tensor([0, 0, 1, 1]), (0, 1, 2))
     assert set(groups) == {0, 1}
-    # paper: 2 experts x ((0.125 - 0.25)^2 + 0.125^2) = 0.0625; code: (0.125 - 0.25)^2 + 0.125^2 = 0.03125
+    # paper: 2 experts x ((0.125 - 0.25)^2 + 0.125^2) = 0.0625
     assert group_variance_gap(rows, groups).item() == pytest.approx(0.0625)
-    assert group_variance_gap(rows, groups, form="code").item() == pytest.approx(0.03125)
-    # expert variances off in opposite directions: paper form sees it, code form does not
+    # code, unbiased variances: batch columns 0.5 / 3 = 1/6, group 0's 0.5 / 1, group 1's 0:
+    # (1/6 - 1/2)^2 + (1/6 - 0)^2 = 1/9 + 1/36 = 5/36
+    assert group_variance_gap(rows, groups, form="code").item() == pytest.approx(5 / 36)
+    # expert variances off in opposite directions: the paper form counts each expert, the code form only the means
     a = torch.tensor([[1.0, 0.5], [0.0, 0.5]])
     b = torch.tensor([[0.5, 1.0], [0.5, 0.0]])
     mixed = torch.cat([a, b])
     split = {0: a, 1: b}
-    assert group_variance_gap(mixed, split, "code").item() == pytest.approx(0.0)
+    # code: batch mean variance 1/6, each group's (0.5 + 0) / 2 = 1/4: 2 x (1/6 - 1/4)^2 = 1/72 (the divisor alone)
+    assert group_variance_gap(mixed, split, "code").item() == pytest.approx(1 / 72)
     # paper: each group has one expert at 0.25 and one at 0, the batch 0.125 for both: 2 x 2 x 0.125^2
     assert group_variance_gap(mixed, split, "paper").item() == pytest.approx(0.0625)
 

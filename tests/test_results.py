@@ -192,3 +192,21 @@ def test_save_predictions_round_trips_through_fairbook_metrics(tmp_path):
     assert [f.name for f in tmp_path.iterdir()] == ["preds.csv"]
     with pytest.raises(ResultsError, match="n x 4 code matrix"):
         results.save_predictions(tmp_path / "bad.csv", y, p, codes[:, :2], "test")
+
+
+def test_compare_runs_tells_identical_changed_and_missing_predictions(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    for seed in (0, 1):
+        save_model(first, "CLIP", seed)
+        save_model(second, "CLIP", seed)
+    save_model(first, "FairCLIP", 0, attribute="race")
+    changed = second / "predictions" / "CLIP" / "all" / "seed-1" / "test.csv"
+    frame = pd.read_csv(changed)
+    frame.loc[3, "y_score"] += 1e-3
+    frame.to_csv(changed, index=False)
+    table = results.compare_runs(first, second).set_index(["method", "seed", "split"])
+    assert table.loc[("CLIP", 0, "test"), "identical"] and table.loc[("CLIP", 0, "test"), "max_abs_diff"] == 0
+    assert not table.loc[("CLIP", 1, "test"), "identical"]
+    assert table.loc[("CLIP", 1, "test"), "max_abs_diff"] == pytest.approx(1e-3)
+    assert table.loc[("CLIP", 1, "validation"), "identical"]
+    assert table.loc[("FairCLIP", 0, "test"), "only_in"] == "first"

@@ -241,6 +241,9 @@ class PatchMoE(_Router):
       sum (a fairbook option; with identical experts and no capacity drop the layer then equals the MLP).
     * ``subtract_input=True`` is the official code's ``output - input``: the block becomes
       ``x + sum_j W_hat_j E_j(ln x) - ln x`` (with ``ln`` the block's ``ln_2``); default False (paper form).
+    * ``relu_experts=True`` is the official code's expert, ``Linear(d, 4d)-ReLU-Linear(4d, d)`` initialised from the
+      block's MLP: the copies keep its weights but use ReLU where the MLP has GELU; default False (paper form:
+      the MLP as it is).
     * Text: padding tokens after EOT are routed like any token and compete for capacity (as in the official
       code). With the causal mask they never change the EOT token's attention output, but they can take an
       expert's slots and so drop real tokens, EOT included; they also count as FOL rows.
@@ -254,7 +257,7 @@ class PatchMoE(_Router):
 
     def __init__(self, mlp: nn.Module, n_experts: int = 10, top_k: int = 3, capacity: float = 0.8,
                  subtract_input: bool = False, renormalise: bool = False, batch_first: bool = True,
-                 expert_rank: int | None = None) -> None:
+                 expert_rank: int | None = None, relu_experts: bool = False) -> None:
         super().__init__()
         _check_routing(n_experts, top_k, capacity)
         linear = next((m for m in mlp.modules() if isinstance(m, nn.Linear)), None)
@@ -264,6 +267,7 @@ class PatchMoE(_Router):
         dim = linear.in_features
         self.n_experts, self.top_k, self.capacity = int(n_experts), int(top_k), float(capacity)
         self.subtract_input, self.renormalise, self.batch_first = subtract_input, renormalise, batch_first
+        mlp = _with_relu(mlp) if relu_experts else mlp
         if expert_rank is None:
             self.experts = nn.ModuleList(copy.deepcopy(mlp) for _ in range(self.n_experts))
         else:
@@ -303,6 +307,16 @@ class PatchMoE(_Router):
         return out
 
 
+def _with_relu(mlp: nn.Module) -> nn.Module:
+    """A copy of ``mlp`` whose GELU activations (open_clip's ``gelu`` child, GELU or QuickGELU) are ReLU."""
+    mlp = copy.deepcopy(mlp)
+    for module in list(mlp.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, (nn.GELU, QuickGELU)):
+                setattr(module, name, nn.ReLU())
+    return mlp
+
+
 # -------------------------------------------------------------------------------------------------- feature MoE
 class FeatureMoE(_Router):
     """Feature-based MoE (Sec. 2.1, Fig. 2): ``I3 = sum_b W_hat_b E_b(I0)`` on the encoder output ``I0`` (R^D).
@@ -316,8 +330,8 @@ class FeatureMoE(_Router):
 
     ``form="code"`` (official): dense soft mixture ``sum_b softmax(G(I0))_b E_b(I0)`` (no top-k), ``M2`` = number of
     groups of the training attribute, gate ``Linear(D, D/4)-QuickGELU-Linear(D/4, M2)``, randomly initialised
-    experts (here ``Linear(D, D)`` with PyTorch's default init; the reference notes do not give the expert
-    architecture), no residual. :attr:`routing` holds the last forward's :class:`Routing` (``(B, M2)`` tensors).
+    experts ``Linear(D, 4D)-ReLU-Linear(4D, D)`` (PyTorch's default init), no residual. :attr:`routing` holds the
+    last forward's :class:`Routing` (``(B, M2)`` tensors).
     """
 
     def __init__(self, dim: int, n_experts: int = PAPER_FEATURE_EXPERTS, top_k: int = PAPER_FEATURE_TOP_K,
@@ -328,7 +342,11 @@ class FeatureMoE(_Router):
         _check_routing(n_experts, top_k)
         self.n_experts, self.top_k, self.form, self.renormalise = int(n_experts), int(top_k), form, renormalise
         self.gate = _gate(dim, self.n_experts, nn.ReLU() if form == "paper" else QuickGELU())
-        self.experts = nn.ModuleList(nn.Linear(dim, dim) for _ in range(self.n_experts))
+        if form == "code":
+            self.experts = nn.ModuleList(nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim))
+                                         for _ in range(self.n_experts))
+        else:
+            self.experts = nn.ModuleList(nn.Linear(dim, dim) for _ in range(self.n_experts))
         if form == "paper":
             with torch.no_grad():
                 for expert in self.experts:
@@ -399,7 +417,8 @@ def add_fo_moe(model: nn.Module, *, image: bool = True, text: bool = True, patch
     chosen encoder (``feature_experts`` = M2, an int or an attribute name meaning one expert per known group of
     it; ``feature_top_k`` = k2, ignored by the dense code form). ``image``/``text`` choose the towers; together
     with ``patch``/``feature`` they give the ablations of Table 4 (b, c). ``form="code"`` switches both layers to
-    the official code (patch MoE returns output minus input; dense feature MoE with random experts).
+    the official code (patch experts with ReLU returning output minus input; dense feature MoE with random
+    two-layer experts).
     ``renormalise``: kept gate weights divided by their sum in both layers (fairbook option, off in paper and code).
     ``expert_rank``: patch experts that share the MLP and differ by rank-r updates (:class:`LowRankExperts`;
     fairbook option for parameter budgets, None in paper and code).
@@ -425,7 +444,7 @@ def add_fo_moe(model: nn.Module, *, image: bool = True, text: bool = True, patch
         block = transformer.resblocks[-1]
         block.mlp = PatchMoE(block.mlp, n_experts, top_k, capacity, subtract_input=form == "code",
                              renormalise=renormalise, batch_first=getattr(transformer, "batch_first", True),
-                             expert_rank=expert_rank)
+                             expert_rank=expert_rank, relu_experts=form == "code")
     if feature and image:
         reference = model.visual.proj if model.visual.proj is not None else next(model.visual.parameters())
         dim = int(model.visual.output_dim)
@@ -467,21 +486,23 @@ def group_variance_gap(rows: torch.Tensor, group_rows: Mapping[int, torch.Tensor
 
     ``form="paper"``: ``F_r = sum_p sum_j (Var(O_j) - Var(O_{p,j}))^2`` (column ``j``: expert j's weights).
     ``form="code"``: the official code compares the MEAN over experts of the variance,
-    ``F_r = sum_p (mean_j Var(O_j) - mean_j Var(O_{p,j}))^2``, so a group whose experts' variances are off in
-    opposite directions costs nothing. ``Var`` is the population variance (divisor n; the paper does not say
+    ``F_r = sum_p (mean_j Var(O_j) - mean_j Var(O_{p,j}))^2``, so experts whose variances are off in opposite
+    directions cancel, and ``Var`` is the unbiased variance (divisor n - 1, torch's default, as the
+    code calls it). In the paper form ``Var`` is the population variance (divisor n; the paper does not say
     which): then ``F_r = 0`` whenever every group's rows have the same empirical distribution as the batch (e.g.
-    each group a copy of the same rows), which the unbiased divisor n - 1 would not give, as group and batch sizes
+    each group a copy of the same rows), which the unbiased divisor would not give, as group and batch sizes
     differ. Groups with fewer than 2 rows are skipped; 0 if ``rows`` has fewer than 2 rows.
     """
     _check_form(form)
+    correction = 1 if form == "code" else 0
     total = rows.new_zeros(())
     if len(rows) < 2:
         return total
-    overall = rows.var(dim=0, correction=0)
+    overall = rows.var(dim=0, correction=correction)
     for group in group_rows.values():
         if len(group) < 2:
             continue
-        gap = overall - group.to(rows).var(dim=0, correction=0)
+        gap = overall - group.to(rows).var(dim=0, correction=correction)
         total = total + (gap.pow(2).sum() if form == "paper" else gap.mean().pow(2))
     return total
 
