@@ -1,7 +1,7 @@
 """Group fairness metrics for binary classifiers, with validation-chosen thresholds and bootstrap CIs.
 
 Every quantity has one unambiguous key; :data:`METRICS` gives its definition and the papers that report it
-(see also ``shared/reference/metrics.md``). Conventions used throughout:
+(chapter 02 walks through them). Conventions used throughout:
 
 * ``y`` are 0/1 labels, ``p`` positive-class probabilities, ``yhat = p >= t`` (positive when the score reaches
   the threshold, as in :func:`sklearn.metrics.roc_curve`). ``t`` is chosen on VALIDATION predictions
@@ -88,7 +88,8 @@ METRICS: dict[str, str] = {
 
 #: Which per-group coverage each summary needs (``odds``: both TPR and FPR defined).
 _BASIS = {
-    "es_auc": "auc", "es_auc_std": "auc", "es_auc_group_mean": "auc", "es_acc": "acc", "dpd": "selection_rate", "eod": "odds",
+    "es_auc": "auc", "es_auc_std": "auc", "es_auc_group_mean": "auc", "es_acc": "acc",
+    "dpd": "selection_rate", "eod": "odds",
     "eod_mean": "odds", "eop": "tpr", "eq_odds": "odds", "auc_delta": "auc", "acc_delta": "acc",
     "max_acc_gap": "acc", "worst_auc": "auc", "worst_acc": "acc", "ece_delta": "ece", "auc_std_ratio": "auc",
     "auc_range_ratio": "auc",

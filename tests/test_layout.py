@@ -100,3 +100,10 @@ def test_ruff_is_clean_on_package_notebooks_tests_and_bench():
     done = subprocess.run([sys.executable, "-m", "ruff", "check", "fairbook", "notebooks", "tests", "bench"],
                           cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:]
+
+
+def test_the_package_cites_papers_and_its_own_docs_never_files_outside_the_repository():
+    offenders = [f"{p.relative_to(PACKAGE.parent)}:{i}" for folder in ("fairbook", "notebooks", "bench")
+                 for p in (PACKAGE.parent / folder).rglob("*.py")
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if "shared/" in line or "reference/" in line]
+    assert offenders == []

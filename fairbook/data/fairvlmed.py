@@ -1,7 +1,7 @@
 """Harvard-FairVLMed: the on-disk dataset of FairCLIP (Luo et al., CVPR 2024), loaded the way the official code does.
 
-Layout (see ``shared/reference/fairvlmed-format.md``): ``<root>/{Training,Validation,Test or Testing}/*.npz``, one npz
-per sample with the keys of :data:`~fairbook.data.attributes.REQUIRED_NPZ_KEYS` (scalars as 0-d arrays), and a notes
+Layout (as released by the FairCLIP authors): ``<root>/{Training,Validation,Test or Testing}/*.npz``, one npz per
+sample with the keys of :data:`~fairbook.data.attributes.REQUIRED_NPZ_KEYS` (scalars as 0-d arrays), and a notes
 CSV (``gpt-4_summarized_notes.csv`` or ``gpt4_summarized_notes.csv``) mapping each npz file name to a GPT-4 summary of
 its clinical note. The split is the folder; extra npz keys (``note``, ``disc_mask``...) and files are ignored.
 

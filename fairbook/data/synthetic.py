@@ -1,7 +1,7 @@
 """SynthFairVLMed: a procedural stand-in for Harvard-FairVLMed with controllable bias mechanisms.
 
-The generator writes the on-disk layout of the real release (see ``fairvlmed-format.md`` in the project
-references): ``Training/``, ``Validation/``, ``Test/`` folders of globally numbered ``data_XXXXX.npz`` files,
+The generator writes the on-disk layout of the real release (:mod:`fairbook.data.fairvlmed` describes it):
+``Training/``, ``Validation/``, ``Test/`` folders of globally numbered ``data_XXXXX.npz`` files,
 ``gpt-4_summarized_notes.csv`` and ``data_summary.csv``, so that every loader written for the real data runs
 unchanged on it. It adds three things the real data does not have: ``disc_mask``/``cup_mask`` in each npz
 (for a segmentation chapter), ``synthetic_truth.csv`` (the true label, cup-to-disc ratio and artefact flag
