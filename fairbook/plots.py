@@ -175,6 +175,27 @@ def training_curve(history, best_epoch: int | None = None):
     return fig
 
 
+def validation_curve(table, values, xlabel: str, log: bool = True):
+    """Validation AUC (left) and ES-AUC (right) of each candidate setting, from
+    :func:`fairbook.protocol.choose_on_validation`'s table (rows in the order of ``values``); the chosen setting
+    is marked by a dashed line, the settings outside the AUC slack by open markers."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = np.asarray(values, float)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    for ax, column, ylabel in zip(axes, ("val_auc", "val_es_auc"), ("validation AUC", "validation ES-AUC")):
+        ax.plot(values, table[column], color="C0", zorder=1)
+        eligible = table["eligible"].to_numpy(bool)
+        ax.scatter(values[eligible], table[column][eligible], color="C0", zorder=2, label="within the AUC slack")
+        ax.scatter(values[~eligible], table[column][~eligible], facecolors="white", edgecolors="C0", zorder=2,
+                   label="outside")
+        ax.axvline(values[table["chosen"].to_numpy(bool)][0], ls="--", color="grey", lw=1, label="chosen")
+        ax.set(xlabel=xlabel, ylabel=ylabel, xscale="log" if log else "linear")
+    axes[1].legend(fontsize="small")
+    return fig
+
+
 def differences(frame, value: str, lo: str, hi: str, label: str, by: str | None = None,
                 xlabel: str = "difference"):
     """Forest plot: one row per ``label`` with its point ``value`` and interval ``[lo, hi]``, a vertical line at 0,

@@ -14,6 +14,10 @@ One seed of one method (:func:`train_one`):
 
 :func:`train_grid` runs methods x attributes x seeds with one call; a method that uses no attribute (CLIP) is
 trained once per seed under the attribute ``all``.
+
+A method's own weight (FairCLIP's lambda, Fair-MoE's FOL weight) is chosen among candidates by
+:func:`choose_on_validation`: the candidates are trained and scored on validation only, a declared criterion
+picks one, and only the chosen setting is then trained and scored on test.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import json
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -29,11 +34,13 @@ from fairbook.data.attributes import FILTER_ATTRIBUTES
 from fairbook.data.fairvlmed import FairVLMed, describe
 from fairbook.files import resolve
 from fairbook.methods.base import Method, method_from_record
+from fairbook.metrics import fairness_report
 from fairbook.models import create_clip
-from fairbook.results import ALL, ResultsError, collect, model_folder, save
+from fairbook.results import ALL, ResultsError, collect, model_folder, read_predictions, save
 from fairbook.train import TrainConfig, fit_and_score, load_checkpoint
 
-__all__ = ["Setup", "build_model", "histories", "load_model", "train_grid", "train_one"]
+__all__ = ["Setup", "build_model", "choose_on_validation", "histories", "load_model", "saved_method", "train_grid",
+           "train_one", "validation_scores"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,14 +74,15 @@ def build_model(method: Method, setup: Setup, seed: int):
 
 
 def train_one(run_dir: str | os.PathLike, method: Method, setup: Setup, seed: int, attribute: str = ALL,
-              progress: bool = False) -> dict:
+              progress: bool = False, test: bool = True) -> dict:
     """One seed of one method trained for ``attribute`` (``all`` for a method that uses none), as described in the
     module docstring; returns :func:`fairbook.train.fit_and_score`'s dict plus ``model`` (the trained network, kept
     epoch loaded) and ``folder`` (its folder in the results store).
 
     The checkpoint goes to ``run_dir/checkpoints/<method>/<attribute>/seed-<k>/best.pt``; ``info.json`` records the
     setup's ``model`` and ``pretrained``, the method (:meth:`fairbook.methods.Method.record`) and the checkpoint
-    path relative to ``run_dir``.
+    path relative to ``run_dir``. ``test=False`` never reads the test split (a model trained to choose a setting,
+    :func:`choose_on_validation`).
     """
     if method.uses_attribute == (attribute == ALL):
         need = f"one of {', '.join(FILTER_ATTRIBUTES)}" if method.uses_attribute else repr(ALL)
@@ -83,10 +91,11 @@ def train_one(run_dir: str | os.PathLike, method: Method, setup: Setup, seed: in
     run_dir = resolve(run_dir)
     net, preprocess_train, preprocess_val, tokenizer = build_model(method, setup, seed)
     train = FairVLMed(setup.data_root, "Training", preprocess_train, tokenizer).subset(setup.n_train, seed)
-    val, test = (FairVLMed(setup.data_root, split, preprocess_val, tokenizer) for split in ("Validation", "Test"))
+    val = FairVLMed(setup.data_root, "Validation", preprocess_val, tokenizer)
+    test_ds = FairVLMed(setup.data_root, "Test", preprocess_val, tokenizer) if test else None
     hook = method.regulariser(net, train, attribute, seed, setup.config.batch_size)
     folder = model_folder(run_dir, method.name, attribute, seed, kind="checkpoints")
-    fit = fit_and_score(net, tokenizer, train, val, test, setup.config.replace(seed=seed), folder, hook, progress)
+    fit = fit_and_score(net, tokenizer, train, val, test_ds, setup.config.replace(seed=seed), folder, hook, progress)
     record = {"model": setup.model, "pretrained": setup.pretrained, "method": method.record(),
               "checkpoint": str((folder / "best.pt").relative_to(run_dir)), "n_train": len(train)}
     saved = save(run_dir, method.name, seed, fit["scores"], describe(setup.data_root), {**fit, **record}, attribute)
@@ -121,6 +130,20 @@ def histories(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def saved_method(run_dir: str | os.PathLike, name: str) -> Method:
+    """The method ``name`` as a run folder trained it (its settings as recorded, e.g. a weight chosen on
+    validation), so that another chapter can build on exactly that method, e.g. ablate one of its components."""
+    run_dir = resolve(run_dir)
+    records = {json.dumps(json.loads(p.read_text()).get("method"), sort_keys=True)
+               for p in sorted((model_folder(run_dir, name, ALL, 0).parent.parent).glob("*/seed-*/info.json"))}
+    records.discard("null")
+    if len(records) != 1:
+        problem = "no saved model" if not records else "models with different settings"
+        raise ResultsError(f"{run_dir} holds {problem} of {name!r}: run the chapter that trains it with this "
+                           "configuration first")
+    return method_from_record(json.loads(records.pop()))
+
+
 def load_model(run_dir: str | os.PathLike, method: str, attribute: str, seed: int):
     """Rebuild a model that :func:`train_one` trained and load its kept epoch; returns
     ``(model, preprocess_val, tokenizer)``, the model in eval mode.
@@ -140,3 +163,47 @@ def load_model(run_dir: str | os.PathLike, method: str, attribute: str, seed: in
     method_from_record(info["method"]).adapt(net)
     load_checkpoint(model_folder(run_dir, method, attribute, seed, kind="checkpoints") / "best.pt", net)
     return net.eval(), preprocess_val, tokenizer
+
+
+def validation_scores(rows: pd.DataFrame) -> pd.DataFrame:
+    """Validation AUC and ES-AUC of each model of ``rows`` (from :func:`train_grid` or
+    :func:`fairbook.results.collect`), for the attribute it trained on (every attribute, averaged, for a model
+    that used none). Both are threshold-free, so nothing is fitted on the validation split for them."""
+    out = []
+    for row in rows.to_dict("records"):
+        val = read_predictions(row["folder"], "validation")
+        attributes = FILTER_ATTRIBUTES if row["attribute"] == ALL else [row["attribute"]]
+        report = fairness_report(val["y_true"], val["y_score"], {a: val[a] for a in attributes})
+        entries = list(report["attributes"].values())  # each holds the overall AUC and its attribute's ES-AUC
+        out.append({"method": row["method"], "attribute": row["attribute"], "seed": row["seed"],
+                    "val_auc": entries[0]["auc"], "val_es_auc": float(np.mean([e["es_auc"] for e in entries]))})
+    return pd.DataFrame(out)
+
+
+def choose_on_validation(run_dir: str | os.PathLike, candidates: Sequence[Method], setup: Setup,
+                         seeds: Sequence[int], attributes: Sequence[str] = FILTER_ATTRIBUTES,
+                         auc_slack: float = 0.01, progress: bool = False) -> tuple[Method, pd.DataFrame]:
+    """Choose one of ``candidates`` (the same method with different settings, each with its own name) on
+    validation; returns ``(chosen method, table)``.
+
+    Every candidate is trained for ``attributes`` x ``seeds`` (often fewer than the chapter's, to stay in budget)
+    into ``run_dir`` without ever scoring the test split. The criterion: the highest mean validation ES-AUC among
+    the candidates whose mean validation AUC is within ``auc_slack`` (one point by default) of the best one, so
+    that fairness is not bought with a collapse of accuracy. ``table`` has one row per candidate: ``method``,
+    ``val_auc``, ``val_es_auc`` (means over attributes and seeds), ``eligible`` and ``chosen``.
+    """
+    if len(candidates) < 1:
+        raise ResultsError("choose_on_validation needs at least one candidate setting")
+    names = [m.name for m in candidates]
+    if len(set(names)) != len(names):
+        raise ResultsError(f"candidates share a name in {names}: name each setting, e.g. 'FairCLIP (lam=10)'")
+    folders = [train_one(run_dir, method, setup, seed, attribute, progress, test=False)["folder"]
+               for method in candidates for attribute in (attributes if method.uses_attribute else [ALL])
+               for seed in seeds]
+    rows = collect(run_dir).set_index("folder").loc[folders].reset_index()
+    scores = validation_scores(rows).groupby("method", sort=False)[["val_auc", "val_es_auc"]].mean()
+    table = scores.reindex(names).reset_index()
+    table["eligible"] = table["val_auc"] >= table["val_auc"].max() - auc_slack
+    best = table.loc[table["eligible"], "val_es_auc"].idxmax()
+    table["chosen"] = table.index == best
+    return candidates[int(best)], table

@@ -72,13 +72,14 @@ def save(run_dir: str | os.PathLike, method: str, seed: int, scores: Mapping[str
     """Save one trained model's validation and test predictions (``scores`` as :func:`fairbook.train.fit_and_score`
     returns them), the label of its data (:func:`fairbook.data.describe`) and its training record; returns the
     folder. ``info.json`` is written last, so a folder without it is an interrupted save and :func:`collect`
-    ignores it."""
+    ignores it. A model trained only to choose a setting on validation is saved without test predictions
+    (``scores`` without ``"test"``: the test split was never scored)."""
     if attribute != ALL and attribute not in FILTER_ATTRIBUTES:
         raise ResultsError(f"unknown training attribute {attribute!r}; use one of {', '.join(FILTER_ATTRIBUTES)} "
                            f"or {ALL!r}")
-    missing = {"validation", "test"} - set(scores)
-    if missing:
-        raise ResultsError(f"scores lack the {', '.join(sorted(missing))} split; pass both validation and test")
+    if "validation" not in scores or not set(scores) <= {"validation", "test"}:
+        raise ResultsError(f"scores hold the splits {sorted(scores)}: pass validation, and test unless the model "
+                           "only serves a choice on validation")
     folder = model_folder(run_dir, method, attribute, seed)
     folder.mkdir(parents=True, exist_ok=True)
     for split, (y, p, codes) in scores.items():

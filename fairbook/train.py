@@ -464,11 +464,13 @@ def fit_and_score(model: nn.Module, tokenizer, train_ds, val_ds, test_ds, config
     Returns :func:`fit_clip`'s dict plus ``scores = {"validation": (y, p, codes), "test": (y, p, codes)}`` with
     the ``config.prompts`` prompts, ready for :func:`fairbook.results.save` (the validation scores are those the
     kept epoch was chosen with). The test split is scored once, after training; nothing in the training or the
-    epoch choice reads it.
+    epoch choice reads it. ``test_ds=None`` scores validation only (a model trained to choose a setting).
     """
     fit = fit_clip(model, tokenizer, train_ds, val_ds, config, out_dir, regulariser, progress)
-    test = zero_shot_scores(model, tokenizer, DataLoader(test_ds, batch_size=64), PROMPT_SETS[config.prompts])
-    fit["scores"] = {"validation": fit.pop("val_scores"), "test": test}
+    fit["scores"] = {"validation": fit.pop("val_scores")}
+    if test_ds is not None:
+        loader = DataLoader(test_ds, batch_size=64)
+        fit["scores"]["test"] = zero_shot_scores(model, tokenizer, loader, PROMPT_SETS[config.prompts])
     return fit
 
 

@@ -62,8 +62,11 @@ layers = {  # the FO-MoE layers (fb.methods.fair_moe.add_fo_moe)
     "expert_rank": None,  # None: each patch expert a full copy of the MLP (paper); r: low-rank experts (fairbook)
 }
 form = "paper"  # "paper" or "code" (official code's layers and FOL)
-fol_weight = 1000.0  # weight of each F term (see "Choosing the weights")
-lam = 100.0  # weight of the Sinkhorn distance term (chapter 12's lambda)
+fol_weight = 1000.0  # weight of each F term chosen a priori (see "Choosing the weights"); used if the grid is empty
+fol_weight_grid = [100.0, 1000.0, 10000.0]  # candidates for the FOL weight, chosen on validation ([]: fol_weight)
+selection_seeds = [0]  # the choice is made on these seeds and attributes only, to stay in budget
+selection_attributes = ["race"]
+lam = 100.0  # weight of the Sinkhorn distance term (chapter 12's a priori lambda)
 blur = 1e-4
 seeds = [0, 1, 2]
 n_boot = 1000
@@ -96,11 +99,11 @@ print(f"{model}: {clip_params:,} parameters as CLIP, {moe_params:,} as Fair-MoE 
 # ## Choosing the weights
 #
 # The F terms compare variances of gate weights, which lie between 0 and 1, so their values are tiny. The official
-# scripts weigh FOL by $10^{-4}$, which would leave it with no effect on this model. As in chapter 12 we chose the
-# weights *a priori*, without looking at any validation or test result: `fol_weight` makes the F terms a visible but
-# minor part of the loss at the start. `fb.methods.fair_moe.fol` builds the loss: the four F terms with group statistics from
-# the training batch, plus FairCLIP's Sinkhorn term. Here is each term on one seeded training batch, for the first
-# seed's starting model:
+# scripts weigh FOL by $10^{-4}$, which would leave it with no effect on this model. As in chapter 12 there are two
+# ways to choose, neither of which looks at the test split. *A priori*, `fol_weight` makes the F terms a visible but
+# minor part of the loss at the start. `fb.methods.fair_moe.fol` builds the loss: the four F terms with group
+# statistics from the training batch, plus FairCLIP's Sinkhorn term. Here is each term on one seeded training
+# batch, for the first seed's starting model, at the a priori weight:
 
 # %%
 train_full = fb.data.FairVLMed(data_root, "Training", preprocess_train, tokenizer)
@@ -110,13 +113,33 @@ scale
 
 # %% [markdown]
 # Group statistics $O_{\cdot\mid p}$ come from the training batch itself: the rows of group $p$'s samples. The
-# official code draws a separate batch per group instead; `fb.methods.fair_moe.FairnessOrientedLoss(group_batches=...)` does
-# that.
+# official code draws a separate batch per group instead; `fb.methods.fair_moe.FairnessOrientedLoss(group_batches=...)`
+# does that.
 #
-# ## Training: one model per attribute and seed
+# *On validation* (the default), each weight of `fol_weight_grid` is trained on the selection seeds and
+# attributes and scored on validation only; the criterion is chapter 12's: the highest validation ES-AUC among the
+# weights whose validation AUC is within one point of the best.
 
 # %%
 out = fb.runs.output_dir()
+if fol_weight_grid:
+    candidates = [fb.methods.FairMoE(f"Fair-MoE (FOL weight={w:g})", layers=fair_moe.layers,
+                                     fol={**fair_moe.fol, "weight": w}) for w in fol_weight_grid]
+    chosen, weight_curve = fb.protocol.choose_on_validation(out / "selection", candidates, setup, selection_seeds,
+                                                            selection_attributes)
+    fair_moe = fb.methods.FairMoE(layers=fair_moe.layers, fol=chosen.fol)
+    display(weight_curve.round(4))
+print(f"FOL weight = {fair_moe.fol['weight']:g}, chosen {'on validation' if fol_weight_grid else 'a priori'}")
+
+# %% mystnb={"figure": {"caption": "Validation AUC and ES-AUC of each candidate FOL weight (selection seeds and attributes only); dashed: the chosen weight.", "name": "fig-fair-moe-weight"}}
+if fol_weight_grid:
+    fig = fb.plots.validation_curve(weight_curve, fol_weight_grid, "FOL weight")
+    fb.plots.savefig(fig, "fol-weight-validation")
+
+# %% [markdown]
+# ## Training: one model per attribute and seed
+
+# %%
 trained = fb.protocol.train_grid(out, [fair_moe], setup, seeds, attributes)
 fb.protocol.histories(trained).round(4)
 
@@ -190,6 +213,8 @@ fb.runs.save_metrics({
     "model": f"{model} from {pretrained}; {fair_moe.describe()}; recipe {recipe}, epochs={epochs}, lr={lr}, "
              f"{n_train} training pairs per seed",
     "parameters": {"clip": clip_params, "fair_moe": moe_params},
+    "fol_weight": {"value": fair_moe.fol["weight"], "chosen": "on validation" if fol_weight_grid else "a priori",
+                   "candidates": weight_curve if fol_weight_grid else None},
     "seeds": seeds,
     "table": fb.tables.table(evals, methods=methods),
     "paired": paired,
@@ -213,7 +238,7 @@ verdicts.pivot_table(index=["attribute", "metric"], columns="baseline", values="
 # %%
 loads = routing[routing["group"] == "all"].groupby("router", sort=False)["load"]
 used = loads.apply(lambda load: int((load > 0.01).sum()))
-print("FOL / contrastive loss at the start:", scale.set_index("name")["share"].round(4).to_dict())
+print("FOL / contrastive loss at the start (a priori weight):", scale.set_index("name")["share"].round(4).to_dict())
 print("experts with more than 1% of the load:", used.to_dict(),
       f"(of {layers['n_experts']} patch, {layers['feature_experts']} feature)")
 

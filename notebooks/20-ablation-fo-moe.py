@@ -38,11 +38,6 @@ batch_size = 32
 n_train = 1000
 prompts = "fairmedfm"
 attributes = ["race"]  # the paper's Table 2 has all four; the CPU default runs the attribute with designed bias
-layers = {"n_experts": 10, "top_k": 3, "capacity": 0.8, "feature_experts": 4, "feature_top_k": 2}  # chapter 13's
-form = "paper"
-fairclip_form = "paper"  # FairCLIP's regulariser as in chapter 12: "paper" or "code"
-lam = 100.0  # FairCLIP's Sinkhorn weight (chapter 12)
-blur = 1e-4
 seeds = [0, 1, 2]
 n_boot = 1000
 
@@ -52,8 +47,11 @@ n_boot = 1000
 # %%
 source = fb.data.describe(data_root)
 config = fb.train.TrainConfig.preset(recipe, epochs=epochs, lr=lr, batch_size=batch_size, prompts=prompts)
-fairclip_moe = fb.methods.FairMoE("FairCLIP w. FO-MoE", layers={**layers, "form": form}, fol=None,
-                                   fairclip=dict(lam=lam, blur=blur, form=fairclip_form))
+fairclip = fb.protocol.saved_method(reference_runs[0], "FairCLIP")  # as chapter 12 trained it (chosen lambda)
+fair_moe = fb.protocol.saved_method(reference_runs[1], "Fair-MoE")  # as chapter 13 trained it
+fairclip_moe = fb.methods.FairMoE("FairCLIP w. FO-MoE", layers=fair_moe.layers, fol=None,
+                                   fairclip={k: v for k, v in fairclip.settings().items() if k != "name"})
+print(fairclip_moe.describe())
 setup = fb.protocol.Setup(data_root, config, model, pretrained, n_train)
 out = fb.runs.output_dir()
 fb.protocol.train_grid(out, [fairclip_moe], setup, seeds, attributes)

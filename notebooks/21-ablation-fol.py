@@ -37,8 +37,6 @@ lr = 1e-4
 batch_size = 32
 n_train = 1000
 prompts = "fairmedfm"
-layers = {"n_experts": 10, "top_k": 3, "capacity": 0.8, "feature_experts": 4, "feature_top_k": 2}  # chapter 13's
-form = "paper"
 seeds = [0, 1, 2]
 n_boot = 1000
 
@@ -48,7 +46,8 @@ n_boot = 1000
 # %%
 source = fb.data.describe(data_root)
 config = fb.train.TrainConfig.preset(recipe, epochs=epochs, lr=lr, batch_size=batch_size, prompts=prompts)
-without_fol = fb.methods.FairMoE("Fair-MoE w/o FOL", layers={**layers, "form": form}, fol=None)
+fair_moe = fb.protocol.saved_method(reference_runs[1], "Fair-MoE")  # as chapter 13 trained it
+without_fol = fb.methods.FairMoE("Fair-MoE w/o FOL", layers=fair_moe.layers, fol=None)
 setup = fb.protocol.Setup(data_root, config, model, pretrained, n_train)
 out = fb.runs.output_dir()
 fb.protocol.train_grid(out, [without_fol], setup, seeds)

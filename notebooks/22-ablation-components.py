@@ -43,11 +43,6 @@ prompts = "fairmedfm"
 attributes = ["race"]  # the CPU default runs the attribute with designed bias
 variants = ["w/o F_EI", "w/o F_ET", "w/o F_FI", "w/o F_FT", "w/o EM", "w/o FM", "w/o text FO-MoE",
             "w/o image FO-MoE"]  # which rows of Table 4 to train
-layers = {"n_experts": 10, "top_k": 3, "capacity": 0.8, "feature_experts": 4, "feature_top_k": 2}  # chapter 13's
-form = "paper"
-fol_weight = 1000.0  # chapter 13's weights
-lam = 100.0
-blur = 1e-4
 seeds = [0, 1, 2]
 n_boot = 1000
 
@@ -77,9 +72,10 @@ pd.DataFrame([{"variant": name, "layers": layers or "all four", "F terms": ", ".
 # %%
 source = fb.data.describe(data_root)
 config = fb.train.TrainConfig.preset(recipe, epochs=epochs, lr=lr, batch_size=batch_size, prompts=prompts)
-fol = dict(weight=fol_weight, lam=lam, blur=blur, form=form)
-ablations = [fb.methods.FairMoE(f"Fair-MoE {name}", layers={**layers, "form": form, **TABLE4[name][0]},
-                                fol={**fol, "keep": TABLE4[name][1]}) for name in variants]
+fair_moe = fb.protocol.saved_method(reference_run, "Fair-MoE")  # as chapter 13 trained it (chosen FOL weight)
+ablations = [fb.methods.FairMoE(f"Fair-MoE {name}", layers={**fair_moe.layers, **TABLE4[name][0]},
+                                fol={**fair_moe.fol, "keep": TABLE4[name][1]}) for name in variants]
+print(fair_moe.describe())
 setup = fb.protocol.Setup(data_root, config, model, pretrained, n_train)
 out = fb.runs.output_dir()
 fb.protocol.train_grid(out, ablations, setup, seeds, attributes)

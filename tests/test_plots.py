@@ -52,3 +52,16 @@ def test_differences_draws_one_interval_per_row_around_zero():
     assert segments == [((-0.1, 0.0), (0.1, 0.0)), ((-0.3, 1.0), (-0.1, 1.0)), ((0.05, 2.0), (0.2, 2.0))]
     assert [list(line.get_xdata()) for line in ax.lines if line.get_linestyle() == "--"] == [[0, 0]]
     plt.close(fig)
+
+
+def test_validation_curve_marks_the_chosen_setting():
+    import pandas as pd
+
+    table = pd.DataFrame({"method": ["a", "b", "c"], "val_auc": [0.80, 0.79, 0.70],
+                          "val_es_auc": [0.70, 0.74, 0.75], "eligible": [True, True, False],
+                          "chosen": [False, True, False]})
+    fig = plots.validation_curve(table, [1, 10, 100], "lambda")
+    left, right = fig.axes
+    assert left.get_xscale() == "log" and right.get_ylabel() == "validation ES-AUC"
+    assert [line.get_xdata()[0] for line in left.lines if line.get_linestyle() == "--"] == [10]
+    plt.close(fig)

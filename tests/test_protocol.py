@@ -15,7 +15,7 @@ from fairbook.data.fairvlmed import FairVLMed
 from fairbook.data.synthetic import SynthConfig, generate
 from fairbook.methods import CLIP, FairCLIP, FairMoE, Method, MethodError, method_from_record
 from fairbook.methods.fair_moe import routers
-from fairbook.results import ResultsError
+from fairbook.results import ResultsError, model_folder
 from fairbook.train import FAIRMEDFM_PROMPTS, TrainConfig, zero_shot_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -107,3 +107,39 @@ def test_build_model_is_seeded_and_adapted(setup):
     b, *_ = protocol.build_model(FairMoE(layers=MOE), setup, seed=4)
     gates = [n for n, _ in a.named_parameters() if "gate" in n]
     assert gates and all(torch.equal(dict(a.named_parameters())[n], dict(b.named_parameters())[n]) for n in gates)
+
+
+def test_choose_on_validation_never_reads_test_and_applies_the_declared_criterion(setup, tmp_path):
+    candidates = [FairCLIP(f"FairCLIP (lam={lam})", lam=lam) for lam in (1.0, 100.0)]
+    chosen, table = protocol.choose_on_validation(tmp_path, candidates, setup, seeds=[0], attributes=["race"])
+    assert list(table["method"]) == ["FairCLIP (lam=1.0)", "FairCLIP (lam=100.0)"]
+    assert not list(tmp_path.rglob("test.csv"))  # the test split was never scored
+    # the criterion, recomputed by hand from the saved validation predictions
+    from sklearn.metrics import roc_auc_score
+
+    def by_hand(name):
+        val = pd.read_csv(model_folder(tmp_path, name, "race", 0) / "validation.csv")
+        auc = roc_auc_score(val["y_true"], val["y_score"])
+        deviations = sum(abs(auc - roc_auc_score(g["y_true"], g["y_score"])) for _, g in val.groupby("race")
+                         if g["y_true"].nunique() == 2)  # a group with one class has no AUC and is left out
+        return auc, auc / (1 + deviations)
+
+    hand = {m.name: by_hand(m.name) for m in candidates}
+    for row in table.itertuples():
+        assert (row.val_auc, row.val_es_auc) == pytest.approx(hand[row.method])
+    best_auc = max(a for a, _ in hand.values())
+    eligible = {n: e for n, (a, e) in hand.items() if a >= best_auc - 0.01}
+    assert chosen.name == max(eligible, key=eligible.get) and table["chosen"].sum() == 1
+    with pytest.raises(ResultsError, match="share a name"):
+        protocol.choose_on_validation(tmp_path, candidates * 2, setup, seeds=[0], attributes=["race"])
+
+
+def test_saved_method_returns_the_method_as_trained(setup, tmp_path):
+    method = FairCLIP(lam=7.0)
+    protocol.train_one(tmp_path, method, setup, seed=0, attribute="race")
+    assert protocol.saved_method(tmp_path, "FairCLIP") == method
+    with pytest.raises(ResultsError, match="holds no saved model of 'CLIP'"):
+        protocol.saved_method(tmp_path, "CLIP")
+    protocol.train_one(tmp_path, FairCLIP(lam=8.0), setup, seed=1, attribute="race")
+    with pytest.raises(ResultsError, match="models with different settings"):
+        protocol.saved_method(tmp_path, "FairCLIP")
