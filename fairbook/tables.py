@@ -18,12 +18,12 @@ import numpy as np
 import pandas as pd
 
 from fairbook.data.attributes import FILTER_ATTRIBUTES
-from fairbook.metrics import fairness_report
+from fairbook.metrics import fairness_report, intersectional_groups
 from fairbook.results import ALL, ResultsError, read_predictions
 from fairbook.stats import paired_ttest
 
-__all__ = ["BETTER", "TABLE1", "ci_table", "claims", "evaluate", "group_auc_table", "group_differences",
-           "paired_table", "table"]
+__all__ = ["BETTER", "LEADERBOARD", "TABLE1", "ci_table", "claims", "evaluate", "group_auc_table",
+           "group_differences", "leaderboard", "paired_table", "seed_means", "table"]
 
 #: Column names of Fair-MoE's Table 1, in its order.
 TABLE1 = {"es_auc": "ES-AUC", "auc": "AUC", "dpd": "DPD", "eod": "EOD"}
@@ -33,6 +33,9 @@ def evaluate(runs: pd.DataFrame, attributes: Sequence[str] = FILTER_ATTRIBUTES, 
              threshold: str | float = "youden", boot_seed: int = 0) -> pd.DataFrame:
     """Score every model of ``runs`` (from :func:`collect`) on its test predictions, for each attribute.
 
+    An attribute ``"race&gender"`` is the intersection: its groups are the race x gender cells
+    (:func:`fairbook.metrics.intersectional_groups`).
+
     The threshold is chosen on the model's own validation predictions (``threshold`` method of
     :func:`fairbook.metrics.choose_threshold`). One row per (model, evaluated attribute): the identifying columns
     of ``runs`` plus ``eval_attribute``, every scalar metric of the report, ``group_auc`` ({group: AUC}), ``ci``
@@ -41,7 +44,7 @@ def evaluate(runs: pd.DataFrame, attributes: Sequence[str] = FILTER_ATTRIBUTES, 
     rows = []
     for run in runs.to_dict("records"):
         test, val = read_predictions(run["folder"], "test"), read_predictions(run["folder"], "validation")
-        report = fairness_report(test["y_true"], test["y_score"], {a: test[a] for a in attributes},
+        report = fairness_report(test["y_true"], test["y_score"], {a: _groups(test, a) for a in attributes},
                                  threshold=threshold, validation=(val["y_true"], val["y_score"]),
                                  n_boot=n_boot, seed=boot_seed, keep_boot=n_boot > 0)
         for attr, entry in report["attributes"].items():
@@ -53,9 +56,20 @@ def evaluate(runs: pd.DataFrame, attributes: Sequence[str] = FILTER_ATTRIBUTES, 
     return pd.DataFrame(rows)
 
 
+def _groups(predictions: pd.DataFrame, attribute: str):
+    """The group label of every row for ``attribute``, or for an intersection such as ``"race&gender"``."""
+    parts = attribute.split("&")
+    if len(parts) == 1:
+        return predictions[attribute]
+    return intersectional_groups({part: predictions[part] for part in parts})
+
+
 def _matched(evals: pd.DataFrame) -> pd.DataFrame:
-    """Rows where a model is evaluated on the attribute it trained on, or on any attribute when it used none."""
-    keep = (evals["attribute"] == ALL) | (evals["attribute"] == evals["eval_attribute"])
+    """Rows where a model is evaluated on the attribute it trained on, or on any attribute when it used none. Under
+    an intersection (``"race&gender"``) a method trained per attribute is represented by its model trained on the
+    first attribute of the intersection (race)."""
+    first = evals["eval_attribute"].str.split("&").str[0]
+    keep = (evals["attribute"] == ALL) | (evals["attribute"] == first)
     return evals[keep]
 
 
@@ -63,9 +77,9 @@ def _label(frame: pd.DataFrame, methods: Sequence[str] | None) -> pd.DataFrame:
     order = list(methods) if methods is not None else list(dict.fromkeys(frame["method"]))
     frame = frame[frame["method"].isin(order)].copy()
     frame["method"] = pd.Categorical(frame["method"], order, ordered=True)
-    frame["eval_attribute"] = pd.Categorical(frame["eval_attribute"],
-                                             [a for a in FILTER_ATTRIBUTES if a in set(frame["eval_attribute"])],
-                                             ordered=True)
+    present = list(dict.fromkeys(frame["eval_attribute"]))
+    attributes = [a for a in FILTER_ATTRIBUTES if a in present] + [a for a in present if a not in FILTER_ATTRIBUTES]
+    frame["eval_attribute"] = pd.Categorical(frame["eval_attribute"], attributes, ordered=True)
     return frame
 
 
@@ -108,20 +122,37 @@ def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def seed_means(evals: pd.DataFrame, metrics: Sequence[str], methods: Sequence[str] | None = None,
+               level: float = 0.95) -> pd.DataFrame:
+    """Long table of seed means with their intervals: one row per (attribute, method, metric) with ``mean``,
+    ``lo``, ``hi`` (a percentile interval over test-set resamples of the seed mean, every seed scored on the same
+    resamples; see the module docstring) and ``seeds``."""
+    frame = _label(_matched(evals), methods)
+    rows = []
+    for (attr, method), rows_am in frame.groupby(["eval_attribute", "method"], observed=True):
+        for k in metrics:
+            lo, hi = _interval(_replicates(rows_am, k), level)
+            rows.append({"attribute": attr, "method": method, "metric": k, "mean": float(rows_am[k].mean()),
+                         "lo": lo, "hi": hi, "seeds": len(rows_am)})
+    return pd.DataFrame(rows)
+
+
+def _cell(row, scale: float, decimals: int) -> str:
+    if np.isnan(row["mean"]):
+        return "–"
+    return (f"{scale * row['mean']:.{decimals}f} "
+            f"[{scale * row['lo']:.{decimals}f}, {scale * row['hi']:.{decimals}f}]")
+
+
 def ci_table(evals: pd.DataFrame, metrics: Mapping[str, str] = TABLE1, methods: Sequence[str] | None = None,
              scale: float = 100, decimals: int = 1, level: float = 0.95) -> pd.DataFrame:
-    """Like :func:`table`, with cells ``seed mean [lo, hi]``: a percentile interval over test-set resamples of the
-    seed mean (every seed scored on the same resamples; see the module docstring)."""
-    frame = _label(_matched(evals), methods)
-    rows = {}
-    for (attr, method), rows_am in frame.groupby(["eval_attribute", "method"], observed=True):
-        cells = {}
-        for k, label in metrics.items():
-            lo, hi = _interval(_replicates(rows_am, k), level)
-            mean = scale * rows_am[k].mean()
-            cells[label] = f"{mean:.{decimals}f} [{scale * lo:.{decimals}f}, {scale * hi:.{decimals}f}]"
-        rows[(attr, method)] = cells
-    out = pd.DataFrame.from_dict(rows, orient="index")
+    """Like :func:`table`, with cells ``seed mean [lo, hi]`` (:func:`seed_means`)."""
+    long = seed_means(evals, list(metrics), methods, level)
+    long["cell"] = [_cell(row, scale, decimals) for row in long.to_dict("records")]
+    out = long.pivot_table(index=["attribute", "method"], columns="metric", values="cell", aggfunc="first",
+                           observed=True)
+    out = out[list(metrics)].rename(columns=metrics)
+    out.columns.name = None
     out.index.names = ["Attr.", "Model"]
     return out
 
@@ -202,7 +233,40 @@ def group_differences(evals: pd.DataFrame, method: str, level: float = 0.95) -> 
 
 
 #: Direction in which each Table 1 metric improves (+1: higher is better).
-BETTER = {"es_auc": 1, "auc": 1, "dpd": -1, "eod": -1}
+BETTER = {"es_auc": 1, "auc": 1, "dpd": -1, "eod": -1, "worst_auc": 1}
+
+#: The leaderboard's metrics, with ↑ (higher is better) or ↓.
+LEADERBOARD = {"es_auc": "ES-AUC ↑", "auc": "AUC ↑", "dpd": "DPD ↓", "eod": "EOD ↓", "worst_auc": "worst AUC ↑"}
+
+
+def leaderboard(evals: pd.DataFrame, metrics: Mapping[str, str] = LEADERBOARD, methods: Sequence[str] | None = None,
+                scale: float = 100, decimals: int = 1, level: float = 0.95) -> pd.DataFrame:
+    """Every method on one table: a row per method, for each evaluated attribute (intersections included) the
+    ``metrics`` as ``seed mean [lo, hi]`` (:func:`seed_means`), and ``mean rank``: the method's rank among the
+    methods in each (attribute, metric) column, best = 1 (direction from :data:`BETTER`), averaged over the columns
+    where it appears (their number is ``columns``: a method trained on one attribute is ranked in fewer columns
+    and against fewer rivals, so compare mean ranks of methods with the same count). Rows are sorted by mean
+    rank."""
+    long = seed_means(evals, list(metrics), methods, level)
+    direction = long["metric"].map(BETTER)
+    if direction.isna().any():
+        raise ResultsError(f"no direction for metric(s) {sorted(set(long['metric'][direction.isna()]))}; "
+                           f"rank only {', '.join(BETTER)}")
+    long["rank"] = (long["mean"] * -direction).groupby([long["attribute"], long["metric"]],
+                                                      observed=True).rank(method="average")
+    long["cell"] = [_cell(row, scale, decimals) for row in long.to_dict("records")]
+    wide = long.pivot_table(index="method", columns=["attribute", "metric"], values="cell", aggfunc="first",
+                            observed=True)
+    wide = wide.reindex(columns=pd.MultiIndex.from_tuples(
+        [(a, m) for a in dict.fromkeys(long["attribute"]) for m in metrics if (a, m) in wide.columns]))
+    wide.columns = pd.MultiIndex.from_tuples([(a, metrics[m]) for a, m in wide.columns], names=["Attr.", ""])
+    wide = wide.fillna("–")
+    ranks = long.groupby("method", observed=True)["rank"].agg(["mean", "count"])
+    wide.insert(0, ("", "columns"), ranks["count"].reindex(wide.index))
+    wide.insert(0, ("", "mean rank"), ranks["mean"].reindex(wide.index).round(2))
+    wide.index = wide.index.astype(str)
+    wide.index.name = "Model"
+    return wide.sort_values(("", "mean rank"))
 
 
 def claims(paired: pd.DataFrame) -> pd.DataFrame:

@@ -15,8 +15,10 @@
 # # Results: every method side by side
 #
 # This chapter trains nothing. It reads the predictions that the method chapters saved (`fb.results.save`), scores
-# them all with one protocol, and prints the comparison in the layout of Fair-MoE's Table 1. Re-running it after a
-# method chapter has been re-run, or after a sweep, refreshes every number.
+# them all with one protocol, and ranks them on one leaderboard, then prints the comparison in the layout of
+# Fair-MoE's Table 1. Every chapter that saved predictions in this configuration is read, so a new method appears
+# as a new row without any change here. Re-running it after a method chapter has been re-run, or after a sweep,
+# refreshes every number.
 #
 # The protocol, once more: each model's epoch was chosen on validation AUC and its decision threshold is chosen here
 # on its own validation predictions (Youden's J). Test predictions are used for nothing but these tables.
@@ -29,8 +31,8 @@ import fairbook as fb
 # %% tags=["parameters"]
 runs_dir = "runs"  # where the chapters' run folders are
 config = "default"  # which configuration of each chapter to read (default, smoke, paper-b16, ...)
-chapters = ["11-clip-baseline", "12-fairclip", "13-fair-moe", "20-ablation-fo-moe", "21-ablation-fol",
-            "22-ablation-components"]  # chapters whose saved predictions are compared
+chapters = []  # chapters whose saved predictions are compared ([]: every chapter with saved predictions)
+intersections = ["race&gender"]  # intersectional attributes evaluated beside the single ones
 baseline = "CLIP"  # the method every other method is compared with, paired on seed
 n_boot = 1000  # bootstrap resamples of the test set
 
@@ -41,6 +43,7 @@ n_boot = 1000  # bootstrap resamples of the test set
 # model must come from the same data, or the comparison means nothing.
 
 # %%
+chapters = chapters or sorted(p.parent.parent.name for p in fb.files.resolve(runs_dir).glob(f"*/{config}/predictions"))
 folders = [fb.files.resolve(runs_dir) / chapter / config for chapter in chapters]
 runs = fb.results.collect(*folders)
 source = runs["data"].iloc[0]
@@ -49,14 +52,27 @@ print(f"data: {source}; configuration: {config}")
 runs.groupby(["chapter", "method", "attribute"])["seed"].apply(lambda s: ", ".join(map(str, sorted(s))))
 
 # %% [markdown]
-# ## Table 1
+# ## The leaderboard
 #
-# Percent, mean ± sample standard deviation over seeds. A method trained on one attribute is listed under that
-# attribute only.
+# Per attribute, and for the race × gender cells, each metric as the seed mean with its 95% bootstrap interval
+# over test resamples (percent); ↑ higher is better, ↓ lower. `mean rank` is a method's rank among the methods
+# in each column (1 = best), averaged over the `columns` where it appears. A method trained on one attribute
+# appears under that attribute, and under an intersection through its model trained on the intersection's first
+# attribute; it is ranked in fewer columns, so compare mean ranks between methods with the same count. Ranks order
+# methods; whether two of them differ is the question of the paired comparison below.
 
 # %%
-evals = fb.tables.evaluate(runs, n_boot=n_boot)
+evals = fb.tables.evaluate(runs, attributes=[*fb.data.FILTER_ATTRIBUTES, *intersections], n_boot=n_boot)
 methods = list(dict.fromkeys(runs["method"]))
+board = fb.tables.leaderboard(evals, methods=methods)
+board
+
+# %% [markdown]
+# ## Table 1
+#
+# Percent, mean ± sample standard deviation over seeds, in the layout of Fair-MoE's Table 1.
+
+# %%
 table = fb.tables.table(evals, methods=methods)
 table
 
@@ -102,6 +118,7 @@ columns = ["chapter", "method", "attribute", "seed", "eval_attribute", "threshol
 per_seed = evals[columns]
 fb.files.atomic_write_text(fb.runs.output_dir() / "per-seed.csv", per_seed.to_csv(index=False))
 fb.runs.save_metrics({"data": source, "chapters": chapters, "source_config": config,
+                      "leaderboard": board.set_axis([" ".join(c).strip() for c in board.columns], axis=1),
                       "table": table, "paired": paired})
 
 # %% [markdown]

@@ -137,11 +137,16 @@ def test_fine_tuning_chapters_run_on_an_official_layout_folder(smoke_runs, smoke
 def test_fine_tuning_chapters_save_predictions_that_the_results_chapter_reads(smoke_runs):
     from fairbook import results
 
-    chapters = runs.notebook_parameters(ROOT / "notebooks" / "90-results.py")["chapters"]
-    found = results.collect(*(smoke_runs / chapter / "smoke" for chapter in chapters))
+    assert runs.notebook_parameters(ROOT / "notebooks" / "90-results.py")["chapters"] == []  # found, not listed
+    record = json.loads((smoke_runs / "90-results" / "smoke" / "metrics.json").read_text())
+    method_chapters = {"11-clip-baseline", "12-fairclip", "13-fair-moe", "20-ablation-fo-moe", "21-ablation-fol",
+                       "22-ablation-components"}
+    assert method_chapters <= set(record["chapters"]), "the results chapter reads every method chapter"
+    found = results.collect(*(smoke_runs / chapter / "smoke" for chapter in record["chapters"]))
     assert {"CLIP", "FairCLIP", "Fair-MoE", "FairCLIP w. FO-MoE", "Fair-MoE w/o FOL"} <= set(found["method"])
-    assert set(found["chapter"]) == set(chapters), "every method chapter saves predictions"
+    assert set(found["chapter"]) == set(record["chapters"]), "every chapter it read saved predictions"
+    assert {row["Model"] for row in record["leaderboard"]} == set(found["method"])  # one leaderboard row each
     per_seed = pd.read_csv(smoke_runs / "90-results" / "smoke" / "per-seed.csv")
-    assert len(per_seed) == 4 * len(found)  # every model under each of the four attributes
+    assert len(per_seed) == 5 * len(found)  # every model under the four attributes and race & gender
     metrics = json.loads((smoke_runs / "11-clip-baseline" / "smoke" / "metrics.json").read_text())
     assert len(metrics["control_differences"]) == 8, "the bias-free control compares every pair of groups"

@@ -74,8 +74,10 @@ def test_bad_inputs_give_one_line_errors(store, tmp_path):
     assert "\n" not in str(info.value)
     with pytest.raises(ResultsError, match="unknown training attribute 'age'"):
         save_model(tmp_path, "X", 0, attribute="age")
-    with pytest.raises(ResultsError, match="lack the test split"):
-        results.save(tmp_path, "X", 0, {"validation": make_split(0, 0)}, DATA)
+    with pytest.raises(ResultsError, match="pass validation, and test unless"):
+        results.save(tmp_path, "X", 0, {"test": make_split(0, 0)}, DATA)
+    with pytest.raises(ResultsError, match=r"the splits \['train', 'validation'\]"):
+        results.save(tmp_path, "X", 0, {"validation": make_split(0, 0), "train": make_split(0, 0)}, DATA)
     runs = results.collect(*store)
     with pytest.raises(ResultsError, match="not on 'real'"):
         results.same_data(runs, "real")
@@ -210,3 +212,29 @@ def test_compare_runs_tells_identical_changed_and_missing_predictions(tmp_path):
     assert table.loc[("CLIP", 1, "test"), "max_abs_diff"] == pytest.approx(1e-3)
     assert table.loc[("CLIP", 1, "validation"), "identical"]
     assert table.loc[("FairCLIP", 0, "test"), "only_in"] == "first"
+
+
+def test_leaderboard_ranks_methods_per_column_and_shows_intervals(store):
+    runs = results.collect(*store)
+    evals = tables.evaluate(runs, attributes=["race", "gender", "race&gender"], n_boot=100)
+    board = tables.leaderboard(evals)
+    assert list(board.index) == sorted(board.index, key=lambda m: board.loc[m, ("", "mean rank")])
+    assert {a for a, _ in board.columns[2:]} == {"race", "gender", "race&gender"}
+    assert board.loc["CLIP", ("", "columns")] == 15 and board.loc["FairCLIP", ("", "columns")] == 10
+    # FairCLIP (trained on race) appears under race and under race & gender, not under gender
+    assert board.loc["FairCLIP", ("gender", "AUC ↑")] == "–"
+    long = tables.seed_means(evals, ["auc", "es_auc", "dpd", "eod", "worst_auc"])
+    ranks = []
+    for (attribute, metric), cell in long.groupby(["attribute", "metric"], observed=True):
+        sign = tables.BETTER[metric]
+        order = cell.sort_values("mean", ascending=sign < 0)["method"].tolist()  # best first
+        ranks += [{"method": m, "rank": order.index(m) + 1} for m in order]
+    by_hand = pd.DataFrame(ranks).groupby("method")["rank"].mean()
+    for method in board.index:
+        assert board.loc[method, ("", "mean rank")] == pytest.approx(by_hand[method], abs=0.01)
+    # the interval cell holds the seed mean of the per-seed values, in percent
+    race_auc = evals[(evals["method"] == "CLIP") & (evals["eval_attribute"] == "race")]["auc"].mean()
+    assert board.loc["CLIP", ("race", "AUC ↑")].startswith(f"{100 * race_auc:.1f} [")
+    # the intersection's groups are the race x gender cells
+    cells = evals[(evals["method"] == "CLIP") & (evals["eval_attribute"] == "race&gender")]["groups"].iloc[0]
+    assert len(cells) == 6 and "race=Black & gender=Female" in cells
