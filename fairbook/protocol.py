@@ -182,9 +182,11 @@ def validation_scores(rows: pd.DataFrame) -> pd.DataFrame:
 
 def choose_on_validation(run_dir: str | os.PathLike, candidates: Sequence[Method], setup: Setup,
                          seeds: Sequence[int], attributes: Sequence[str] = FILTER_ATTRIBUTES,
-                         auc_slack: float = 0.01, progress: bool = False) -> tuple[Method, pd.DataFrame]:
+                         auc_slack: float = 0.01, name: str | None = None, progress: bool = False
+                         ) -> tuple[Method, pd.DataFrame]:
     """Choose one of ``candidates`` (the same method with different settings, each with its own name) on
-    validation; returns ``(chosen method, table)``.
+    validation; returns ``(chosen method, table)``, the chosen method renamed ``name`` when given (the name it
+    then trains under, e.g. "FairCLIP").
 
     Every candidate is trained for ``attributes`` x ``seeds`` (often fewer than the chapter's, to stay in budget)
     into ``run_dir`` without ever scoring the test split. The criterion: the highest mean validation ES-AUC among
@@ -206,4 +208,5 @@ def choose_on_validation(run_dir: str | os.PathLike, candidates: Sequence[Method
     table["eligible"] = table["val_auc"] >= table["val_auc"].max() - auc_slack
     best = table.loc[table["eligible"], "val_es_auc"].idxmax()
     table["chosen"] = table.index == best
-    return candidates[int(best)], table
+    chosen = candidates[int(best)]
+    return (chosen if name is None else chosen.replace(name=name)), table

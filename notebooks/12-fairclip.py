@@ -103,10 +103,9 @@ magnitudes.round(4)
 out = fb.runs.output_dir()
 setup = fb.protocol.Setup(data_root, config, model, pretrained, n_train)
 if lam_grid:
-    candidates = [fb.methods.FairCLIP(f"FairCLIP (lambda={v:g})", lam=v, blur=blur, form=form) for v in lam_grid]
-    chosen, lam_curve = fb.protocol.choose_on_validation(out / "selection", candidates, setup, selection_seeds,
-                                                         selection_attributes)
-    fairclip = fb.methods.FairCLIP(lam=chosen.lam, blur=blur, form=form)
+    candidates = [fairclip.replace(name=f"FairCLIP (lambda={v:g})", lam=v) for v in lam_grid]
+    fairclip, lam_curve = fb.protocol.choose_on_validation(out / "selection", candidates, setup, selection_seeds,
+                                                           selection_attributes, name="FairCLIP")
     display(lam_curve.round(4))
 print(f"lambda = {fairclip.lam:g}, chosen {'on validation' if lam_grid else 'a priori'}")
 

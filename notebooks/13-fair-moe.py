@@ -123,11 +123,10 @@ scale
 # %%
 out = fb.runs.output_dir()
 if fol_weight_grid:
-    candidates = [fb.methods.FairMoE(f"Fair-MoE (FOL weight={w:g})", layers=fair_moe.layers,
-                                     fol={**fair_moe.fol, "weight": w}) for w in fol_weight_grid]
-    chosen, weight_curve = fb.protocol.choose_on_validation(out / "selection", candidates, setup, selection_seeds,
-                                                            selection_attributes)
-    fair_moe = fb.methods.FairMoE(layers=fair_moe.layers, fol=chosen.fol)
+    candidates = [fair_moe.replace(name=f"Fair-MoE (FOL weight={w:g})", fol={**fair_moe.fol, "weight": w})
+                  for w in fol_weight_grid]
+    fair_moe, weight_curve = fb.protocol.choose_on_validation(out / "selection", candidates, setup, selection_seeds,
+                                                              selection_attributes, name="Fair-MoE")
     display(weight_curve.round(4))
 print(f"FOL weight = {fair_moe.fol['weight']:g}, chosen {'on validation' if fol_weight_grid else 'a priori'}")
 

@@ -130,6 +130,8 @@ def test_choose_on_validation_never_reads_test_and_applies_the_declared_criterio
     best_auc = max(a for a, _ in hand.values())
     eligible = {n: e for n, (a, e) in hand.items() if a >= best_auc - 0.01}
     assert chosen.name == max(eligible, key=eligible.get) and table["chosen"].sum() == 1
+    renamed, _ = protocol.choose_on_validation(tmp_path, candidates, setup, [0], ["race"], name="FairCLIP")
+    assert renamed == chosen.replace(name="FairCLIP") and renamed.lam == chosen.lam
     with pytest.raises(ResultsError, match="share a name"):
         protocol.choose_on_validation(tmp_path, candidates * 2, setup, seeds=[0], attributes=["race"])
 

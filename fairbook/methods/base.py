@@ -49,6 +49,10 @@ class Method:
         for the training ``attribute`` and ``seed``; None adds nothing."""
         return None
 
+    def replace(self, **changes) -> Method:
+        """A copy with some settings changed, e.g. ``fairclip.replace(lam=10.0)``."""
+        return dataclasses.replace(self, **changes)
+
     def settings(self) -> dict:
         """The declared fields, name included."""
         return dataclasses.asdict(self)
