@@ -31,8 +31,8 @@
 #   where $L_{\text{distance}}$ is FairCLIP's Sinkhorn term.
 #
 # The official release is a half-ablated snapshot (its image feature MoE is never trained and only the text
-# routers enter FOL). `fb.moe` implements the method as the paper describes it, with the official code's
-# behaviour behind `form="code"`. This chapter compares Fair-MoE with CLIP and FairCLIP in the layout of the
+# routers enter FOL). `fb.methods.fair_moe` implements the method as the paper describes it, with the official
+# code's behaviour behind `form="code"`. This chapter compares Fair-MoE with CLIP and FairCLIP in the layout of the
 # paper's Table 1.
 
 # %%
