@@ -18,8 +18,8 @@ def test_every_notebook_has_parameters_and_params_files():
     for nb in NOTEBOOKS:
         defaults = runs.notebook_parameters(nb)
         for config in ("smoke", "default"):
-            path = ROOT / "params" / nb.stem / f"{config}.yaml"
-            assert path.exists(), f"missing {path}"
+            assert (ROOT / "params" / nb.stem / f"{config}.yaml").exists(), f"missing {config}.yaml for {nb.stem}"
+        for path in sorted((ROOT / "params" / nb.stem).glob("*.yaml")):  # paper-scale and real-data files too
             runs.check_params(nb, runs.load_params([path]))  # raises on a key the notebook does not declare
         assert defaults, f"{nb.name} declares no parameters"
 
