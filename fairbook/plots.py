@@ -188,11 +188,13 @@ def validation_curve(table, values, xlabel: str, log: bool = True):
         ax.plot(values, table[column], color="C0", zorder=1)
         eligible = table["eligible"].to_numpy(bool)
         ax.scatter(values[eligible], table[column][eligible], color="C0", zorder=2, label="within the AUC slack")
-        ax.scatter(values[~eligible], table[column][~eligible], facecolors="white", edgecolors="C0", zorder=2,
-                   label="outside")
+        if (~eligible).any():
+            ax.scatter(values[~eligible], table[column][~eligible], facecolors="white", edgecolors="C0", zorder=2,
+                       label="outside the AUC slack")
         ax.axvline(values[table["chosen"].to_numpy(bool)][0], ls="--", color="grey", lw=1, label="chosen")
         ax.set(xlabel=xlabel, ylabel=ylabel, xscale="log" if log else "linear")
     axes[1].legend(fontsize="small")
+    fig.tight_layout()
     return fig
 
 
