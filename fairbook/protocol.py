@@ -103,9 +103,11 @@ def train_one(run_dir: str | os.PathLike, method: Method, setup: Setup, seed: in
 
 
 def train_grid(run_dir: str | os.PathLike, methods: Sequence[Method], setup: Setup, seeds: Sequence[int],
-               attributes: Sequence[str] = FILTER_ATTRIBUTES, progress: bool = False) -> pd.DataFrame:
+               attributes: Sequence[str] = FILTER_ATTRIBUTES, progress: bool = False, test: bool = True
+               ) -> pd.DataFrame:
     """Train every method for every attribute it uses and every seed (:func:`train_one`) and return the results-store
-    rows of the models trained (as :func:`fairbook.results.collect` gives them), in training order."""
+    rows of the models trained (as :func:`fairbook.results.collect` gives them), in training order. ``test=False``
+    never scores the test split (:func:`choose_on_validation`)."""
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ResultsError(f"two methods share a name in {names}: give each its own name (it names its folder)")
@@ -113,7 +115,7 @@ def train_grid(run_dir: str | os.PathLike, methods: Sequence[Method], setup: Set
     for method in methods:
         for attribute in attributes if method.uses_attribute else [ALL]:
             for seed in seeds:
-                folders.append(train_one(run_dir, method, setup, seed, attribute, progress)["folder"])
+                folders.append(train_one(run_dir, method, setup, seed, attribute, progress, test)["folder"])
     rows = collect(run_dir).set_index("folder").loc[folders].reset_index()
     return rows[["chapter", "method", "attribute", "seed", "data", "folder"]]
 
@@ -133,9 +135,9 @@ def histories(rows: pd.DataFrame) -> pd.DataFrame:
 def saved_method(run_dir: str | os.PathLike, name: str) -> Method:
     """The method ``name`` as a run folder trained it (its settings as recorded, e.g. a weight chosen on
     validation), so that another chapter can build on exactly that method, e.g. ablate one of its components."""
-    run_dir = resolve(run_dir)
-    records = {json.dumps(json.loads(p.read_text()).get("method"), sort_keys=True)
-               for p in sorted((model_folder(run_dir, name, ALL, 0).parent.parent).glob("*/seed-*/info.json"))}
+    rows = collect(run_dir)
+    records = {json.dumps(json.loads((folder / "info.json").read_text()).get("method"), sort_keys=True)
+               for folder in rows.loc[rows["method"] == name, "folder"]}
     records.discard("null")
     if len(records) != 1:
         problem = "no saved model" if not records else "models with different settings"
@@ -196,15 +198,9 @@ def choose_on_validation(run_dir: str | os.PathLike, candidates: Sequence[Method
     """
     if len(candidates) < 1:
         raise ResultsError("choose_on_validation needs at least one candidate setting")
-    names = [m.name for m in candidates]
-    if len(set(names)) != len(names):
-        raise ResultsError(f"candidates share a name in {names}: name each setting, e.g. 'FairCLIP (lam=10)'")
-    folders = [train_one(run_dir, method, setup, seed, attribute, progress, test=False)["folder"]
-               for method in candidates for attribute in (attributes if method.uses_attribute else [ALL])
-               for seed in seeds]
-    rows = collect(run_dir).set_index("folder").loc[folders].reset_index()
+    rows = train_grid(run_dir, candidates, setup, seeds, attributes, progress, test=False)
     scores = validation_scores(rows).groupby("method", sort=False)[["val_auc", "val_es_auc"]].mean()
-    table = scores.reindex(names).reset_index()
+    table = scores.reindex([m.name for m in candidates]).reset_index()
     table["eligible"] = table["val_auc"] >= table["val_auc"].max() - auc_slack
     best = table.loc[table["eligible"], "val_es_auc"].idxmax()
     table["chosen"] = table.index == best
