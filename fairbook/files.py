@@ -58,6 +58,13 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """``"Type: message"`` of an exception on one line (whitespace folded, cut at ``limit`` characters), for the
+    detail part of a one-line error."""
+    text = " ".join(str(exc).split()) or "no detail"
+    return f"{type(exc).__name__}: {text[:limit]}"
+
+
 def _process_alive(pid: int) -> bool:
     """True when a process with this id exists (or might: a process of another user counts as alive)."""
     if pid == os.getpid():
@@ -138,5 +145,5 @@ def replace_dir(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
-__all__ = ["OutputPathError", "atomic_write_text", "project_root", "replace_dir", "resolve", "stale_siblings",
-           "temporary_sibling", "to_jsonable"]
+__all__ = ["OutputPathError", "atomic_write_text", "one_line", "project_root", "replace_dir", "resolve",
+           "stale_siblings", "temporary_sibling", "to_jsonable"]

@@ -30,7 +30,15 @@ from typing import Any, Iterable
 
 import yaml
 
-from fairbook.files import atomic_write_text, project_root, replace_dir, resolve, temporary_sibling, to_jsonable
+from fairbook.files import (
+    atomic_write_text,
+    one_line,
+    project_root,
+    replace_dir,
+    resolve,
+    temporary_sibling,
+    to_jsonable,
+)
 
 KERNEL = "fairbook"
 RUN_DIR_ENV = "FAIRBOOK_RUN_DIR"
@@ -88,14 +96,8 @@ def _read_source(notebook: Path):
     try:
         return jupytext.read(notebook)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ParameterError(f"cannot read notebook {notebook} ({_one_line(exc)}): give a py:percent source "
+        raise ParameterError(f"cannot read notebook {notebook} ({one_line(exc)}): give a py:percent source "
                              "from notebooks/") from None
-
-
-def _one_line(exc: BaseException) -> str:
-    """The first line of an exception's message with its type, for one-line errors."""
-    text = " ".join(str(exc).split()) or "no detail"
-    return f"{type(exc).__name__}: {text[:200]}"
 
 
 def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
@@ -116,7 +118,7 @@ def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
         raise ParameterError(f"cannot parse {path} as YAML{where} ({problem}): write plain YAML "
                              f"(key: value lines, no !!python tags)") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ParameterError(f"cannot read {what} {path} ({_one_line(exc)}): give a readable text file") from None
+        raise ParameterError(f"cannot read {what} {path} ({one_line(exc)}): give a readable text file") from None
 
 
 def notebook_parameters(notebook: str | os.PathLike) -> dict[str, Any]:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fairbook.files import temporary_sibling
 from fairbook.models import fit_logistic, pick_device
 
 __all__ = [
@@ -324,8 +325,8 @@ def _to(batch: Mapping, device: torch.device) -> dict:
 
 
 def _save_checkpoint(path: Path, payload: dict) -> None:
-    """``torch.save`` through a temporary file in the same folder and a rename (atomic)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """``torch.save`` through a temporary sibling and a rename (atomic; leftovers of killed saves are removed)."""
+    tmp = temporary_sibling(path)
     torch.save(payload, tmp)
     os.replace(tmp, path)
 

@@ -53,6 +53,7 @@ from fairbook.data.attributes import (
     SPLITS,
     UNKNOWN,
 )
+from fairbook.files import one_line
 
 #: The npz scalars read into the metadata (the image and ``tds`` are never read by :func:`load_metadata`).
 SCALAR_KEYS = ("glaucoma", "race", "gender", "ethnicity", "language", "maritalstatus", "age", "md")
@@ -152,9 +153,8 @@ def _npy_scalar(raw: bytes) -> int | float:
 
 
 def _unreadable(path: Path, exc: BaseException) -> DataError:
-    detail = " ".join(str(exc).split()) or "no detail"
     return DataError(
-        f"cannot read {path} ({type(exc).__name__}: {detail}): the file is corrupt or truncated; "
+        f"cannot read {path} ({one_line(exc)}): the file is corrupt or truncated; "
         "replace it with a fresh copy from the dataset"
     )
 
