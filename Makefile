@@ -66,6 +66,7 @@ bench: data
 	$(BIN)/python bench/bench_metrics.py
 	$(BIN)/python bench/bench_clip_step.py
 	$(BIN)/python bench/bench_moe.py
+	$(BIN)/python bench/bench_grid.py $(DATA)
 
 clean:
 	rm -rf runs book/_build book/notebooks

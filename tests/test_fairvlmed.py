@@ -202,6 +202,24 @@ def test_dataloader_batches_with_preprocess_and_tokenizer(root, workers):
     assert batch["index"].tolist() == [0, 1]
 
 
+def test_kept_items_are_read_once_and_equal_fresh_reads(root, monkeypatch):
+    preprocess = transforms.Compose([transforms.Resize((4, 4)), transforms.ToTensor()])
+    kept = fv.FairVLMed(root, "val", preprocess, count_tokenizer, keep_items=True)
+    fresh = fv.FairVLMed(root, "val", preprocess, count_tokenizer)
+    first = [kept[i] for i in range(len(kept))]
+    for i, item in enumerate(first):
+        again = fresh[i]
+        assert torch.equal(item["image"], again["image"]) and torch.equal(item["text"], again["text"])
+    monkeypatch.setattr(fv, "load_image", lambda path: pytest.fail(f"{path} was read a second time"))
+    assert all(kept[i] is item for i, item in enumerate(first))
+    part = kept.subset(1, seed=0)  # a subset numbers its items anew, so nothing kept carries over
+    with pytest.raises(pytest.fail.Exception, match="read a second time"):
+        part[0]
+    random = transforms.Compose([transforms.RandomResizedCrop(4), transforms.ToTensor()])
+    message = one_line_error(fv.FairVLMed, root, "val", random, keep_items=True)
+    assert message.startswith("keep_items=True would freeze the random RandomResizedCrop of this preprocess")
+
+
 def test_dataset_keeps_text_strings_in_batches(root):
     batch = next(iter(torch.utils.data.DataLoader(fv.FairVLMed(root, "test", drop_unknown=False), batch_size=4)))
     assert batch["text"] == ["summary of data_00009", "summary of data_00010", "summary of data_00011", ""]

@@ -412,6 +412,10 @@ class FairVLMed(torch.utils.data.Dataset):
     :attr:`metadata`). ``drop_unknown`` is the switch of :func:`load_metadata`. Works with the default collate and
     worker processes.
 
+    ``keep_items=True`` keeps each item in memory after its first read, so that a split scored after every epoch
+    is read and preprocessed once. Only for a deterministic preprocess (a random augmentation would be frozen, so a
+    preprocess with a ``Random*`` step is refused). The kept tensors must not be changed in place.
+
     Pixels follow the rule of :func:`load_image`. The first image whose shorter side is under half the
     preprocess's output size raises a :class:`SmallImageWarning` (once per dataset and worker): it is upscaled, and
     an 8 x 8 image upscaled to 224 x 224 carries no anatomy.
@@ -421,9 +425,15 @@ class FairVLMed(torch.utils.data.Dataset):
 
     def __init__(
         self, root: str | os.PathLike, split: str, preprocess=None, tokenizer=None,
-        drop_unknown: bool | None = None, max_note_chars: int = 180,
+        drop_unknown: bool | None = None, max_note_chars: int = 180, keep_items: bool = False,
     ) -> None:
+        random_steps = [type(step).__name__ for step in getattr(preprocess, "transforms", [])
+                        if type(step).__name__.startswith("Random")]
+        if keep_items and random_steps:
+            raise DataError(f"keep_items=True would freeze the random {', '.join(random_steps)} of this preprocess: "
+                            "keep items only with a deterministic (evaluation) preprocess")
         self.metadata = load_metadata(root, split, drop_unknown)
+        self._kept: dict[int, dict] | None = {} if keep_items else None
         self.preprocess, self.tokenizer, self.max_note_chars = preprocess, tokenizer, max_note_chars
         self.input_size = input_size(preprocess)
         self._warned_small = False
@@ -448,6 +458,7 @@ class FairVLMed(torch.utils.data.Dataset):
         part.metadata = self.metadata.iloc[rows].reset_index(drop=True)
         part._paths, part._notes = [self._paths[i] for i in rows], [self._notes[i] for i in rows]
         part._labels, part._attributes = self._labels[rows], self._attributes[rows]
+        part._kept = None if self._kept is None else {}  # item numbers change: kept items do not carry over
         return part
 
     def groups(self, attribute: str) -> np.ndarray:
@@ -455,6 +466,13 @@ class FairVLMed(torch.utils.data.Dataset):
         return self.metadata[_attribute(attribute)].to_numpy(np.int64)
 
     def __getitem__(self, index: int) -> dict:
+        if self._kept is None:
+            return self._read(index)
+        if index not in self._kept:
+            self._kept[index] = self._read(index)
+        return self._kept[index]
+
+    def _read(self, index: int) -> dict:
         image = load_image(self._paths[index])
         if self.input_size and not self._warned_small and 2 * min(image.shape) < self.input_size:
             self._warned_small = True
