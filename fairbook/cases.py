@@ -35,6 +35,7 @@ from fairbook.data.summary import wilson_interval
 from fairbook.files import resolve
 from fairbook.metrics import choose_threshold
 from fairbook.results import ALL, read_predictions, same_data
+from fairbook.stats import estimate
 
 __all__ = ["CasesError", "select_models", "aligned_predictions", "seed_verdicts", "case_frame", "patterns",
            "agreement_table", "accuracy_table", "mcnemar_p", "clopper_pearson", "mcnemar", "pairwise_mcnemar",
@@ -327,8 +328,8 @@ def gallery_cases(cases: pd.DataFrame, attribute: str, per_group: int = 3, seed:
 def interval_table(frame: pd.DataFrame, index: str | Sequence[str], columns: str, value: str, lo: str = "lo",
                    hi: str = "hi", scale: float = 100, decimals: int = 1) -> pd.DataFrame:
     """Wide display table with cells ``value [lo, hi]`` (times ``scale``), rows and columns in first-seen order."""
-    cells = frame.assign(_cell=[f"{scale * v:.{decimals}f} [{scale * low:.{decimals}f}, {scale * h:.{decimals}f}]"
-                                if np.isfinite(v) else "–" for v, low, h in zip(frame[value], frame[lo], frame[hi])])
+    cells = frame.assign(_cell=[estimate(scale * v, lo=scale * low, hi=scale * h, decimals=decimals)
+                                for v, low, h in zip(frame[value], frame[lo], frame[hi])])
     index = [index] if isinstance(index, str) else list(index)
     wide = cells.pivot(index=index, columns=columns, values="_cell")
     rows = list(dict.fromkeys(map(tuple, frame[index].to_numpy().tolist())))

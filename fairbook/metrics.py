@@ -41,6 +41,7 @@ from sklearn.metrics import accuracy_score, precision_recall_curve, roc_auc_scor
 
 from fairbook.data.attributes import ATTRIBUTES
 from fairbook.files import to_jsonable
+from fairbook.stats import estimate
 
 __all__ = [
     "METRICS", "GROUP_METRICS", "THRESHOLD_METHODS", "MetricsInputError", "choose_threshold",
@@ -795,7 +796,6 @@ def ci_table(report: Mapping[str, Any], metrics: Sequence[str] = ("auc", "es_auc
     """Attributes x metrics, each cell ``"value [lo, hi]"`` scaled to percent as in the papers' tables."""
     t = summary_table(report)
     t = t[t["metric"].isin(metrics)]
-    cell = [f"{scale * v:.{decimals}f} [{scale * lo:.{decimals}f}, {scale * hi:.{decimals}f}]"
-            if not math.isnan(lo) else f"{scale * v:.{decimals}f}"
+    cell = [estimate(scale * v, lo=scale * lo, hi=scale * hi, decimals=decimals)
             for v, lo, hi in zip(t["value"], t["ci_lo"], t["ci_hi"])]
     return t.assign(cell=cell).pivot(index="attribute", columns="metric", values="cell")[list(metrics)]

@@ -27,6 +27,7 @@ import pandas as pd
 
 from fairbook.data.attributes import ATTRIBUTES, FILTER_ATTRIBUTES, UNKNOWN
 from fairbook.metrics import bootstrap_indices, resampled_auc
+from fairbook.stats import estimate, interval
 
 __all__ = ["CS", "Features", "Images", "RepresentationError", "load_images", "image_features", "tsne", "tsne_points",
            "attribute_probe", "median_bandwidth", "gaussian_kernel", "mmd2_unbiased", "group_distances", "over_seeds",
@@ -399,13 +400,11 @@ def format_summary(summary: pd.DataFrame, decimals: int = 3, scale: float = 1.0)
     of the seed mean as text (values times ``scale``), ``p_perm`` and ``seeds`` as they are."""
     ids = [c for c in summary.columns if c not in _SUMMARY]
 
-    def num(v: float) -> str:
-        return f"{scale * v:.{decimals}f}"
-
     table = pd.DataFrame({
-        "mean ± std": [num(m) if np.isnan(s) else f"{num(m)} ± {num(s)}" for m, s in zip(summary["mean"],
+        "mean ± std": [estimate(scale * m, scale * s, decimals=decimals) for m, s in zip(summary["mean"],
                                                                                        summary["std"])],
-        "CI of seed mean": [f"[{num(lo)}, {num(hi)}]" for lo, hi in zip(summary["ci_lo"], summary["ci_hi"])],
+        "CI of seed mean": [interval(scale * lo, scale * hi, decimals) for lo, hi in zip(summary["ci_lo"],
+                                                                                        summary["ci_hi"])],
     }, index=pd.MultiIndex.from_frame(summary[ids]) if len(ids) > 1 else pd.Index(summary[ids[0]]))
     if "p_perm" in summary:
         table["p (permutation)"] = summary["p_perm"].round(4).to_numpy()

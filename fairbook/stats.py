@@ -1,5 +1,7 @@
 """Statistics over seeds and datasets, as the papers report them.
 
+* :func:`estimate`: the one way a number with its spread is written in a table cell, ``77.17 ± 0.43``,
+  ``77.2 [76.1, 78.3]``, with non-breaking spaces so that a cell never wraps inside it.
 * :func:`mean_std_table`: mean ± std over seeds (Fair-MoE, FairCLIP, MEDFAIR tables), metrics x100.
 * :func:`paired_ttest`, :func:`cohens_dz`, :func:`compare_to_baseline`: paired two-sided t-tests on per-seed
   metrics with Cohen's d for paired data (FairMed-VLM).
@@ -19,12 +21,43 @@ from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
 from scipy import stats as st
 
-__all__ = ["StatsInputError", "mean_std_table", "cohens_dz", "paired_ttest", "compare_to_baseline",
-           "critical_difference", "friedman_nemenyi", "cd_diagram"]
+__all__ = ["NBSP", "StatsInputError", "estimate", "interval", "mean_std_table", "cohens_dz", "paired_ttest",
+           "compare_to_baseline", "critical_difference", "friedman_nemenyi", "cd_diagram"]
 
 
 class StatsInputError(ValueError):
     """Bad input to a statistics function; the message names the problem and the fix in one line."""
+
+
+#: Joins the parts of :func:`estimate`: a browser never breaks a line at a non-breaking space.
+NBSP = "\u00a0"
+
+
+def _finite(value) -> bool:
+    return value is not None and not pd.isna(value) and math.isfinite(float(value))
+
+
+def estimate(value: float, std: float | None = None, lo: float | None = None, hi: float | None = None,
+             decimals: int = 2, signed: bool = False) -> str:
+    """``value``, then ``± std`` and ``[lo, hi]`` when given and finite, as one unbreakable table cell
+    (``"77.17 ± 0.43"``, ``"77.2 [76.1, 78.3]"``, ``"+0.51 [-0.20, +1.30]"`` with ``signed``); "–" for a value
+    that is missing or not finite. Scale the numbers before (e.g. x100 for percent)."""
+    if not _finite(value):
+        return "–"
+    parts = [f"{value:+.{decimals}f}" if signed else f"{value:.{decimals}f}"]
+    if _finite(std):
+        parts += ["±", f"{std:.{decimals}f}"]
+    if _finite(lo) and _finite(hi):
+        parts.append(interval(lo, hi, decimals, signed))
+    return NBSP.join(parts)
+
+
+def interval(lo: float, hi: float, decimals: int = 2, signed: bool = False) -> str:
+    """``"[lo, hi]"`` as one unbreakable cell (see :func:`estimate`); "–" when either end is not finite."""
+    if not (_finite(lo) and _finite(hi)):
+        return "–"
+    spec = f"+.{decimals}f" if signed else f".{decimals}f"
+    return f"[{lo:{spec}},{NBSP}{hi:{spec}}]"
 
 
 def _columns(frame: pd.DataFrame, names: Sequence[str]) -> None:
@@ -41,7 +74,7 @@ def mean_std_table(results: pd.DataFrame, by: str | Sequence[str], metrics: Sequ
     ``scale`` (100: AUC 0.69 shows as 69.0, as in the papers' tables). The std is the sample standard deviation
     over seeds (``ddof=1``); with a single seed it is undefined and only the mean is shown.
 
-    Returns strings such as ``"69.0 ± 1.2"`` (``strings=True``, for display), or numbers with columns
+    Returns strings such as ``"69.0 ± 1.2"`` (``strings=True``, for display; :func:`estimate`), or numbers with columns
     ``(metric, "mean" | "std" | "n")`` (``strings=False``).
     """
     by = [by] if isinstance(by, str) else list(by)
@@ -54,12 +87,8 @@ def mean_std_table(results: pd.DataFrame, by: str | Sequence[str], metrics: Sequ
     if not strings:
         return pd.concat({"mean": mean, "std": std, "n": n}, axis=1).swaplevel(axis=1)[list(metrics)]
 
-    def fmt(m: float, s: float) -> str:
-        if pd.isna(m):
-            return "–"
-        return f"{m:.{decimals}f}" if pd.isna(s) else f"{m:.{decimals}f} ± {s:.{decimals}f}"
-
-    return pd.DataFrame({c: [fmt(m, s) for m, s in zip(mean[c], std[c])] for c in metrics}, index=mean.index)
+    return pd.DataFrame({c: [estimate(m, s, decimals=decimals) for m, s in zip(mean[c], std[c])] for c in metrics},
+                        index=mean.index)
 
 
 def _paired(a: ArrayLike, b: ArrayLike) -> np.ndarray:

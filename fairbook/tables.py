@@ -12,6 +12,7 @@ training variation. Both are shown.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -20,9 +21,9 @@ import pandas as pd
 from fairbook.data.attributes import FILTER_ATTRIBUTES
 from fairbook.metrics import fairness_report, intersectional_groups
 from fairbook.results import ALL, ResultsError, read_predictions
-from fairbook.stats import paired_ttest
+from fairbook.stats import estimate, paired_ttest
 
-__all__ = ["BETTER", "LEADERBOARD", "TABLE1", "ci_table", "claims", "evaluate", "group_auc_table",
+__all__ = ["BETTER", "LEADERBOARD", "TABLE1", "ci_table", "claim_verdicts", "claims", "evaluate", "group_auc_table",
            "group_differences", "leaderboard", "paired_table", "seed_means", "table"]
 
 #: Column names of Fair-MoE's Table 1, in its order.
@@ -83,12 +84,6 @@ def _label(frame: pd.DataFrame, methods: Sequence[str] | None) -> pd.DataFrame:
     return frame
 
 
-def _fmt(mean: float, std: float, decimals: int) -> str:
-    if np.isnan(mean):
-        return "–"
-    return f"{mean:.{decimals}f}" if np.isnan(std) else f"{mean:.{decimals}f} ± {std:.{decimals}f}"
-
-
 def table(evals: pd.DataFrame, metrics: Mapping[str, str] = TABLE1, methods: Sequence[str] | None = None,
           scale: float = 100, decimals: int = 2) -> pd.DataFrame:
     """Fair-MoE's Table 1: rows (Attr., Model), columns ES-AUC, AUC, DPD, EOD as ``mean ± std`` over seeds (sample
@@ -96,7 +91,7 @@ def table(evals: pd.DataFrame, metrics: Mapping[str, str] = TABLE1, methods: Seq
     frame = _label(_matched(evals), methods)
     grouped = frame.groupby(["eval_attribute", "method"], observed=True)
     mean, std = grouped[list(metrics)].mean() * scale, grouped[list(metrics)].std(ddof=1) * scale
-    out = pd.DataFrame({label: [_fmt(m, s, decimals) for m, s in zip(mean[k], std[k])]
+    out = pd.DataFrame({label: [estimate(m, s, decimals=decimals) for m, s in zip(mean[k], std[k])]
                         for k, label in metrics.items()}, index=mean.index)
     out["seeds"] = grouped.size().to_numpy()
     out.index.names = ["Attr.", "Model"]
@@ -138,10 +133,7 @@ def seed_means(evals: pd.DataFrame, metrics: Sequence[str], methods: Sequence[st
 
 
 def _cell(row, scale: float, decimals: int) -> str:
-    if np.isnan(row["mean"]):
-        return "–"
-    return (f"{scale * row['mean']:.{decimals}f} "
-            f"[{scale * row['lo']:.{decimals}f}, {scale * row['hi']:.{decimals}f}]")
+    return estimate(scale * row["mean"], lo=scale * row["lo"], hi=scale * row["hi"], decimals=decimals)
 
 
 def ci_table(evals: pd.DataFrame, metrics: Mapping[str, str] = TABLE1, methods: Sequence[str] | None = None,
@@ -171,8 +163,7 @@ def group_auc_table(evals: pd.DataFrame, attribute: str, methods: Sequence[str] 
             lo, hi = _interval(_replicates(rows_m, "group_auc", g), level)
             n = int(rows_m["group_count"].iloc[0][g])
             std = values.std(ddof=1) if len(values) > 1 else float("nan")
-            cells[f"{g} (n={n})"] = (f"{_fmt(scale * values.mean(), scale * std, decimals)} "
-                                     f"[{scale * lo:.{decimals}f}, {scale * hi:.{decimals}f}]")
+            cells[f"{g} (n={n})"] = estimate(scale * values.mean(), scale * std, scale * lo, scale * hi, decimals)
         out[method] = cells
     table_ = pd.DataFrame.from_dict(out, orient="index")
     table_.index.name = f"{attribute}: Model"
@@ -183,10 +174,11 @@ def paired_table(evals: pd.DataFrame, baseline: str, metrics: Sequence[str] = tu
                  level: float = 0.95) -> pd.DataFrame:
     """Every method against ``baseline``, per evaluated attribute and metric, paired on seed.
 
-    Columns: ``diff`` (mean over seeds of method - baseline), ``boot_lo``/``boot_hi`` (paired bootstrap interval of
-    that mean difference over test resamples), and the paired t-test across seeds (``t``, ``p``, ``cohen_dz``,
-    ``n`` seeds; :func:`fairbook.stats.paired_ttest`). With 3 seeds the t-test has 2 degrees of freedom and little
-    power: read ``p`` together with the interval and the per-seed values.
+    Columns: ``attribute``, ``method``, ``baseline``, ``metric``, ``diff`` (mean over seeds of method - baseline),
+    ``boot_lo``/``boot_hi`` (paired bootstrap interval of that mean difference over test resamples), and the paired
+    t-test across seeds (``t``, ``p``, ``cohen_dz``, ``n`` seeds; :func:`fairbook.stats.paired_ttest`). With 3 seeds
+    the t-test has 2 degrees of freedom and little power: read ``p`` together with the interval and the per-seed
+    values.
     """
     frame = _matched(evals)
     if baseline not in set(frame["method"]):
@@ -204,7 +196,8 @@ def paired_table(evals: pd.DataFrame, baseline: str, metrics: Sequence[str] = tu
                 test = paired_ttest(other.loc[seeds, k], base.loc[seeds, k], level)
                 diff = _replicates(other.loc[seeds].reset_index(), k) - _replicates(base.loc[seeds].reset_index(), k)
                 lo, hi = _interval(diff, level)
-                rows.append({"attribute": attr, "method": method, "metric": k, "diff": test["mean_diff"],
+                rows.append({"attribute": attr, "method": method, "baseline": baseline, "metric": k,
+                             "diff": test["mean_diff"],
                              "boot_lo": lo, "boot_hi": hi, "t": test["t"], "p": test["p"],
                              "cohen_dz": test["cohen_dz"], "n": test["n"]})
     return pd.DataFrame(rows)
@@ -284,3 +277,28 @@ def claims(paired: pd.DataFrame) -> pd.DataFrame:
     verdict[low > 0] = "better"
     verdict[high < 0] = "worse"
     return paired.assign(verdict=verdict)
+
+
+def claim_verdicts(paper_claims: Sequence, paired: pd.DataFrame) -> pd.DataFrame:
+    """Whether each paper claim (:class:`fairbook.methods.Claim`) held, from the paired comparisons of the chapters'
+    runs: ``paired`` holds :func:`paired_table` rows with a ``chapter`` column (the run's notebook stem).
+
+    One row per claim and evaluated attribute: the claim's fields, ``attribute``, ``diff``, ``boot_lo``,
+    ``boot_hi``, the :func:`claims` ``verdict`` and ``held`` (the verdict is the expected one; ``"not worse"``
+    holds unless the verdict is ``worse``). A claim whose comparison is missing from ``paired`` (its chapter has
+    not run, or ran without that method) has one row with ``verdict`` "not run" and ``held`` None.
+    """
+    columns = ["chapter", "method", "baseline", "metric", "attribute", "diff", "boot_lo", "boot_hi"]
+    judged = claims(paired) if len(paired) else pd.DataFrame(columns=[*columns, "verdict"])
+    rows = []
+    for claim in paper_claims:
+        fields = dataclasses.asdict(claim)
+        match = judged[(judged["chapter"] == claim.chapter) & (judged["method"] == claim.method)
+                       & (judged["baseline"] == claim.baseline) & (judged["metric"] == claim.metric)]
+        if match.empty:
+            rows.append({**fields, "attribute": None, "verdict": "not run", "held": None})
+        for row in match.to_dict("records"):
+            held = row["verdict"] != "worse" if claim.expected == "not worse" else row["verdict"] == claim.expected
+            rows.append({**fields, **{k: row[k] for k in ("attribute", "diff", "boot_lo", "boot_hi", "verdict")},
+                         "held": held})
+    return pd.DataFrame(rows)

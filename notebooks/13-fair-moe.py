@@ -166,8 +166,7 @@ fb.tables.ci_table(evals, methods=methods)
 # ES-AUC and AUC, lower for DPD and EOD.
 
 # %%
-paired = pd.concat([fb.tables.paired_table(evals, baseline=b).assign(baseline=b) for b in ("CLIP", "FairCLIP")],
-                   ignore_index=True)
+paired = pd.concat([fb.tables.paired_table(evals, baseline=b) for b in ("CLIP", "FairCLIP")], ignore_index=True)
 paired = paired[paired["method"] == "Fair-MoE"]
 paired.round(4)
 

@@ -92,7 +92,7 @@ alone[columns].round(4)
 # %%
 fb.runs.save_metrics({"data": source, "seeds": seeds,
                       "model": f"{model} from {pretrained}; {without_fol.describe()}, contrastive loss only",
-                      "table": table, "fol_effect": with_fol, "experts_alone": alone})
+                      "table": table, "paired": pd.concat([with_fol, alone], ignore_index=True)})
 
 # %% [markdown]
 # ## Takeaways

@@ -49,20 +49,11 @@ n_boot = 1000
 # %% [markdown]
 # ## The variants
 #
-# Each row of Table 4 is a change to `fb.methods.fair_moe.add_fo_moe` (which layers exist) and to `fb.methods.fair_moe.fol` (which F terms
-# count):
+# Each row of Table 4 (`fb.methods.fair_moe.TABLE4`) is a change to `fb.methods.fair_moe.add_fo_moe` (which
+# layers exist) and to `fb.methods.fair_moe.fol` (which F terms count):
 
 # %%
-TABLE4 = {
-    "w/o F_EI": ({}, ["ET", "FI", "FT"]),
-    "w/o F_ET": ({}, ["EI", "FI", "FT"]),
-    "w/o F_FI": ({}, ["EI", "ET", "FT"]),
-    "w/o F_FT": ({}, ["EI", "ET", "FI"]),
-    "w/o EM": ({"patch": False}, ["FI", "FT"]),
-    "w/o FM": ({"feature": False}, ["EI", "ET"]),
-    "w/o text FO-MoE": ({"text": False}, ["EI", "FI"]),
-    "w/o image FO-MoE": ({"image": False}, ["ET", "FT"]),
-}
+TABLE4 = fb.methods.fair_moe.TABLE4
 pd.DataFrame([{"variant": name, "layers": layers or "all four", "F terms": ", ".join(keep)}
               for name, (layers, keep) in TABLE4.items() if name in variants]).set_index("variant")
 

@@ -51,13 +51,28 @@ _SETTLE_JS = """
 })()
 """
 _SUMMARY_JS = """
-JSON.stringify({
-  title: document.title,
-  text: document.body ? document.body.innerText : '',
-  math: document.querySelectorAll('mjx-container').length,
-  math_errors: document.querySelectorAll('mjx-merror').length,
-  images: [...document.images].map(img => ({src: img.currentSrc || img.src, width: img.naturalWidth})),
-})
+(() => {
+  const lines = el => { const range = document.createRange(); range.selectNodeContents(el);
+    return new Set([...range.getClientRects()].filter(r => r.width > 0).map(r => Math.round(r.top))).size; };
+  const scrolls = el => ['auto', 'scroll'].includes(getComputedStyle(el).overflowX);
+  const cells = '.cell_input, .cell_output';
+  const wide = [...document.querySelectorAll(`${cells}, :is(${cells}) *`)]
+    .filter(el => el.scrollWidth > el.clientWidth + 1 && !el.closest('table')
+                  && !(scrolls(el) && el.querySelector('table')));
+  return JSON.stringify({
+    title: document.title,
+    text: document.body ? document.body.innerText : '',
+    math: document.querySelectorAll('mjx-container').length,
+    math_errors: document.querySelectorAll('mjx-merror').length,
+    images: [...document.images].map(img => ({src: img.currentSrc || img.src, width: img.naturalWidth})),
+    too_wide: wide.map(el => `${el.tagName.toLowerCase()}.${el.className}: ${el.scrollWidth} > ${el.clientWidth} px: `
+                           + el.innerText.split('\\n').sort((a, b) => b.length - a.length)[0].slice(0, 120)),
+    parameter_blocks: document.querySelectorAll('.tag_parameters, .tag_injected-parameters').length,
+    wrapped_cells: [...document.querySelectorAll('td, th')]
+      .filter(el => /[±\\[]/.test(el.innerText) && lines(el) > 1).map(el => el.innerText),
+    links: [...document.links].map(a => a.getAttribute('href')),
+  });
+})()
 """
 
 
@@ -207,9 +222,16 @@ def book_pages(html_root: str | Path) -> list[str]:
 def check_book_in_browser(html_root: str | Path, settle_ms: int = 15000) -> dict:
     """Load every page of the built book in headless Chromium and report what it rendered and requested.
 
-    Returns ``{"pages": [{"page", "title", "text", "math", "math_errors", "images"}], "images": [{"page", "src",
-    "width"}], "requests": [...], "external_requests": [...], "failed_requests": [...], "js_errors": [...]}``.
-    ``math`` counts MathJax ``mjx-container`` elements; an image with ``width`` 0 did not load.
+    Returns ``{"pages": [{"page", "title", "text", "math", "math_errors", "images", "too_wide",
+    "parameter_blocks", "wrapped_cells", "links"}], "images": [{"page", "src", "width"}], "requests": [...],
+    "external_requests": [...], "failed_requests": [...], "js_errors": [...]}``.
+
+    ``math`` counts MathJax ``mjx-container`` elements; an image with ``width`` 0 did not load. ``too_wide``
+    describes each part of a notebook cell (input, output and everything inside) whose content is wider than
+    itself, so that it scrolls or spills sideways; a scrolling box that holds a table is allowed (a wide table
+    scrolls as a whole). ``parameter_blocks`` counts cells tagged ``parameters`` or ``injected-parameters``;
+    ``wrapped_cells`` lists table cells with "±" or "[" whose text runs over more than one line; ``links`` holds
+    the page's link targets.
     """
     root = Path(html_root)
     report: dict = {"pages": [], "images": []}

@@ -13,11 +13,22 @@ import shutil
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 from browser import CHROMIUM, check_book_in_browser
-from fairbook.book import BookError, build_book, copy_if_changed, executed_notebook, toc_stems
+from fairbook.book import (
+    BookError,
+    at_a_glance,
+    build_book,
+    executed_notebook,
+    parameters_source,
+    reader_page,
+    toc_stems,
+    write_if_changed,
+)
+from fairbook.stats import estimate
 
 REPO = Path(__file__).resolve().parents[1]
 BOOK_SOURCES = ("_config.yml", "_toc.yml", "intro.md")
@@ -84,20 +95,114 @@ def test_complete_run_is_found_and_a_failed_one_is_reported(tmp_path):
         executed_notebook("01-data-exploration", "default", tmp_path)
 
 
-def test_copy_if_changed_leaves_identical_files_untouched(tmp_path):
-    src, dest = tmp_path / "a.ipynb", tmp_path / "out" / "a.ipynb"
-    src.write_text("one")
-    assert copy_if_changed(src, dest) is True
+def test_write_if_changed_leaves_identical_files_untouched(tmp_path):
+    dest = tmp_path / "out" / "a.ipynb"
+    assert write_if_changed(b"one", dest) is True
     os.utime(dest, (1_000_000, 1_000_000))
-    assert copy_if_changed(src, dest) is False
+    assert write_if_changed(b"one", dest) is False
     assert dest.stat().st_mtime == 1_000_000
-    src.write_text("two")
-    assert copy_if_changed(src, dest) is True
+    assert write_if_changed(b"two", dest) is True
     assert dest.read_text() == "two"
     assert [p.name for p in dest.parent.iterdir()] == ["a.ipynb"]  # no temp files left behind
 
 
+DEFAULTS = """data_root = "data/synth-fairvlmed"  # SynthFairVLMed or a real folder
+seeds = [0, 1, 2]
+layers = {"n_experts": 10, "top_k": 3}
+n_boot = 1000"""
+
+
+def test_parameters_source_rewrites_values_and_keeps_comments_and_other_lines():
+    values = {"data_root": "/data/FairVLMed", "seeds": [0], "layers": {"n_experts": 2, "top_k": 1}}
+    assert parameters_source(DEFAULTS, values) == """data_root = '/data/FairVLMed'  # SynthFairVLMed or a real folder
+seeds = [0]
+layers = {'n_experts': 2, 'top_k': 1}
+n_boot = 1000"""
+    long = {"seeds": list(range(40))}
+    lines = parameters_source(DEFAULTS, long, width=40).splitlines()
+    seeds = lines[1:lines.index("layers = {\"n_experts\": 10, \"top_k\": 3}")]
+    assert 2 < len(seeds) < 10 and max(map(len, seeds)) <= 40 and seeds[0].startswith("seeds = [0, 1,")
+    assert all(line.startswith(" " * len("seeds = [")) for line in seeds[1:])
+    namespace: dict = {}
+    exec(parameters_source(DEFAULTS, long, width=40), namespace)  # still valid Python with the run's values
+    assert namespace["seeds"] == list(range(40)) and namespace["n_boot"] == 1000
+
+
+def test_reader_page_shows_one_parameter_block_with_the_run_values_and_a_data_note(tmp_path):
+    path = fake_run(tmp_path, "01-data-exploration", "")
+    notebook = nbformat.read(path, as_version=4)
+    notebook.cells[1:1] = [new_code_cell(DEFAULTS, metadata={"tags": ["parameters"]}),
+                           new_code_cell('# Parameters\nseeds = [5]\n', metadata={"tags": ["injected-parameters"]})]
+    nbformat.write(notebook, path)
+    (path.parent / "params.yaml").write_text("seeds: [5]\ndata_root: nowhere/at/all\n")
+    (path.parent / "run.json").write_text(json.dumps({"config": "default", "status": "complete", "seconds": 12.3,
+                                                      "finished": "2026-12-02T11:00:00"}))
+    before = path.read_bytes()
+    page = reader_page(path)
+    assert path.read_bytes() == before  # the record under runs/ is untouched
+    sources = [cell.source for cell in page.cells]
+    assert sources[0].startswith("# Chapter 01-data-exploration")
+    assert sources[1] == ("```{note}\n**Data:** `nowhere/at/all` (not on this machine when the book was built). "
+                          "**Configuration:** `default` (`params/01-data-exploration/default.yaml`), executed "
+                          "2026-12-02 11:00:00 in 12 s.\n```")
+    blocks = [c for c in page.cells if {"parameters", "injected-parameters"} & set(c.metadata.get("tags", []))]
+    assert len(blocks) == 1 and blocks[0].source.splitlines()[:3] == [
+        "# the values of this run (configuration default)", "data_root = 'nowhere/at/all'  # SynthFairVLMed or a "
+        "real folder", "seeds = [5]"]
+    synthetic = tmp_path / "synth"
+    synthetic.mkdir()
+    (synthetic / "synthetic.json").write_text(json.dumps({"config": {"seed": 3, "bias": "none"}}))
+    (path.parent / "params.yaml").write_text(f"data_root: {synthetic}\n")
+    assert "**Data:** SynthFairVLMed (synthetic; seed 3, bias none)." in reader_page(path).cells[1].source
+
+
+def test_at_a_glance_gives_each_claim_its_verdict_the_leaderboard_and_the_data(tmp_path):
+    copy_book_sources(tmp_path / "book")
+    runs = tmp_path / "runs"
+    fake_run(runs, "12-fairclip", "")
+    paired = [{"attribute": "race", "method": "FairCLIP", "baseline": "CLIP", "metric": "es_auc", "diff": -0.02,
+               "boot_lo": -0.03, "boot_hi": -0.01},
+              {"attribute": "race", "method": "FairCLIP", "baseline": "CLIP", "metric": "auc", "diff": 0.001,
+               "boot_lo": -0.002, "boot_hi": 0.004}]
+    data = "SynthFairVLMed (synthetic; seed 0, bias default; 10,000 samples)"
+    (runs / "12-fairclip" / "default" / "metrics.json").write_text(json.dumps({"data": data, "paired": paired}))
+    fake_run(runs, "90-results", "")
+    board = [{"Model": "Fair-MoE", "mean rank": 1.5, "columns": 20}, {"Model": "CLIP", "mean rank": 2.5, "columns": 20}]
+    (runs / "90-results" / "default" / "metrics.json").write_text(json.dumps({"data": data, "leaderboard": board}))
+    page = at_a_glance("default", runs, tmp_path / "book")
+    nbsp = "\u00a0"
+    assert "## FairCLIP (Luo et al., CVPR 2024)" in page
+    assert (f"| FairCLIP raises ES-AUC over CLIP | Sec. 5, results on Harvard-FairVLMed | "
+            f"{{doc}}`12 <notebooks/12-fairclip>` | 0{nbsp}of{nbsp}1 | "
+            f"-2.00{nbsp}[-3.00,{nbsp}-1.00]{nbsp}did not hold |") in page
+    assert "| FairCLIP does not lower AUC |" in page and f"+0.10{nbsp}[-0.20,{nbsp}+0.40]{nbsp}held |" in page
+    assert (f"| Fair-MoE has a higher ES-AUC than CLIP | Table 1 | {{doc}}`13 <notebooks/13-fair-moe>` | "
+            f"not{nbsp}run |") in page
+    assert "| Fair-MoE | 1.5 | 20 |" in page.split("## Leaderboard")[1]
+    assert f"| {{doc}}`12-fairclip <notebooks/12-fairclip>` | {data} | `default` |" in page
+    assert "Not run yet under `default`: 01-data-exploration, 02-fairness-metrics" in page
+
+
 # --- the built book in headless Chromium ------------------------------------------------------------------------
+
+
+#: A table as the chapters print them: many "mean ± std" columns, wider together than the page.
+WIDE_TABLE = pd.DataFrame({f"metric {i} ↑": [estimate(77.1734 + i, 0.43), estimate(70.0, lo=68.25, hi=71.5)]
+                           for i in range(12)}, index=["CLIP", "Fair-MoE"])
+
+
+def add_parameters(path: Path) -> None:
+    """Give a fake executed notebook what papermill adds: a defaults cell, an injected cell, params.yaml. The
+    run's values are too long for one line of the page unless the book wraps them."""
+    notebook = nbformat.read(path, as_version=4)
+    notebook.cells[1:1] = [
+        new_code_cell("seeds = [0, 1, 2]  # training seeds\nn_boot = 1000", metadata={"tags": ["parameters"]}),
+        new_code_cell(f"# Parameters\nseeds = {list(range(60))}\n", metadata={"tags": ["injected-parameters"]}),
+        new_code_cell("table", execution_count=2, outputs=[new_output(
+            "execute_result", data={"text/html": WIDE_TABLE.to_html(), "text/plain": "table"}, execution_count=2)]),
+    ]
+    nbformat.write(notebook, path)
+    (path.parent / "params.yaml").write_text(f"seeds: {list(range(60))}\n")
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +211,7 @@ def built_book(tmp_path_factory) -> Path:
     copy_book_sources(root / "book")
     png = small_png()
     for stem in toc_stems(root / "book"):
-        fake_run(root / "runs", stem, png)
+        add_parameters(fake_run(root / "runs", stem, png))
     index = build_book(runs_dir=root / "runs", book_dir=root / "book")
     assert index == root / "book" / "_build" / "html" / "index.html"
     return index
@@ -175,3 +280,32 @@ def test_second_build_with_nothing_changed_rewrites_nothing(built_book):
     before = {p: p.stat().st_mtime_ns for p in html.rglob("*.html")}
     build_book(runs_dir=html.parents[2] / "runs", book_dir=html.parents[1])
     assert {p: p.stat().st_mtime_ns for p in html.rglob("*.html")} == before
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_pages_have_one_parameter_block_nothing_scrolls_sideways_and_no_estimate_wraps(report):
+    chapters = [page for page in report["pages"] if page["page"].startswith("notebooks/")]
+    assert len(chapters) == len(toc_stems(REPO / "book"))
+    for page in chapters:
+        assert page["parameter_blocks"] == 1, page["page"]
+        assert "the values of this run (configuration default)" in page["text"]
+        stem = page["page"].removeprefix("notebooks/").removesuffix(".html")
+        assert f"Configuration: default (params/{stem}/default.yaml)" in page["text"]
+    for page in report["pages"]:
+        assert page["too_wide"] == [], page["page"]
+        assert page["wrapped_cells"] == [], page["page"]
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_the_glance_page_comes_first_and_links_every_method_chapter(report):
+    from fairbook.methods import CLAIMS
+
+    pages = {page["page"]: page for page in report["pages"]}
+    glance = pages["at-a-glance.html"]
+    assert glance["title"].startswith("Results at a glance")
+    for chapter in {claim.chapter for claim in CLAIMS}:
+        assert f"notebooks/{chapter}.html" in glance["links"], chapter
+    navigation = pages["intro.html"]["text"]
+    assert navigation.index("Results at a glance") < navigation.index("Data and metrics")

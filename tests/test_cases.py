@@ -129,7 +129,7 @@ def test_interval_table_formats_value_and_interval():
     frame = pd.DataFrame({"group": ["all", "all", "x"], "pattern": ["p", "q", "p"], "share": [0.25, 0.5, 0.1],
                           "lo": [0.1, 0.4, 0.0], "hi": [0.4, 0.6, 0.3]})
     wide = cases.interval_table(frame, "pattern", "group", "share")
-    assert wide.loc["p", "all"] == "25.0 [10.0, 40.0]" and wide.loc["q", "x"] != wide.loc["q", "x"]  # NaN
+    assert wide.loc["p", "all"] == "25.0\u00a0[10.0,\u00a040.0]" and wide.loc["q", "x"] != wide.loc["q", "x"]  # NaN
     assert wide.columns.tolist() == ["all", "x"] and wide.index.tolist() == ["p", "q"]
 
 

@@ -468,7 +468,7 @@ def test_ci_table_formats_percent_with_intervals():
 
     report = {"attributes": {"race": {"n_groups": {"auc": 3}, "ci": {"auc": [0.801, 0.9]},
                                       **{k: 0.0 for k in M.METRICS}, "auc": 0.8512}}}
-    assert ci_table(report, ["auc"]).loc["race", "auc"] == "85.1 [80.1, 90.0]"
+    assert ci_table(report, ["auc"]).loc["race", "auc"] == "85.1\u00a0[80.1,\u00a090.0]"
     assert ci_table(report, ["dpd"]).loc["race", "dpd"] == "0.0"
 
 

@@ -109,7 +109,7 @@ def test_table_is_mean_and_sample_std_over_seeds_in_percent(evals):
     # FairCLIP trained on race appears under race only; CLIP under every attribute
     assert ("gender", "FairCLIP") not in table.index and ("gender", "CLIP") in table.index
     clip = evals[(evals["method"] == "CLIP") & (evals["eval_attribute"] == "race")]["auc"]
-    expected = f"{100 * clip.mean():.2f} ± {100 * clip.std(ddof=1):.2f}"
+    expected = f"{100 * clip.mean():.2f}\u00a0±\u00a0{100 * clip.std(ddof=1):.2f}"  # never wraps in a cell
     assert table.loc[("race", "CLIP"), "AUC"] == expected
     assert table.loc[("race", "FairCLIP"), "seeds"] == 3
 
@@ -119,7 +119,7 @@ def test_interval_of_the_seed_mean_averages_replicates_over_seeds(evals):
     mean_reps = np.mean([b["auc"] for b in clip["boot"]], axis=0)
     lo, hi = np.percentile(mean_reps, [2.5, 97.5])
     cell = tables.ci_table(evals).loc[("gender", "CLIP"), "AUC"]
-    assert cell == f"{100 * clip['auc'].mean():.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+    assert cell == f"{100 * clip['auc'].mean():.1f}\u00a0[{100 * lo:.1f},\u00a0{100 * hi:.1f}]"
     assert lo < clip["auc"].mean() < hi
 
 
@@ -234,7 +234,36 @@ def test_leaderboard_ranks_methods_per_column_and_shows_intervals(store):
         assert board.loc[method, ("", "mean rank")] == pytest.approx(by_hand[method], abs=0.01)
     # the interval cell holds the seed mean of the per-seed values, in percent
     race_auc = evals[(evals["method"] == "CLIP") & (evals["eval_attribute"] == "race")]["auc"].mean()
-    assert board.loc["CLIP", ("race", "AUC ↑")].startswith(f"{100 * race_auc:.1f} [")
+    assert board.loc["CLIP", ("race", "AUC ↑")].startswith(f"{100 * race_auc:.1f}\u00a0[")
     # the intersection's groups are the race x gender cells
     cells = evals[(evals["method"] == "CLIP") & (evals["eval_attribute"] == "race&gender")]["groups"].iloc[0]
     assert len(cells) == 6 and "race=Black & gender=Female" in cells
+
+
+def test_claim_verdicts_follow_the_expected_direction_and_name_missing_runs():
+    from fairbook.methods import Claim
+
+    def row(attribute, metric, lo, hi, method="B", baseline="A", chapter="12-x"):
+        return {"chapter": chapter, "attribute": attribute, "method": method, "baseline": baseline, "metric": metric,
+                "diff": (lo + hi) / 2, "boot_lo": lo, "boot_hi": hi}
+
+    paired = pd.DataFrame([row("race", "es_auc", 0.01, 0.03), row("gender", "es_auc", -0.01, 0.02),
+                           row("race", "dpd", -0.04, -0.01), row("race", "auc", -0.03, -0.01),
+                           row("race", "eod", 0.01, 0.02)])
+    claims = [Claim("P", "Table 1", "B raises ES-AUC", "12-x", "B", "A", "es_auc"),
+              Claim("P", "Table 1", "B lowers DPD", "12-x", "B", "A", "dpd"),  # lower DPD is "better"
+              Claim("P", "Table 1", "B keeps AUC", "12-x", "B", "A", "auc", "not worse"),
+              Claim("P", "Table 4", "B has a higher EOD", "12-x", "B", "A", "eod", "worse"),
+              Claim("P", "Table 2", "C raises AUC", "20-y", "C", "A", "auc")]
+    out = tables.claim_verdicts(claims, paired)
+    got = [(r.statement, r.attribute if isinstance(r.attribute, str) else None, r.verdict, r.held)
+           for r in out.itertuples()]
+    assert got == [("B raises ES-AUC", "race", "better", True),
+                   ("B raises ES-AUC", "gender", "no clear difference", False),
+                   ("B lowers DPD", "race", "better", True),
+                   ("B keeps AUC", "race", "worse", False),
+                   ("B has a higher EOD", "race", "worse", True),
+                   ("C raises AUC", None, "not run", None)]
+    assert tables.claim_verdicts(claims[:1], pd.DataFrame())["verdict"].tolist() == ["not run"]
+    with pytest.raises(ValueError, match="choose better, worse or not worse"):
+        Claim("P", "T", "s", "c", "m", "b", "auc", "higher")

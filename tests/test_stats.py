@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 from scipy import stats as st
 
 from fairbook import stats as S
+from fairbook.stats import NBSP
 
 # per-seed AUCs of two methods; differences .02 .03 .01 .01 .03
 A = [0.70, 0.72, 0.69, 0.71, 0.73]
@@ -50,8 +51,8 @@ def test_mean_std_table_strings_and_numbers():
                             "auc": [0.68, 0.70, 0.69, 0.71, 0.71, 0.71], "dpd": [0.05, 0.07, 0.06, 0.02, 0.03, 0.04]})
     table = S.mean_std_table(results, "method")
     # clip AUC: mean .69, sd of (.68, .70, .69) = .01 -> "69.0 ± 1.0"; fair: sd 0
-    assert table.loc["clip", "auc"] == "69.0 ± 1.0" and table.loc["fair", "auc"] == "71.0 ± 0.0"
-    assert table.loc["clip", "dpd"] == "6.0 ± 1.0" and list(table.columns) == ["auc", "dpd"]
+    assert table.loc["clip", "auc"] == f"69.0{NBSP}±{NBSP}1.0" and table.loc["fair", "auc"] == f"71.0{NBSP}±{NBSP}0.0"
+    assert table.loc["clip", "dpd"] == f"6.0{NBSP}±{NBSP}1.0" and list(table.columns) == ["auc", "dpd"]
     numbers = S.mean_std_table(results, "method", ["auc"], strings=False)
     assert numbers.loc["clip", ("auc", "mean")] == pytest.approx(69.0)
     assert numbers.loc["clip", ("auc", "n")] == 3
@@ -110,3 +111,12 @@ def test_cliques_and_cd_diagram():
     assert isinstance(fig, Figure)
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert "FairCLIP (1.00)" in texts and "CD = 1.25" in texts
+
+
+def test_estimate_is_one_unbreakable_cell():
+    assert S.estimate(77.1734, 0.4321) == f"77.17{NBSP}±{NBSP}0.43"
+    assert S.estimate(77.17, lo=76.1, hi=78.25, decimals=1) == f"77.2{NBSP}[76.1,{NBSP}78.2]"
+    assert S.estimate(0.5, 0.1, -0.2, 1.3, signed=True) == f"+0.50{NBSP}±{NBSP}0.10{NBSP}[-0.20,{NBSP}+1.30]"
+    assert S.estimate(float("nan"), 1.0) == "–" and S.estimate(1.0, float("nan")) == "1.00"
+    assert S.estimate(1.0, lo=float("nan"), hi=2.0) == "1.00" and S.interval(0.1, float("inf")) == "–"
+    assert " " not in S.estimate(-1.0, 2.0, -3.0, 4.0)  # nothing for a browser to break the line at

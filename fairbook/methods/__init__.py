@@ -9,11 +9,17 @@ FairCLIP       :class:`fairclip.FairCLIP`       12         Luo et al., "FairCLIP
 Fair-MoE       :class:`fair_moe.FairMoE`        13, 20-22  Wang et al., "Fair-MoE", Tables 1-4
 =============  ===============================  =========  ============================================================
 
-Mitigations that apply to any method (resampling, GroupDRO) are in :mod:`fairbook.mitigations`.
+Mitigations that apply to any method (resampling, GroupDRO) are in :mod:`fairbook.mitigations`. Each paper's main
+claims, phrased as comparisons its chapters test, are its module's ``CLAIMS``; :data:`CLAIMS` gathers them for the
+book's results-at-a-glance page.
 """
-from fairbook.methods.base import Method, MethodError, method_from_record
+from fairbook.methods import fair_moe, fairclip
+from fairbook.methods.base import Claim, Method, MethodError, method_from_record
 from fairbook.methods.clip import CLIP
 from fairbook.methods.fair_moe import FairMoE
 from fairbook.methods.fairclip import FairCLIP
 
-__all__ = ["CLIP", "FairCLIP", "FairMoE", "Method", "MethodError", "method_from_record"]
+#: Every paper's claims, in the book's order.
+CLAIMS: list[Claim] = [*fairclip.CLAIMS, *fair_moe.CLAIMS]
+
+__all__ = ["CLAIMS", "CLIP", "Claim", "FairCLIP", "FairMoE", "Method", "MethodError", "method_from_record"]

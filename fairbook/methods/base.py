@@ -18,7 +18,7 @@ from typing import ClassVar
 
 from torch import nn
 
-__all__ = ["Method", "MethodError", "method_from_record"]
+__all__ = ["Claim", "Method", "MethodError", "method_from_record"]
 
 
 class MethodError(ValueError):
@@ -81,3 +81,24 @@ def method_from_record(record: Mapping) -> Method:
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise MethodError(f"{path!r} is not a fairbook method class")
     return cls(**record.get("settings", {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """One claim of a paper, phrased as the paired comparison the protocol can test: in the run of ``chapter``,
+    ``method`` against ``baseline`` on ``metric`` (a key of :data:`fairbook.tables.BETTER`) is expected to be
+    ``"better"``, ``"worse"`` or ``"not worse"``, under every attribute the chapter evaluates. ``source`` is where
+    the paper states it (section, table)."""
+
+    paper: str
+    source: str
+    statement: str
+    chapter: str
+    method: str
+    baseline: str
+    metric: str
+    expected: str = "better"
+
+    def __post_init__(self) -> None:
+        if self.expected not in ("better", "worse", "not worse"):
+            raise MethodError(f"Claim.expected={self.expected!r}: choose better, worse or not worse")

@@ -46,10 +46,11 @@ from open_clip.transformer import QuickGELU
 from torch import nn
 
 from fairbook.data.attributes import ATTRIBUTES, FILTER_ATTRIBUTES, UNKNOWN, decode
-from fairbook.methods.base import Method, MethodError
+from fairbook.methods.base import Claim, Method, MethodError
 from fairbook.methods.fairclip import FairCLIP, FairCLIPRegulariser
 
 __all__ = [
+    "CLAIMS", "TABLE4",
     "FORMS", "ROUTERS", "FairMoE", "FairnessOrientedLoss", "FeatureMoE", "LowRankExperts", "MoEError", "PatchMoE",
     "Routing", "RoutingLog", "add_fo_moe", "expert_capacity", "fol", "group_variance_gap", "moe_parameter_names",
     "routers", "routing_frame", "split_rows", "top_c_mask", "top_r_mask",
@@ -753,3 +754,30 @@ class FairMoE(Method):
         if self.fol is not None:
             return fol(model, attribute, **self.fol)
         return None
+
+
+_PAPER = "Fair-MoE (Wang et al.)"
+#: The rows of Table 4 (a-c): variant -> (changes to :func:`add_fo_moe`'s layers, the F terms FOL keeps).
+TABLE4: dict[str, tuple[dict, list[str]]] = {
+    "w/o F_EI": ({}, ["ET", "FI", "FT"]),
+    "w/o F_ET": ({}, ["EI", "FI", "FT"]),
+    "w/o F_FI": ({}, ["EI", "ET", "FT"]),
+    "w/o F_FT": ({}, ["EI", "ET", "FI"]),
+    "w/o EM": ({"patch": False}, ["FI", "FT"]),
+    "w/o FM": ({"feature": False}, ["EI", "ET"]),
+    "w/o text FO-MoE": ({"text": False}, ["EI", "FI"]),
+    "w/o image FO-MoE": ({"image": False}, ["ET", "FT"]),
+}
+#: Fair-MoE's claims (Sec. 3, Tables 1-4), as comparisons chapters 13 and 20-22 test.
+CLAIMS = [
+    *(Claim(_PAPER, "Table 1", f"Fair-MoE has a higher {label} than {rival}", "13-fair-moe", "Fair-MoE", rival,
+            metric) for metric, label in (("es_auc", "ES-AUC"), ("auc", "AUC")) for rival in ("CLIP", "FairCLIP")),
+    Claim(_PAPER, "Table 2", "FO-MoE raises FairCLIP's AUC", "20-ablation-fo-moe", "FairCLIP w. FO-MoE", "FairCLIP",
+          "auc"),
+    Claim(_PAPER, "Table 2", "FO-MoE raises FairCLIP's ES-AUC", "20-ablation-fo-moe", "FairCLIP w. FO-MoE",
+          "FairCLIP", "es_auc"),
+    *(Claim(_PAPER, "Table 3", f"Removing FOL lowers {label}", "21-ablation-fol", "Fair-MoE", "Fair-MoE w/o FOL",
+            metric) for metric, label in (("es_auc", "ES-AUC"), ("auc", "AUC"))),
+    *(Claim(_PAPER, "Table 4", f"Fair-MoE {name} has a lower ES-AUC than Fair-MoE", "22-ablation-components",
+            f"Fair-MoE {name}", "Fair-MoE", "es_auc", "worse") for name in TABLE4),
+]

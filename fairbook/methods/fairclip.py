@@ -26,9 +26,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from fairbook.data.attributes import ATTRIBUTES, FILTER_ATTRIBUTES, UNKNOWN
-from fairbook.methods.base import Method
+from fairbook.methods.base import Claim, Method
 
 __all__ = [
+    "CLAIMS",
     "FORMS", "FairCLIP", "FairCLIPError", "FairCLIPRegulariser", "GroupBatches", "code_scores", "encode_groups",
     "paper_scores",
 ]
@@ -254,3 +255,13 @@ class FairCLIP(Method):
     def regulariser(self, model: nn.Module, train, attribute: str, seed: int, batch_size: int):
         loss = FairCLIPRegulariser(attribute, lam=self.lam, blur=self.blur, form=self.form)
         return loss.hook(model, train, batch_size, seed)
+
+
+_PAPER = "FairCLIP (Luo et al., CVPR 2024)"
+#: FairCLIP's main claim on Harvard-FairVLMed, as comparisons chapter 12 tests.
+CLAIMS = [
+    Claim(_PAPER, "Sec. 5, results on Harvard-FairVLMed", "FairCLIP raises ES-AUC over CLIP", "12-fairclip",
+          "FairCLIP", "CLIP", "es_auc"),
+    Claim(_PAPER, "Sec. 5, results on Harvard-FairVLMed", "FairCLIP does not lower AUC", "12-fairclip",
+          "FairCLIP", "CLIP", "auc", "not worse"),
+]
