@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 
 from fairbook.data.attributes import FILTER_ATTRIBUTES
-from fairbook.data.fairvlmed import FairVLMed, describe
+from fairbook.data.fairvlmed import FairVLMed, describe, load_metadata, scalar_cache, use_scalar_cache
 from fairbook.files import resolve
 from fairbook.methods.base import Method, method_from_record
 from fairbook.metrics import fairness_report
@@ -150,7 +150,10 @@ def train_grid(run_dir: str | os.PathLike, methods: Sequence[Method], setup: Set
             folders.append(train_one(*cell[:5], progress=progress, test=test, eval_splits=eval_splits)["folder"])
             bar.update()
     else:
-        with ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for split in ("Training", "Validation", "Test" if test else "Validation"):
+            load_metadata(setup.data_root, split)  # read once here; the workers start from this process's reading
+        with ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_start_worker, initargs=(scalar_cache(),)) as pool:
             futures = [pool.submit(_train_cell, *cell) for cell in cells]
             try:
                 folders = []
@@ -203,6 +206,12 @@ def _evaluation_split(setup: Setup, split: str | None, preprocess, tokenizer, ca
 
 #: Evaluation splits kept by a worker process of :func:`train_grid` (a new pool, so a new dict, for every grid).
 _WORKER_SPLITS: dict = {}
+
+
+def _start_worker(cache: dict) -> None:
+    """A worker of :func:`train_grid`: one thread, and the labels and codes its parent already read."""
+    torch.set_num_threads(RUN_THREADS)
+    use_scalar_cache(cache)
 
 
 def _train_cell(run_dir, method: Method, setup: Setup, seed: int, attribute: str, test: bool) -> object:
