@@ -1,21 +1,19 @@
 """Benchmark: training throughput of the protocol's grid, in optimizer steps per second of wall time, for CLIP,
 FairCLIP and Fair-MoE.
 
-    python bench/bench_grid.py [DATA_ROOT] [--seeds 0 1] [--n-train 320] [--epochs 1] [--workers N] [--json OUT]
+    python bench/bench_grid.py [DATA_ROOT] [--seeds 0 1] [--n-train 1000] [--epochs 2] [--json OUT]
 
 Each method is trained for race on every seed through :func:`fairbook.protocol.train_grid`, exactly as a chapter
 trains it (chapter 11's recipe with ``epochs`` and ``n_train`` pairs, the tiny CLIP from random weights, FairCLIP
 lambda 100, Fair-MoE with chapter 13's layers). The wall time of the whole grid counts: model building, reading
 and preprocessing, the optimizer steps, the validation scoring after each epoch and the final test scoring, so
-the figure is what a chapter sees. ``steps/s`` = optimizer steps of all runs / wall seconds. ``--workers``
-is passed to ``train_grid`` when it accepts it (omit it for the default, one worker per core).
+the figure is what a chapter sees. ``steps/s`` = optimizer steps of all runs / wall seconds.
 
 The numbers describe this machine at this moment: compare before and after a change in one sitting.
 """
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -38,25 +36,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data_root", nargs="?", default="data/synth-fairvlmed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--n-train", type=int, default=320)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--workers", type=int)
+    parser.add_argument("--n-train", type=int, default=1000)
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     config = TrainConfig.preset("fairclip", epochs=args.epochs, lr=1e-4, prompts="fairmedfm")
     setup = protocol.Setup(args.data_root, config, n_train=args.n_train)
-    options = {}
-    if args.workers is not None and "n_workers" in inspect.signature(protocol.train_grid).parameters:
-        options["n_workers"] = args.workers
     steps_per_run = args.epochs * math.ceil(args.n_train / config.batch_size)
     results = {}
     print(f"{len(args.seeds)} seeds x race, {args.n_train} pairs, {args.epochs} epoch(s), batch {config.batch_size}, "
-          f"workers {options.get('n_workers', 'default')}, {os.cpu_count()} CPUs", flush=True)
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs", flush=True)
     for name in args.methods:
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
-            protocol.train_grid(out, [METHODS[name]], setup, args.seeds, ["race"], **options)
+            protocol.train_grid(out, [METHODS[name]], setup, args.seeds, ["race"])
             seconds = time.perf_counter() - start
         steps = steps_per_run * len(args.seeds)
         results[name] = {"seconds": seconds, "steps": steps, "steps_per_s": steps / seconds}

@@ -15,11 +15,11 @@ One seed of one method (:func:`train_one`):
 :func:`train_grid` runs methods x attributes x seeds with one call; a method that uses no attribute (CLIP) is
 trained once per seed under the attribute ``all``.
 
-Every run computes with one CPU thread (:data:`RUN_THREADS`), so a model's weights do not depend on how many cores
-the machine has: CPU matrix products add up in another order with another thread count, and a few training steps
-turn that into differences of about 1e-3 in the scores. The cores are used instead by training independent runs of
-a grid at the same time, one worker process per core (:func:`train_grid` ``n_workers``). A run gives the same
-predictions in a grid, alone, serially or in parallel. On a GPU the runs of a grid train one after another.
+The runs of a grid train one after another in this process. Within a grid, the validation and test splits are read
+and preprocessed once and kept (the evaluation preprocess is deterministic), so a run gives the same predictions
+in a grid as alone. Training runs in worker processes with one thread each was measured and rejected: on the
+2-core machine it was no faster (chapter 11: 459 s against 418 s) and it changes the predictions, because CPU
+matrix products add up in another order with another thread count (up to about 1e-3 in FairCLIP's scores).
 
 A method's own weight (FairCLIP's lambda, Fair-MoE's FOL weight) is chosen among candidates by
 :func:`choose_on_validation`: the candidates are trained and scored on validation only, a declared criterion
@@ -27,20 +27,17 @@ picks one, and only the chosen setting is then trained and scored on test.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import multiprocessing
 import os
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pandas as pd
 import torch
 
 from fairbook.data.attributes import FILTER_ATTRIBUTES
-from fairbook.data.fairvlmed import FairVLMed, describe, load_metadata, scalar_cache, use_scalar_cache
+from fairbook.data.fairvlmed import FairVLMed, describe
 from fairbook.files import resolve
 from fairbook.methods.base import Method, method_from_record
 from fairbook.metrics import fairness_report
@@ -48,13 +45,8 @@ from fairbook.models import create_clip
 from fairbook.results import ALL, ResultsError, collect, model_folder, read_predictions, save
 from fairbook.train import TrainConfig, fit_and_score, load_checkpoint
 
-__all__ = ["RUN_THREADS", "Setup", "build_model", "choose_on_validation", "histories", "load_model", "saved_method",
-           "train_grid", "train_one", "validation_scores", "workers"]
-
-#: CPU threads of one training run (see the module docstring).
-RUN_THREADS = 1
-#: Environment variable that caps the worker processes of :func:`train_grid` (e.g. on a shared machine).
-WORKERS_ENV = "FAIRBOOK_WORKERS"
+__all__ = ["Setup", "build_model", "choose_on_validation", "histories", "load_model", "saved_method", "train_grid",
+           "train_one", "validation_scores"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +88,7 @@ def train_one(run_dir: str | os.PathLike, method: Method, setup: Setup, seed: in
     The checkpoint goes to ``run_dir/checkpoints/<method>/<attribute>/seed-<k>/best.pt``; ``info.json`` records the
     setup's ``model`` and ``pretrained``, the method (:meth:`fairbook.methods.Method.record`) and the checkpoint
     path relative to ``run_dir``. ``test=False`` never reads the test split (a model trained to choose a setting,
-    :func:`choose_on_validation`). Computes with :data:`RUN_THREADS` threads.
+    :func:`choose_on_validation`).
 
     ``eval_splits``: a dict in which the validation and test splits, preprocessed once, are kept for the next runs
     of the same setup (what :func:`train_grid` passes); the evaluation preprocess is deterministic, so the kept
@@ -107,15 +99,13 @@ def train_one(run_dir: str | os.PathLike, method: Method, setup: Setup, seed: in
         use = "trains for an attribute" if method.uses_attribute else "uses no attribute"
         raise ResultsError(f"{method.name} {use}: pass attribute={need}")
     run_dir = resolve(run_dir)
-    with _threads(RUN_THREADS):
-        net, preprocess_train, preprocess_val, tokenizer = build_model(method, setup, seed)
-        train = FairVLMed(setup.data_root, "Training", preprocess_train, tokenizer).subset(setup.n_train, seed)
-        val, test_ds = (_evaluation_split(setup, split, preprocess_val, tokenizer, eval_splits)
-                        for split in ("Validation", "Test" if test else None))
-        hook = method.regulariser(net, train, attribute, seed, setup.config.batch_size)
-        folder = model_folder(run_dir, method.name, attribute, seed, kind="checkpoints")
-        fit = fit_and_score(net, tokenizer, train, val, test_ds, setup.config.replace(seed=seed), folder, hook,
-                            progress)
+    net, preprocess_train, preprocess_val, tokenizer = build_model(method, setup, seed)
+    train = FairVLMed(setup.data_root, "Training", preprocess_train, tokenizer).subset(setup.n_train, seed)
+    val, test_ds = (_evaluation_split(setup, split, preprocess_val, tokenizer, eval_splits)
+                    for split in ("Validation", "Test" if test else None))
+    hook = method.regulariser(net, train, attribute, seed, setup.config.batch_size)
+    folder = model_folder(run_dir, method.name, attribute, seed, kind="checkpoints")
+    fit = fit_and_score(net, tokenizer, train, val, test_ds, setup.config.replace(seed=seed), folder, hook, progress)
     record = {"model": setup.model, "pretrained": setup.pretrained, "method": method.record(),
               "checkpoint": str((folder / "best.pt").relative_to(run_dir)), "n_train": len(train)}
     saved = save(run_dir, method.name, seed, fit["scores"], describe(setup.data_root), {**fit, **record}, attribute)
@@ -123,73 +113,24 @@ def train_one(run_dir: str | os.PathLike, method: Method, setup: Setup, seed: in
 
 
 def train_grid(run_dir: str | os.PathLike, methods: Sequence[Method], setup: Setup, seeds: Sequence[int],
-               attributes: Sequence[str] = FILTER_ATTRIBUTES, progress: bool = False, test: bool = True,
-               n_workers: int | None = None) -> pd.DataFrame:
+               attributes: Sequence[str] = FILTER_ATTRIBUTES, progress: bool = False, test: bool = True
+               ) -> pd.DataFrame:
     """Train every method for every attribute it uses and every seed (:func:`train_one`) and return the results-store
-    rows of the models trained (as :func:`fairbook.results.collect` gives them), in grid order. ``test=False``
-    never scores the test split (:func:`choose_on_validation`).
-
-    The runs are independent, so ``n_workers`` processes train them at the same time (None: :func:`workers`, one
-    per CPU core). Each run computes with :data:`RUN_THREADS` threads, so its predictions are the same whatever
-    ``n_workers`` is. A method class declared outside a module (in a notebook) trains serially. If a run fails,
-    the runs already finished stay saved and the error is raised."""
+    rows of the models trained (as :func:`fairbook.results.collect` gives them), in training order. ``test=False``
+    never scores the test split (:func:`choose_on_validation`). The validation and test splits are preprocessed
+    once for the whole grid."""
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ResultsError(f"two methods share a name in {names}: give each its own name (it names its folder)")
-    run_dir = resolve(run_dir)
-    cells = [(run_dir, method, setup, seed, attribute, test) for method in methods
-             for attribute in (attributes if method.uses_attribute else [ALL]) for seed in seeds]
-    n_workers = min(len(cells), workers() if n_workers is None else max(1, int(n_workers)))
-    if any(type(m).__module__ == "__main__" for m in methods):
-        n_workers = 1  # a method class declared in a notebook cannot be imported by a worker process
-    bar = _progress(len(cells), progress)
-    if n_workers == 1:
-        eval_splits: dict = {}
-        folders = []
-        for cell in cells:
-            folders.append(train_one(*cell[:5], progress=progress, test=test, eval_splits=eval_splits)["folder"])
-            bar.update()
-    else:
-        for split in ("Training", "Validation", "Test" if test else "Validation"):
-            load_metadata(setup.data_root, split)  # read once here; the workers start from this process's reading
-        with ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_start_worker, initargs=(scalar_cache(),)) as pool:
-            futures = [pool.submit(_train_cell, *cell) for cell in cells]
-            try:
-                folders = []
-                for future in futures:
-                    folders.append(future.result())
-                    bar.update()
-            except BaseException:
-                pool.shutdown(cancel_futures=True)  # finished runs are saved; queued ones are dropped
-                raise
-    bar.close()
+    eval_splits: dict = {}
+    folders = []
+    for method in methods:
+        for attribute in attributes if method.uses_attribute else [ALL]:
+            for seed in seeds:
+                fit = train_one(run_dir, method, setup, seed, attribute, progress, test, eval_splits)
+                folders.append(fit["folder"])
     rows = collect(run_dir).set_index("folder").loc[folders].reset_index()
     return rows[["chapter", "method", "attribute", "seed", "data", "folder"]]
-
-
-def workers() -> int:
-    """How many runs :func:`train_grid` trains at the same time by default: one per CPU core available to this
-    process (``FAIRBOOK_WORKERS`` caps it), and one on a GPU."""
-    if torch.cuda.is_available():
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cap = os.environ.get(WORKERS_ENV, "").strip()
-    if cap and not (cap.isdigit() and int(cap) >= 1):
-        raise ResultsError(f"{WORKERS_ENV}={cap!r} is not a whole number of at least 1: set it to e.g. 1 or 2, or "
-                           "unset it")
-    return min(cores, int(cap)) if cap else cores
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    """Compute with ``n`` torch threads inside the block (on the CPU), then restore the previous number."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _evaluation_split(setup: Setup, split: str | None, preprocess, tokenizer, cache: dict | None):
@@ -202,27 +143,6 @@ def _evaluation_split(setup: Setup, split: str | None, preprocess, tokenizer, ca
     if split not in cache:
         cache[split] = FairVLMed(setup.data_root, split, preprocess, tokenizer, keep_items=True)
     return cache[split]
-
-
-#: Evaluation splits kept by a worker process of :func:`train_grid` (a new pool, so a new dict, for every grid).
-_WORKER_SPLITS: dict = {}
-
-
-def _start_worker(cache: dict) -> None:
-    """A worker of :func:`train_grid`: one thread, and the labels and codes its parent already read."""
-    torch.set_num_threads(RUN_THREADS)
-    use_scalar_cache(cache)
-
-
-def _train_cell(run_dir, method: Method, setup: Setup, seed: int, attribute: str, test: bool) -> object:
-    """One run of a grid in a worker process; returns its results-store folder."""
-    return train_one(run_dir, method, setup, seed, attribute, False, test, _WORKER_SPLITS)["folder"]
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="runs", disable=not enabled, leave=False)
 
 
 def histories(rows: pd.DataFrame) -> pd.DataFrame:

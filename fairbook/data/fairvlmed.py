@@ -268,18 +268,6 @@ def _records(folder: Path) -> tuple[list[str], list[tuple]]:
     return [name for name, _, _ in entries], cached[1]
 
 
-def scalar_cache() -> dict:
-    """The labels and attribute codes read so far, per split folder (with the file names, mtimes and sizes they were
-    read from): give it to :func:`use_scalar_cache` in another process, e.g. a worker, so that it does not read
-    every file again. Entries whose folder changed since are read anew there."""
-    return dict(_RECORDS)
-
-
-def use_scalar_cache(cache: dict) -> None:
-    """Start from the labels and codes another process read (:func:`scalar_cache`)."""
-    _RECORDS.update(cache)
-
-
 # ------------------------------------------------------------------------------------------------------------ notes
 def notes_file(root: str | os.PathLike) -> Path:
     """The notes CSV: ``gpt-4_summarized_notes.csv`` (the release) or ``gpt4_summarized_notes.csv`` (upstream code)."""
