@@ -22,13 +22,12 @@ import nbformat
 import pandas as pd
 import yaml
 
-from fairbook.data.attributes import FILTER_ATTRIBUTES
 from fairbook.data.fairvlmed import describe
 from fairbook.files import resolve
 from fairbook.methods import CLAIMS
 from fairbook.runs import is_complete
 from fairbook.stats import NBSP, estimate
-from fairbook.tables import claim_verdicts
+from fairbook.tables import attribute_order, claim_verdicts
 
 #: npm package spec of the MathJax release served with the book (its ``es5/`` folder is the browser build).
 MATHJAX_NPM = "mathjax@3"
@@ -239,8 +238,7 @@ def at_a_glance(config: str = "default", runs_dir: str | Path = "runs", book_dir
              "direction; *not worse* holds unless the interval lies wholly on the wrong side. The data each number "
              "comes from is listed at the end.", ""]
     for paper, rows in verdicts.groupby("paper", sort=False):
-        attributes = [a for a in FILTER_ATTRIBUTES if a in set(rows["attribute"].dropna())]
-        attributes += [a for a in dict.fromkeys(rows["attribute"].dropna()) if a not in attributes]
+        attributes = attribute_order(rows["attribute"])
         table = []
         for (source, statement, chapter), claim_rows in rows.groupby(["source", "statement", "chapter"], sort=False):
             by_attribute = {r["attribute"]: r for r in claim_rows.to_dict("records")}

@@ -17,10 +17,8 @@ trained once per seed under the attribute ``all``.
 
 The runs of a grid train one after another in this process. Within a grid, the validation and test splits are read
 and preprocessed once and kept (the evaluation preprocess is deterministic), so a run gives the same predictions
-in a grid as alone. Training the runs side by side in worker processes, one thread each, was measured and
-rejected: on the 2-core machine it was no faster (chapter 11: 459 s against 418 s), and it changes the predictions,
-because CPU matrix products add up in another order with another thread count (FairCLIP's scores moved by 3.5e-3
-after ten steps).
+in a grid as alone. (Runs side by side in one-thread worker processes were measured and rejected: no faster on 2
+cores, and the predictions depend on the thread count; see bench/README.md.)
 
 A method's own weight (FairCLIP's lambda, Fair-MoE's FOL weight) is chosen among candidates by
 :func:`choose_on_validation`: the candidates are trained and scored on validation only, a declared criterion

@@ -23,8 +23,8 @@ from fairbook.metrics import fairness_report, intersectional_groups
 from fairbook.results import ALL, ResultsError, read_predictions
 from fairbook.stats import estimate, paired_ttest
 
-__all__ = ["BETTER", "LEADERBOARD", "TABLE1", "ci_table", "claim_verdicts", "claims", "evaluate", "group_auc_table",
-           "group_differences", "leaderboard", "paired_table", "seed_means", "table"]
+__all__ = ["BETTER", "LEADERBOARD", "TABLE1", "attribute_order", "ci_table", "claim_verdicts", "claims", "evaluate",
+           "group_auc_table", "group_differences", "leaderboard", "paired_table", "seed_means", "table"]
 
 #: Column names of Fair-MoE's Table 1, in its order.
 TABLE1 = {"es_auc": "ES-AUC", "auc": "AUC", "dpd": "DPD", "eod": "EOD"}
@@ -74,12 +74,18 @@ def _matched(evals: pd.DataFrame) -> pd.DataFrame:
     return evals[keep]
 
 
+def attribute_order(names) -> list[str]:
+    """The distinct attribute names of ``names`` (missing values dropped) in the tables' order: the four
+    FairVLMed attributes first, in their order, then the others (intersections) as first seen."""
+    present = list(dict.fromkeys(n for n in names if isinstance(n, str)))
+    return [a for a in FILTER_ATTRIBUTES if a in present] + [a for a in present if a not in FILTER_ATTRIBUTES]
+
+
 def _label(frame: pd.DataFrame, methods: Sequence[str] | None) -> pd.DataFrame:
     order = list(methods) if methods is not None else list(dict.fromkeys(frame["method"]))
     frame = frame[frame["method"].isin(order)].copy()
     frame["method"] = pd.Categorical(frame["method"], order, ordered=True)
-    present = list(dict.fromkeys(frame["eval_attribute"]))
-    attributes = [a for a in FILTER_ATTRIBUTES if a in present] + [a for a in present if a not in FILTER_ATTRIBUTES]
+    attributes = attribute_order(frame["eval_attribute"])
     frame["eval_attribute"] = pd.Categorical(frame["eval_attribute"], attributes, ordered=True)
     return frame
 
