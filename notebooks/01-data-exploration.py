@@ -31,10 +31,14 @@
 import fairbook as fb
 
 # %% tags=["parameters"]
-data_root = "data/synth-fairvlmed"  # a FairVLMed folder; relative paths start at the fairbook checkout
+# a FairVLMed folder; relative paths start at the fairbook checkout
+data_root = "data/synth-fairvlmed"
 attributes = ["race", "gender", "ethnicity", "language"]
-drop_unknown = None  # None: the official rule (drop val/test samples with an unknown attribute)
-n_image_stats = 1000  # images read for the brightness/contrast/CDR statistics
+# None: the official rule (drop val/test samples with an unknown
+# race, gender, ethnicity or language)
+drop_unknown = None
+# images read for the brightness/contrast/CDR statistics
+n_image_stats = 1000
 examples_per_group = 2
 seed = 0
 
@@ -50,7 +54,9 @@ source = fb.data.describe(root)
 print(source)
 
 # %%
-metas = {split: fb.data.load_metadata(root, split, drop_unknown=drop_unknown) for split in fb.data.SPLITS}
+metas = {split: fb.data.load_metadata(root, split,
+                                      drop_unknown=drop_unknown)
+         for split in fb.data.SPLITS}
 fb.data.split_table(metas).round(3)
 
 # %% [markdown]
@@ -97,8 +103,10 @@ fb.plots.savefig(fig, "prevalence-by-group")
 # Prevalence in the race × gender intersections:
 
 # %% mystnb={"figure": {"caption": "Glaucoma prevalence per race and gender.", "name": "fig-race-gender-prevalence"}}
-fig = fb.plots.heatmap(fb.data.intersection_table(train, "race", "gender", values="prevalence"), fmt=".2f",
-                       cmap="Reds")
+fig = fb.plots.heatmap(
+    fb.data.intersection_table(train, "race", "gender",
+                               values="prevalence"),
+    fmt=".2f", cmap="Reds")
 fb.plots.savefig(fig, "race-gender-prevalence")
 
 # %% [markdown]
@@ -108,7 +116,9 @@ fb.plots.savefig(fig, "race-gender-prevalence")
 # and thins the neuroretinal rim around it. Two examples per group, with the start of each note:
 
 # %% mystnb={"figure": {"caption": "Example training images per race group, with label and note.", "name": "fig-examples"}}
-fig = fb.plots.example_images(train, "race", per_group=examples_per_group, seed=seed)
+fig = fb.plots.example_images(train, "race",
+                              per_group=examples_per_group,
+                              seed=seed)
 fb.plots.savefig(fig, "examples-by-race")
 
 # %% [markdown]
@@ -119,8 +129,11 @@ fb.plots.savefig(fig, "examples-by-race")
 # and contrast reveal acquisition differences between groups.
 
 # %%
-image_stats = fb.data.image_statistics(train, n=n_image_stats, seed=seed)
-image_stats.groupby("race_name")[["brightness", "contrast", "vertical_cdr"]].agg(["mean", "std"]).round(3)
+image_stats = fb.data.image_statistics(train, n=n_image_stats,
+                                       seed=seed)
+(image_stats.groupby("race_name")
+ [["brightness", "contrast", "vertical_cdr"]]
+ .agg(["mean", "std"]).round(3))
 
 # %% mystnb={"figure": {"caption": "Vertical cup-to-disc ratio by race and glaucoma label.", "name": "fig-cdr"}}
 if image_stats["vertical_cdr"].notna().any():
@@ -158,7 +171,8 @@ fb.widgets.sample_browser(train, attributes)
 fb.runs.save_metrics({
     "data": source,
     "n": {split: len(m) for split, m in metas.items()},
-    "prevalence": {a: t["prevalence"].dropna().round(4).to_dict() for a, t in tables.items()},
+    "prevalence": {a: t["prevalence"].dropna().round(4).to_dict()
+                   for a, t in tables.items()},
     "group_n": {a: t["n"].to_dict() for a, t in tables.items()},
 })
 

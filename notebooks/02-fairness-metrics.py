@@ -33,10 +33,13 @@ import fairbook as fb
 pd.set_option("display.max_colwidth", None)
 
 # %% tags=["parameters"]
-data_root = "data/synth-fairvlmed"  # a FairVLMed folder; relative paths start at the fairbook checkout
+# a FairVLMed folder; relative paths start at the fairbook checkout
+data_root = "data/synth-fairvlmed"
 attributes = ["race", "gender", "ethnicity", "language"]
-pixels = 32  # images are resized to pixels x pixels for the logistic regression
-threshold = "youden"  # how the threshold is chosen on validation: 0.5, youden, f1 or prevalence
+# images are resized to pixels x pixels for the logistic regression
+pixels = 32
+# threshold chosen on validation: 0.5, youden, f1 or prevalence
+threshold = "youden"
 n_boot = 1000  # bootstrap resamples for the confidence intervals
 seed = 0
 
@@ -48,14 +51,20 @@ seed = 0
 # %%
 root = fb.files.resolve(data_root)
 source = fb.data.describe(root)
-X = {split: fb.data.load_pixels(root, split, size=pixels) for split in fb.data.SPLITS}
+X = {split: fb.data.load_pixels(root, split, size=pixels)
+     for split in fb.data.SPLITS}
 print(source)
 
 # %%
-(X_train, train), (X_val, val), (X_test, test) = X["Training"], X["Validation"], X["Test"]
-model = fb.models.fit_logistic(X_train, train["glaucoma"], X_val, val["glaucoma"])
-p_val, p_test = model.predict_proba(X_val)[:, 1], model.predict_proba(X_test)[:, 1]
-{"chosen C": model.C, "validation AUC by C": {c: round(a, 3) for c, a in model.val_auc_.items()}}
+(X_train, train), (X_val, val), (X_test, test) = (
+    X["Training"], X["Validation"], X["Test"])
+model = fb.models.fit_logistic(X_train, train["glaucoma"],
+                               X_val, val["glaucoma"])
+p_val, p_test = (model.predict_proba(X_val)[:, 1],
+                 model.predict_proba(X_test)[:, 1])
+{"chosen C": model.C,
+ "validation AUC by C": {c: round(a, 3)
+                         for c, a in model.val_auc_.items()}}
 
 # %% [markdown]
 # ## The metrics
@@ -64,7 +73,8 @@ p_val, p_test = model.predict_proba(X_val)[:, 1], model.predict_proba(X_test)[:,
 # `gap(M)` is the largest minus the smallest group value.
 
 # %%
-pd.DataFrame.from_dict(fb.metrics.METRICS, orient="index", columns=["definition; reported by"])
+pd.DataFrame.from_dict(fb.metrics.METRICS, orient="index",
+                       columns=["definition; reported by"])
 
 # %% [markdown]
 # The full report for the test split, with the threshold chosen on validation. Values are in percent, as in the
@@ -72,12 +82,15 @@ pd.DataFrame.from_dict(fb.metrics.METRICS, orient="index", columns=["definition;
 
 # %%
 groups = {a: test[f"{a}_name"] for a in attributes}
-report = fb.metrics.fairness_report(test["glaucoma"], p_test, groups, threshold=threshold,
-                                    validation=(val["glaucoma"], p_val), n_boot=n_boot, seed=seed)
-print(report["threshold_note"], f"-> threshold {report['threshold']:.3f}")
+report = fb.metrics.fairness_report(
+    test["glaucoma"], p_test, groups, threshold=threshold,
+    validation=(val["glaucoma"], p_val), n_boot=n_boot, seed=seed)
+print(report["threshold_note"],
+      f"-> threshold {report['threshold']:.3f}")
 
 # %%
-headline = ["auc", "es_auc", "es_auc_std", "dpd", "eod", "eq_odds", "auc_delta", "worst_auc", "ece"]
+headline = ["auc", "es_auc", "es_auc_std", "dpd", "eod", "eq_odds",
+            "auc_delta", "worst_auc", "ece"]
 fb.metrics.ci_table(report, headline)
 
 # %% [markdown]
@@ -86,11 +99,13 @@ fb.metrics.ci_table(report, headline)
 # %%
 per_group = fb.metrics.group_table(report)
 race = per_group[per_group["attribute"] == "race"]
-race[["group", "count", "prevalence", "auc", "auc_lo", "auc_hi", "tpr", "fpr", "selection_rate"]].round(3)
+race[["group", "count", "prevalence", "auc", "auc_lo", "auc_hi",
+      "tpr", "fpr", "selection_rate"]].round(3)
 
 # %% mystnb={"figure": {"caption": "Test AUC per race group with 95% bootstrap intervals (resampled within each group); dashed: overall AUC.", "name": "fig-group-auc"}}
 fb.plots.set_style()
-fig = fb.plots.group_metric(race, "auc", overall=report["attributes"]["race"]["auc"])
+fig = fb.plots.group_metric(
+    race, "auc", overall=report["attributes"]["race"]["auc"])
 fb.plots.savefig(fig, "group-auc-race")
 
 # %% [markdown]
@@ -106,11 +121,15 @@ fb.plots.savefig(fig, "group-auc-race")
 # each:
 
 # %%
-models = {"A": (0.85, [0.85, 0.85, 0.70]), "B": (0.80, [0.88, 0.72, 0.80])}
-forms = pd.DataFrame({name: {"ES-AUC (sum)": fb.metrics.equity_scaled_sum(auc, g),
-                             "AUC_ES (FairMedFM)": fb.metrics.equity_scaled_std(auc, g),
-                             "AUC_ES (group mean)": fb.metrics.equity_scaled_group_mean(g)}
-                      for name, (auc, g) in models.items()}).T.astype(float)
+models = {"A": (0.85, [0.85, 0.85, 0.70]),
+          "B": (0.80, [0.88, 0.72, 0.80])}
+forms = pd.DataFrame({
+    name: {
+        "ES-AUC (sum)": fb.metrics.equity_scaled_sum(auc, g),
+        "AUC_ES (FairMedFM)": fb.metrics.equity_scaled_std(auc, g),
+        "AUC_ES (group mean)":
+            fb.metrics.equity_scaled_group_mean(g)}
+    for name, (auc, g) in models.items()}).T.astype(float)
 print("ranked first:", forms.idxmax().to_dict())
 forms.round(4)
 
@@ -129,7 +148,8 @@ forms.round(4)
 
 # %%
 thresholds = np.round(np.linspace(0.1, 0.9, 17), 2)
-curve = fb.metrics.threshold_curve(val["glaucoma"], p_val, val["race_name"], thresholds)
+curve = fb.metrics.threshold_curve(val["glaucoma"], p_val,
+                                   val["race_name"], thresholds)
 
 # %% mystnb={"figure": {"caption": "Validation: per-race selection rate and TPR (left) and DPD and EOD (right) as the threshold moves.", "name": "fig-threshold"}}
 fig = fb.plots.threshold_curve(curve)
@@ -140,7 +160,8 @@ fb.plots.savefig(fig, "threshold-curve")
 # threshold.
 
 # %%
-fb.widgets.threshold_explorer(val["glaucoma"], p_val, val["race_name"], thresholds)
+fb.widgets.threshold_explorer(val["glaucoma"], p_val,
+                              val["race_name"], thresholds)
 
 # %% [markdown]
 # ## Intersections
@@ -149,10 +170,13 @@ fb.widgets.threshold_explorer(val["glaucoma"], p_val, val["race_name"], threshol
 # are just another attribute; empty combinations are listed, not dropped.
 
 # %%
-both = fb.metrics.intersectional_groups({"race": test["race_name"], "gender": test["gender_name"]})
-inter = fb.metrics.fairness_report(test["glaucoma"], p_test, {"race & gender": both}, threshold=report["threshold"],
-                                   n_boot=n_boot, seed=seed)
-fb.metrics.group_table(inter)[["group", "count", "auc", "auc_lo", "auc_hi", "acc"]].round(3)
+both = fb.metrics.intersectional_groups(
+    {"race": test["race_name"], "gender": test["gender_name"]})
+inter = fb.metrics.fairness_report(
+    test["glaucoma"], p_test, {"race & gender": both},
+    threshold=report["threshold"], n_boot=n_boot, seed=seed)
+fb.metrics.group_table(inter)[["group", "count", "auc", "auc_lo",
+                               "auc_hi", "acc"]].round(3)
 
 # %% [markdown]
 # ## Record the numbers
@@ -161,11 +185,15 @@ fb.metrics.group_table(inter)[["group", "count", "auc", "auc_lo", "auc_hi", "acc
 race_entry = report["attributes"]["race"]
 fb.runs.save_metrics({
     "data": source,
-    "model": f"logistic regression on {pixels}x{pixels} pixels, C={model.C} chosen on validation AUC",
-    "threshold": {"value": report["threshold"], "method": report["threshold_method"]},
-    "test": {a: {k: e[k] for k in ("auc", "es_auc", "es_auc_std", "dpd", "eod", "eq_odds")}
+    "model": f"logistic regression on {pixels}x{pixels} pixels, "
+             f"C={model.C} chosen on validation AUC",
+    "threshold": {"value": report["threshold"],
+                  "method": report["threshold_method"]},
+    "test": {a: {k: e[k] for k in ("auc", "es_auc", "es_auc_std",
+                                   "dpd", "eod", "eq_odds")}
              for a, e in report["attributes"].items()},
-    "ci_race": {k: race_entry["ci"][k] for k in ("auc", "es_auc", "dpd", "eod")},
+    "ci_race": {k: race_entry["ci"][k]
+                for k in ("auc", "es_auc", "dpd", "eod")},
 })
 
 # %% [markdown]

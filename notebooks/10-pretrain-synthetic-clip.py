@@ -35,14 +35,23 @@ from torch.utils.data import DataLoader
 import fairbook as fb
 
 # %% tags=["parameters"]
-data_root = "data/synth-fairvlmed"  # evaluation data (FairVLMed layout); relative paths start at the checkout
-pretrain_seed = 1000  # seed of the pretraining corpus: must differ from the evaluation data's seed
-pretrain_samples = 3000  # training samples of the corpus (its validation split: a quarter, 64 to 500)
-model = "fairbook-tiny"  # open_clip architecture, trained here from random initialisation
+# evaluation data (FairVLMed layout); relative paths start at the
+# checkout
+data_root = "data/synth-fairvlmed"
+# seed of the pretraining corpus: must differ from the evaluation
+# data's seed
+pretrain_seed = 1000
+# training samples of the corpus (its validation split: a quarter,
+# 64 to 500)
+pretrain_samples = 3000
+# open_clip architecture, trained here from random initialisation
+model = "fairbook-tiny"
 epochs = 4
 batch_size = 32
 lr = 5e-4
-prompts = "fairmedfm"  # zero-shot class prompts, for choosing the epoch and for evaluation: fairmedfm or fairclip
+# zero-shot class prompts, for choosing the epoch and for
+# evaluation: fairmedfm or fairclip
+prompts = "fairmedfm"
 n_boot = 1000  # bootstrap resamples for the confidence intervals
 seed = 0
 
@@ -57,7 +66,8 @@ seed = 0
 # %%
 root = fb.files.resolve(data_root)
 source = fb.data.describe(root)
-corpus = fb.data.synthetic.pretrain_corpus(pretrain_seed, pretrain_samples)
+corpus = fb.data.synthetic.pretrain_corpus(pretrain_seed,
+                                           pretrain_samples)
 corpus_source = fb.data.describe(corpus)
 print(f"pretraining: {corpus_source}\nevaluation:  {source}")
 
@@ -66,7 +76,8 @@ print(f"pretraining: {corpus_source}\nevaluation:  {source}")
 # FairVLMed layout needs one, and is never read.
 
 # %%
-fb.data.split_table({split: fb.data.load_metadata(corpus, split) for split in fb.data.SPLITS}).round(3)
+fb.data.split_table({split: fb.data.load_metadata(corpus, split)
+                     for split in fb.data.SPLITS}).round(3)
 
 # %% [markdown]
 # ## Contrastive pretraining
@@ -82,20 +93,26 @@ fb.data.split_table({split: fb.data.load_metadata(corpus, split) for split in fb
 
 # %%
 torch.manual_seed(seed)
-net, preprocess_train, preprocess_val, tokenizer = fb.models.create_clip(model)
-train_ds = fb.data.FairVLMed(corpus, "Training", preprocess_train, tokenizer)
-val_ds = fb.data.FairVLMed(corpus, "Validation", preprocess_val, tokenizer)
-config = fb.train.TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, prompts=prompts, seed=seed)
+net, preprocess_train, preprocess_val, tokenizer = (
+    fb.models.create_clip(model))
+train_ds = fb.data.FairVLMed(corpus, "Training", preprocess_train,
+                             tokenizer)
+val_ds = fb.data.FairVLMed(corpus, "Validation", preprocess_val,
+                           tokenizer)
+config = fb.train.TrainConfig(epochs=epochs, batch_size=batch_size,
+                              lr=lr, prompts=prompts, seed=seed)
 
 # %%
 out = fb.runs.output_dir()
-result = fb.train.fit_clip(net, tokenizer, train_ds, val_ds, config, out, progress=False)
+result = fb.train.fit_clip(net, tokenizer, train_ds, val_ds, config,
+                           out, progress=False)
 checkpoint = (out / "best.pt").replace(out / "clip.pt")
 pd.DataFrame(result["history"]).round(3)
 
 # %% mystnb={"figure": {"caption": "Pretraining on the synthetic corpus: mean contrastive loss per epoch (left) and zero-shot AUC on the corpus' validation split (right); dashed: the epoch kept.", "name": "fig-pretrain-curve"}}
 fb.plots.set_style()
-fig = fb.plots.training_curve(result["history"], best_epoch=result["best_epoch"])
+fig = fb.plots.training_curve(result["history"],
+                              best_epoch=result["best_epoch"])
 fb.plots.savefig(fig, "training-curve")
 
 # %% [markdown]
@@ -114,9 +131,13 @@ fb.plots.savefig(fig, "training-curve")
 # no part in the choice.
 
 # %%
-evaluation = {split: fb.data.FairVLMed(root, split, preprocess_val, tokenizer) for split in ("Validation", "Test")}
+evaluation = {split: fb.data.FairVLMed(root, split, preprocess_val,
+                                       tokenizer)
+              for split in ("Validation", "Test")}
 val_loader = DataLoader(evaluation["Validation"], batch_size=64)
-pd.Series({name: fb.train.validation_auc(net, tokenizer, val_loader, p) for name, p in fb.train.PROMPT_SETS.items()},
+pd.Series({name: fb.train.validation_auc(net, tokenizer,
+                                         val_loader, p)
+           for name, p in fb.train.PROMPT_SETS.items()},
           name="validation AUC").round(3)
 
 # %% [markdown]
@@ -125,23 +146,29 @@ pd.Series({name: fb.train.validation_auc(net, tokenizer, val_loader, p) for name
 
 # %%
 class_prompts = fb.train.PROMPT_SETS[prompts]
-scores = {split: fb.train.zero_shot_scores(net, tokenizer, DataLoader(ds, batch_size=64), class_prompts)
+scores = {split: fb.train.zero_shot_scores(
+              net, tokenizer, DataLoader(ds, batch_size=64),
+              class_prompts)
           for split, ds in evaluation.items()}
-(y_val, p_val, _), (y_test, p_test, _) = scores["Validation"], scores["Test"]
+(y_val, p_val, _), (y_test, p_test, _) = (scores["Validation"],
+                                          scores["Test"])
 class_prompts
 
 # %%
 test = evaluation["Test"].metadata
 groups = {a: test[f"{a}_name"] for a in fb.data.FILTER_ATTRIBUTES}
-report = fb.metrics.fairness_report(y_test, p_test, groups, threshold="youden", validation=(y_val, p_val),
-                                    n_boot=n_boot, seed=seed)
-print(report["threshold_note"], f"-> threshold {report['threshold']:.3f}")
+report = fb.metrics.fairness_report(
+    y_test, p_test, groups, threshold="youden",
+    validation=(y_val, p_val), n_boot=n_boot, seed=seed)
+print(report["threshold_note"],
+      f"-> threshold {report['threshold']:.3f}")
 
 # %% [markdown]
 # Test metrics in percent with 95% bootstrap intervals (resampled within each group), one row per attribute.
 
 # %%
-headline = ["auc", "es_auc", "es_auc_std", "dpd", "eod", "worst_auc"]
+headline = ["auc", "es_auc", "es_auc_std", "dpd", "eod",
+            "worst_auc"]
 fb.metrics.ci_table(report, headline)
 
 # %% [markdown]
@@ -150,10 +177,12 @@ fb.metrics.ci_table(report, headline)
 # %%
 per_group = fb.metrics.group_table(report)
 race = per_group[per_group["attribute"] == "race"]
-race[["group", "count", "prevalence", "auc", "auc_lo", "auc_hi", "tpr", "fpr"]].round(3)
+race[["group", "count", "prevalence", "auc", "auc_lo", "auc_hi",
+      "tpr", "fpr"]].round(3)
 
 # %% mystnb={"figure": {"caption": "Zero-shot test AUC of the pretrained start per race group, with 95% bootstrap intervals; dashed: overall AUC.", "name": "fig-pretrain-group-auc"}}
-fig = fb.plots.group_metric(race, "auc", overall=report["attributes"]["race"]["auc"])
+fig = fb.plots.group_metric(
+    race, "auc", overall=report["attributes"]["race"]["auc"])
 fb.plots.savefig(fig, "zero-shot-group-auc-race")
 
 # %% [markdown]
@@ -162,7 +191,9 @@ fb.plots.savefig(fig, "zero-shot-group-auc-race")
 
 # %%
 for split, (y, p, codes) in scores.items():
-    fb.results.save_predictions(out / f"zero-shot-{split.lower()}.csv", y, p, codes, split.lower())
+    fb.results.save_predictions(
+        out / f"zero-shot-{split.lower()}.csv", y, p, codes,
+        split.lower())
 
 # %% [markdown]
 # ## Using the checkpoint
@@ -174,10 +205,14 @@ for split, (y, p, codes) in scores.items():
 # strict check of names and shapes. Both must reproduce the scores of the model in memory:
 
 # %%
-reloaded, *_ = fb.models.create_clip(model, pretrained=str(checkpoint))
-_, p_reloaded, _ = fb.train.zero_shot_scores(reloaded, tokenizer, val_loader, class_prompts)
+reloaded, *_ = fb.models.create_clip(model,
+                                     pretrained=str(checkpoint))
+_, p_reloaded, _ = fb.train.zero_shot_scores(
+    reloaded, tokenizer, val_loader, class_prompts)
 info = fb.train.load_checkpoint(checkpoint, net)
-{"largest score difference after reloading": float(abs(p_reloaded - p_val).max()), "epoch in file": info["epoch"]}
+{"largest score difference after reloading":
+     float(abs(p_reloaded - p_val).max()),
+ "epoch in file": info["epoch"]}
 
 # %% [markdown]
 # ## Record the numbers
@@ -187,16 +222,25 @@ race_entry = report["attributes"]["race"]
 fb.runs.save_metrics({
     "data": source,
     "pretrain_data": corpus_source,
-    "model": f"{model} trained from random initialisation on the pretraining corpus: {epochs} epochs, batch "
-             f"{batch_size}, lr {lr}; epoch {result['best_epoch']} chosen on the corpus' validation AUC",
+    "model": f"{model} trained from random initialisation on the "
+             f"pretraining corpus: {epochs} epochs, batch "
+             f"{batch_size}, lr {lr}; epoch {result['best_epoch']} "
+             "chosen on the corpus' validation AUC",
     "checkpoint": checkpoint.name,
-    "pretrain": {k: result[k] for k in ("best_epoch", "best_val_auc", "history", "steps")},
+    "pretrain": {k: result[k] for k in ("best_epoch",
+                                        "best_val_auc", "history",
+                                        "steps")},
     "prompts": prompts,
-    "threshold": {"value": report["threshold"], "method": report["threshold_method"]},
-    "zero_shot_test": {a: {k: e[k] for k in ("auc", "es_auc", "es_auc_std", "dpd", "eod", "eq_odds")}
-                       for a, e in report["attributes"].items()},
+    "threshold": {"value": report["threshold"],
+                  "method": report["threshold_method"]},
+    "zero_shot_test": {
+        a: {k: e[k] for k in ("auc", "es_auc", "es_auc_std", "dpd",
+                              "eod", "eq_odds")}
+        for a, e in report["attributes"].items()},
     "group_auc_race": race_entry["group_auc"],
-    "ci_race": {k: race_entry["ci"][k] for k in ("auc", "es_auc", "dpd", "eod", "group_auc")},
+    "ci_race": {k: race_entry["ci"][k]
+                for k in ("auc", "es_auc", "dpd", "eod",
+                          "group_auc")},
 })
 
 # %% [markdown]
@@ -206,8 +250,10 @@ fb.runs.save_metrics({
 
 # %%
 lo, hi = race_entry["ci"]["auc"]
-print(f"zero-shot test AUC {race_entry['auc']:.3f} [{lo:.3f}, {hi:.3f}] with the {prompts} prompts; "
-      f"worst race group AUC {race_entry['worst_auc']:.3f}, race AUC gap {race_entry['auc_delta']:.3f}")
+print(f"zero-shot test AUC {race_entry['auc']:.3f} "
+      f"[{lo:.3f}, {hi:.3f}] with the {prompts} prompts; "
+      f"worst race group AUC {race_entry['worst_auc']:.3f}, "
+      f"race AUC gap {race_entry['auc_delta']:.3f}")
 
 # %% [markdown]
 # - A zero-shot AUC clearly above 0.5 means the tiny CLIP, trained from random weights on a separate synthetic

@@ -35,15 +35,22 @@ from torch.utils.data import DataLoader
 import fairbook as fb
 
 # %% tags=["parameters"]
-data_root = "data/synth-fairvlmed"  # FairVLMed layout; relative paths start at the checkout
-control_root = "data/synth-fairvlmed-nobias"  # the bias-free control (generator preset none); None skips it
-model = "fairbook-tiny"  # open_clip architecture: fairbook-tiny, ViT-B-16, ViT-L-14, ...
-pretrained = "runs/10-pretrain-synthetic-clip/default/clip.pt"  # a checkpoint file or an open_clip tag (openai)
-recipe = "fairclip"  # fb.train.TrainConfig preset: the official FairCLIP fine-tuning recipe
+# FairVLMed layout; relative paths start at the checkout
+data_root = "data/synth-fairvlmed"
+# the bias-free control (generator preset none); None skips it
+control_root = "data/synth-fairvlmed-nobias"
+# open_clip architecture: fairbook-tiny, ViT-B-16, ViT-L-14, ...
+model = "fairbook-tiny"
+# a checkpoint file or an open_clip tag (openai)
+pretrained = "runs/10-pretrain-synthetic-clip/default/clip.pt"
+# fb.train.TrainConfig preset: the official FairCLIP fine-tuning
+# recipe
+recipe = "fairclip"
 epochs = 2
 lr = 1e-4
 batch_size = 32
-n_train = 1000  # training pairs drawn per seed (None: the whole training split)
+# training pairs drawn per seed (None: the whole training split)
+n_train = 1000
 prompts = "fairmedfm"  # zero-shot prompts: fairmedfm or fairclip
 seeds = [0, 1, 2]
 n_boot = 1000  # bootstrap resamples of the test set
@@ -56,7 +63,9 @@ n_boot = 1000  # bootstrap resamples of the test set
 
 # %%
 source = fb.data.describe(data_root)
-config = fb.train.TrainConfig.preset(recipe, epochs=epochs, lr=lr, batch_size=batch_size, prompts=prompts)
+config = fb.train.TrainConfig.preset(recipe, epochs=epochs, lr=lr,
+                                     batch_size=batch_size,
+                                     prompts=prompts)
 print(source)
 config
 
@@ -75,8 +84,10 @@ config
 
 # %%
 out = fb.runs.output_dir()
-setup = fb.protocol.Setup(data_root, config, model, pretrained, n_train)
-trained = fb.protocol.train_grid(out, [fb.methods.CLIP()], setup, seeds)
+setup = fb.protocol.Setup(data_root, config, model, pretrained,
+                          n_train)
+trained = fb.protocol.train_grid(out, [fb.methods.CLIP()], setup,
+                                 seeds)
 history = fb.protocol.histories(trained)
 history.round(3)
 
@@ -120,8 +131,9 @@ gaps.round(3)
 
 # %% mystnb={"figure": {"caption": "Signed differences of group AUCs of the CLIP baseline (mean over seeds, 95% bootstrap interval of the mean); an interval that crosses zero shows no detectable difference.", "name": "fig-clip-group-differences"}}
 fb.plots.set_style()
-fig = fb.plots.differences(gaps, "diff", "ci_lo", "ci_hi", label="groups", by="attribute",
-                           xlabel="AUC difference (first group − second)")
+fig = fb.plots.differences(
+    gaps, "diff", "ci_lo", "ci_hi", label="groups", by="attribute",
+    xlabel="AUC difference (first group − second)")
 fb.plots.savefig(fig, "group-auc-differences")
 
 # %% [markdown]
@@ -134,17 +146,25 @@ fb.plots.savefig(fig, "group-auc-differences")
 # %%
 if control_root:
     control_dir = out / "control"
-    fb.protocol.train_grid(control_dir, [fb.methods.CLIP()], setup.replace(data_root=control_root), seeds)
-    control_evals = fb.tables.evaluate(fb.results.collect(control_dir), n_boot=n_boot)
-    control_gaps = fb.tables.group_differences(control_evals, "CLIP")
+    fb.protocol.train_grid(control_dir, [fb.methods.CLIP()],
+                           setup.replace(data_root=control_root),
+                           seeds)
+    control_evals = fb.tables.evaluate(
+        fb.results.collect(control_dir), n_boot=n_boot)
+    control_gaps = fb.tables.group_differences(
+        control_evals, "CLIP")
     display(fb.tables.table(control_evals))
     display(control_gaps.round(3))
 
 # %% mystnb={"figure": {"caption": "Race: signed AUC differences between groups with designed bias (default preset) and without (control), mean over seeds with 95% bootstrap intervals.", "name": "fig-clip-control"}}
 if control_root:
-    both = pd.concat([gaps.assign(data="designed bias"), control_gaps.assign(data="no bias (control)")])
-    fig = fb.plots.differences(both[both["attribute"] == "race"], "diff", "ci_lo", "ci_hi", label="groups",
-                               by="data", xlabel="race: AUC difference (first group − second)")
+    both = pd.concat([
+        gaps.assign(data="designed bias"),
+        control_gaps.assign(data="no bias (control)")])
+    fig = fb.plots.differences(
+        both[both["attribute"] == "race"], "diff", "ci_lo", "ci_hi",
+        label="groups", by="data",
+        xlabel="race: AUC difference (first group − second)")
     fb.plots.savefig(fig, "control-race-differences")
 
 # %% [markdown]
@@ -156,17 +176,25 @@ if control_root:
 # shows how much of the glaucoma signal, and of the race gap, is already in the features.
 
 # %%
-net, preprocess_train, preprocess_val, tokenizer = fb.models.create_clip(model, pretrained)
-probe_splits = [fb.data.FairVLMed(data_root, "Training", preprocess_val, tokenizer).subset(n_train, seeds[0]),
-                *(fb.data.FairVLMed(data_root, s, preprocess_val, tokenizer) for s in ("Validation", "Test"))]
-probe = fb.train.linear_probe(net, *(DataLoader(ds, batch_size=64) for ds in probe_splits))
+net, preprocess_train, preprocess_val, tokenizer = (
+    fb.models.create_clip(model, pretrained))
+probe_splits = [
+    fb.data.FairVLMed(data_root, "Training", preprocess_val,
+                      tokenizer).subset(n_train, seeds[0]),
+    *(fb.data.FairVLMed(data_root, s, preprocess_val, tokenizer)
+      for s in ("Validation", "Test"))]
+probe = fb.train.linear_probe(
+    net, *(DataLoader(ds, batch_size=64) for ds in probe_splits))
 test_probe, val_probe = probe["test"], probe["val"]
 probe_report = fb.metrics.fairness_report(
     test_probe["y_true"], test_probe["y_score"],
-    {a: probe_splits[2].metadata[f"{a}_name"] for a in fb.data.FILTER_ATTRIBUTES}, threshold="youden",
-    validation=(val_probe["y_true"], val_probe["y_score"]), n_boot=n_boot)
+    {a: probe_splits[2].metadata[f"{a}_name"]
+     for a in fb.data.FILTER_ATTRIBUTES}, threshold="youden",
+    validation=(val_probe["y_true"], val_probe["y_score"]),
+    n_boot=n_boot)
 print(f"C = {probe['C']:g} (chosen on validation AUC)")
-fb.metrics.ci_table(probe_report, ["auc", "es_auc", "dpd", "eod", "auc_delta"])
+fb.metrics.ci_table(probe_report,
+                    ["auc", "es_auc", "dpd", "eod", "auc_delta"])
 
 # %% [markdown]
 # ## Record the numbers
@@ -175,19 +203,28 @@ fb.metrics.ci_table(probe_report, ["auc", "es_auc", "dpd", "eod", "auc_delta"])
 race = gaps[gaps["attribute"] == "race"]
 summary = {
     "data": source,
-    "control_data": fb.data.describe(control_root) if control_root else None,
-    "model": f"{model} from {pretrained}; recipe {recipe} with epochs={epochs}, lr={lr}, batch {batch_size}, "
-             f"{n_train} training pairs per seed; epoch chosen on validation AUC; {prompts} prompts",
+    "control_data":
+        fb.data.describe(control_root) if control_root else None,
+    "model": f"{model} from {pretrained}; recipe {recipe} with "
+             f"epochs={epochs}, lr={lr}, batch {batch_size}, "
+             f"{n_train} training pairs per seed; epoch chosen on "
+             f"validation AUC; {prompts} prompts",
     "seeds": seeds,
-    "best_epochs": history[history["kept"]].set_index("seed")["epoch"],
-    "test": {a: rows[["auc", "es_auc", "dpd", "eod"]].agg(["mean", "std"]).to_dict()
+    "best_epochs":
+        history[history["kept"]].set_index("seed")["epoch"],
+    "test": {a: rows[["auc", "es_auc", "dpd", "eod"]]
+                .agg(["mean", "std"]).to_dict()
              for a, rows in evals.groupby("eval_attribute")},
-    "race_differences": race.set_index("groups")[["diff", "ci_lo", "ci_hi"]],
+    "race_differences":
+        race.set_index("groups")[["diff", "ci_lo", "ci_hi"]],
 }
-summary["linear_probe_frozen_start"] = {a: {k: e[k] for k in ("auc", "es_auc", "dpd", "eod")} | {"ci": e["ci"]}
-                                        for a, e in probe_report["attributes"].items()}
+summary["linear_probe_frozen_start"] = {
+    a: {k: e[k] for k in ("auc", "es_auc", "dpd", "eod")}
+       | {"ci": e["ci"]}
+    for a, e in probe_report["attributes"].items()}
 if control_root:
-    summary["control_differences"] = control_gaps.set_index(["attribute", "groups"])[["diff", "ci_lo", "ci_hi"]]
+    summary["control_differences"] = control_gaps.set_index(
+        ["attribute", "groups"])[["diff", "ci_lo", "ci_hi"]]
 fb.runs.save_metrics(summary)
 
 # %% [markdown]
@@ -198,11 +235,14 @@ fb.runs.save_metrics(summary)
 # %%
 auc = evals[evals["eval_attribute"] == "race"]["auc"]
 widest = race.loc[race["diff"].abs().idxmax()]
-print(f"CLIP baseline test AUC {auc.mean():.3f} ± {auc.std():.3f} over {len(seeds)} seeds; largest race "
-      f"difference {widest['groups']}: {widest['diff']:+.3f} [{widest['ci_lo']:+.3f}, {widest['ci_hi']:+.3f}]")
+print(f"CLIP baseline test AUC {auc.mean():.3f} ± {auc.std():.3f} "
+      f"over {len(seeds)} seeds; largest race difference "
+      f"{widest['groups']}: {widest['diff']:+.3f} "
+      f"[{widest['ci_lo']:+.3f}, {widest['ci_hi']:+.3f}]")
 if control_root:
     defined = control_gaps["ci_contains_0"].dropna()
-    print(f"control: {int(defined.sum())} of {len(defined)} group-pair intervals contain zero")
+    print(f"control: {int(defined.sum())} of {len(defined)} "
+          "group-pair intervals contain zero")
 
 # %% [markdown]
 # - The designed race bias of SynthFairVLMed (darker, noisier images, more label noise and a different prevalence

@@ -35,21 +35,34 @@ import pandas as pd
 import fairbook as fb
 
 # %% tags=["parameters"]
-data_root = "data/synth-fairvlmed"  # FairVLMed layout; relative paths start at the checkout
-baseline_run = "runs/11-clip-baseline/default"  # chapter 11's run on the same data, for the paired comparison
+# FairVLMed layout; relative paths start at the checkout
+data_root = "data/synth-fairvlmed"
+# chapter 11's run on the same data, for the paired comparison
+baseline_run = "runs/11-clip-baseline/default"
 model = "fairbook-tiny"
-pretrained = "runs/10-pretrain-synthetic-clip/default/clip.pt"  # a checkpoint file or an open_clip tag (openai)
+# a checkpoint file or an open_clip tag (openai)
+pretrained = "runs/10-pretrain-synthetic-clip/default/clip.pt"
 recipe = "fairclip"  # fb.train.TrainConfig preset
 epochs = 2
 lr = 1e-4
 batch_size = 32
-n_train = 1000  # training pairs drawn per seed (None: all); the same draw as chapter 11 for the same seed
+# training pairs drawn per seed (None: all); the same draw as
+# chapter 11 for the same seed
+n_train = 1000
 prompts = "fairmedfm"
-attributes = ["race", "gender", "ethnicity", "language"]  # one FairCLIP model per attribute and seed
-form = "paper"  # the regulariser as published ("paper") or as the official code computes it ("code")
-lam = 100.0  # weight of the Sinkhorn term chosen a priori (see "Choosing lambda"); used when lam_grid is empty
-lam_grid = [1.0, 10.0, 100.0, 1000.0]  # candidates for lambda, chosen on validation ([]: keep lam)
-selection_seeds = [0]  # the choice is made on these seeds and attributes only, to stay in budget
+# one FairCLIP model per attribute and seed
+attributes = ["race", "gender", "ethnicity", "language"]
+# the regulariser as published ("paper") or as the official code
+# computes it ("code")
+form = "paper"
+# weight of the Sinkhorn term chosen a priori (see "Choosing
+# lambda"); used when lam_grid is empty
+lam = 100.0
+# candidates for lambda, chosen on validation ([]: keep lam)
+lam_grid = [1.0, 10.0, 100.0, 1000.0]
+# the choice is made on these seeds and attributes only, to stay
+# in budget
+selection_seeds = [0]
 selection_attributes = ["race"]
 blur = 1e-4  # Sinkhorn blur (the official argparse default)
 seeds = [0, 1, 2]
@@ -64,8 +77,11 @@ n_boot = 1000
 
 # %%
 source = fb.data.describe(data_root)
-config = fb.train.TrainConfig.preset(recipe, epochs=epochs, lr=lr, batch_size=batch_size, prompts=prompts)
-baseline = fb.results.same_data(fb.results.collect(baseline_run), source)
+config = fb.train.TrainConfig.preset(recipe, epochs=epochs, lr=lr,
+                                     batch_size=batch_size,
+                                     prompts=prompts)
+baseline = fb.results.same_data(fb.results.collect(baseline_run),
+                                source)
 print(source)
 baseline[["method", "attribute", "seed", "data"]]
 
@@ -84,10 +100,14 @@ baseline[["method", "attribute", "seed", "data"]]
 
 # %%
 fairclip = fb.methods.FairCLIP(lam=lam, blur=blur, form=form)
-net, preprocess_train, preprocess_val, tokenizer = fb.models.create_clip(model, pretrained)
-train_full = fb.data.FairVLMed(data_root, "Training", preprocess_train, tokenizer)
-hooks = {a: fairclip.regulariser(net, train_full, a, 0, batch_size) for a in attributes}
-magnitudes = fb.train.regulariser_scale(net, train_full, hooks, batch_size)
+net, preprocess_train, preprocess_val, tokenizer = (
+    fb.models.create_clip(model, pretrained))
+train_full = fb.data.FairVLMed(data_root, "Training",
+                               preprocess_train, tokenizer)
+hooks = {a: fairclip.regulariser(net, train_full, a, 0, batch_size)
+         for a in attributes}
+magnitudes = fb.train.regulariser_scale(net, train_full, hooks,
+                                        batch_size)
 magnitudes.round(4)
 
 # %% [markdown]
@@ -101,13 +121,18 @@ magnitudes.round(4)
 
 # %%
 out = fb.runs.output_dir()
-setup = fb.protocol.Setup(data_root, config, model, pretrained, n_train)
+setup = fb.protocol.Setup(data_root, config, model, pretrained,
+                          n_train)
 if lam_grid:
-    candidates = [fairclip.replace(name=f"FairCLIP (lambda={v:g})", lam=v) for v in lam_grid]
-    fairclip, lam_curve = fb.protocol.choose_on_validation(out / "selection", candidates, setup, selection_seeds,
-                                                           selection_attributes, name="FairCLIP")
+    candidates = [
+        fairclip.replace(name=f"FairCLIP (lambda={v:g})", lam=v)
+        for v in lam_grid]
+    fairclip, lam_curve = fb.protocol.choose_on_validation(
+        out / "selection", candidates, setup, selection_seeds,
+        selection_attributes, name="FairCLIP")
     display(lam_curve.round(4))
-print(f"lambda = {fairclip.lam:g}, chosen {'on validation' if lam_grid else 'a priori'}")
+print(f"lambda = {fairclip.lam:g}, chosen "
+      f"{'on validation' if lam_grid else 'a priori'}")
 
 # %% mystnb={"figure": {"caption": "Validation AUC and ES-AUC of each candidate lambda (selection seeds and attributes only); dashed: the chosen lambda.", "name": "fig-fairclip-lambda"}}
 if lam_grid:
@@ -121,7 +146,8 @@ if lam_grid:
 # is trained on (the code form draws its group batches with the seed).
 
 # %%
-trained = fb.protocol.train_grid(out, [fairclip], setup, seeds, attributes)
+trained = fb.protocol.train_grid(out, [fairclip], setup, seeds,
+                                 attributes)
 fb.protocol.histories(trained).round(4)
 
 # %% [markdown]
@@ -134,7 +160,8 @@ fb.protocol.histories(trained).round(4)
 # percent, mean ± std over seeds.
 
 # %%
-runs = pd.concat([baseline, fb.results.collect(out)], ignore_index=True)
+runs = pd.concat([baseline, fb.results.collect(out)],
+                 ignore_index=True)
 evals = fb.tables.evaluate(runs, n_boot=n_boot)
 fb.tables.table(evals, methods=["CLIP", "FairCLIP"])
 
@@ -158,9 +185,11 @@ paired.round(4)
 
 # %% mystnb={"figure": {"caption": "FairCLIP minus CLIP per attribute, mean over seeds with paired 95% bootstrap intervals. ES-AUC and AUC: higher is better; DPD and EOD: lower is better.", "name": "fig-fairclip-vs-clip"}}
 fb.plots.set_style()
-fig = fb.plots.differences(paired.assign(row=paired["metric"].str.upper().str.replace("_", "-")),
-                           "diff", "boot_lo", "boot_hi", label="row", by="attribute",
-                           xlabel="FairCLIP − CLIP")
+fig = fb.plots.differences(
+    paired.assign(row=paired["metric"].str.upper()
+                  .str.replace("_", "-")),
+    "diff", "boot_lo", "boot_hi", label="row", by="attribute",
+    xlabel="FairCLIP − CLIP")
 fb.plots.savefig(fig, "fairclip-minus-clip")
 
 # %% [markdown]
@@ -168,7 +197,8 @@ fb.plots.savefig(fig, "fairclip-minus-clip")
 
 # %%
 for attribute in attributes:
-    display(fb.tables.group_auc_table(evals, attribute, methods=["CLIP", "FairCLIP"]))
+    display(fb.tables.group_auc_table(evals, attribute,
+                                      methods=["CLIP", "FairCLIP"]))
 
 # %% [markdown]
 # ## Record the numbers
@@ -176,9 +206,13 @@ for attribute in attributes:
 # %%
 fb.runs.save_metrics({
     "data": source,
-    "model": f"{model} from {pretrained}; recipe {recipe} with epochs={epochs}, lr={lr}, batch {batch_size}, "
-             f"{n_train} training pairs per seed; {fairclip.describe()}",
-    "lambda": {"value": fairclip.lam, "chosen": "on validation" if lam_grid else "a priori",
+    "model": f"{model} from {pretrained}; recipe {recipe} with "
+             f"epochs={epochs}, lr={lr}, batch {batch_size}, "
+             f"{n_train} training pairs per seed; "
+             f"{fairclip.describe()}",
+    "lambda": {"value": fairclip.lam,
+               "chosen": ("on validation" if lam_grid
+                          else "a priori"),
                "candidates": lam_curve if lam_grid else None},
     "seeds": seeds,
     "regulariser_scale": magnitudes,
@@ -194,10 +228,12 @@ fb.runs.save_metrics({
 
 # %%
 verdicts = fb.tables.claims(paired)
-print(f"{len(verdicts)} comparisons (4 metrics x {len(attributes)} attributes):",
+print(f"{len(verdicts)} comparisons "
+      f"(4 metrics x {len(attributes)} attributes):",
       verdicts["verdict"].value_counts().to_dict())
-verdicts.loc[verdicts["verdict"] != "no clear difference", ["attribute", "metric", "diff", "boot_lo", "boot_hi",
-                                                             "verdict"]].round(4)
+verdicts.loc[verdicts["verdict"] != "no clear difference",
+             ["attribute", "metric", "diff", "boot_lo", "boot_hi",
+              "verdict"]].round(4)
 
 # %% [markdown]
 # - Whatever the sign, this is the comparison the protocol allows: same start, same data, epoch and threshold

@@ -43,7 +43,9 @@ import fairbook as fb
 
 # %% tags=["parameters"]
 data_root = "data/synth-fairvlmed"
-baseline_runs = ["runs/11-clip-baseline/default", "runs/12-fairclip/default"]  # CLIP and FairCLIP on the same data
+# CLIP and FairCLIP on the same data
+baseline_runs = ["runs/11-clip-baseline/default",
+                 "runs/12-fairclip/default"]
 model = "fairbook-tiny"
 pretrained = "runs/10-pretrain-synthetic-clip/default/clip.pt"
 recipe = "fairclip"
@@ -52,21 +54,33 @@ lr = 1e-4
 batch_size = 32
 n_train = 2000
 prompts = "fairmedfm"
-attributes = ["race", "gender", "ethnicity", "language"]  # one Fair-MoE model per attribute and seed
+# one Fair-MoE model per attribute and seed
+attributes = ["race", "gender", "ethnicity", "language"]
 layers = {  # the FO-MoE layers (fb.methods.fair_moe.add_fo_moe)
     "n_experts": 10,  # M1
     "top_k": 3,  # K1
     "capacity": 0.8,  # C
-    "feature_experts": 4,  # M2 (the paper gives no value; the official code uses the number of groups)
+    # M2 (the paper gives no value; the official code uses the
+    # number of groups)
+    "feature_experts": 4,
     "feature_top_k": 2,  # k2
-    "expert_rank": None,  # None: each patch expert a full copy of the MLP (paper); r: low-rank experts (fairbook)
+    # None: each patch expert a full copy of the MLP (paper);
+    # r: low-rank experts (fairbook)
+    "expert_rank": None,
 }
 form = "paper"  # "paper" or "code" (official code's layers and FOL)
-fol_weight = 1000.0  # weight of each F term chosen a priori (see "Choosing the weights"); used if the grid is empty
-fol_weight_grid = [100.0, 1000.0, 10000.0]  # candidates for the FOL weight, chosen on validation ([]: fol_weight)
-selection_seeds = [0]  # the choice is made on these seeds and attributes only, to stay in budget
+# weight of each F term chosen a priori (see "Choosing the
+# weights"); used if the grid is empty
+fol_weight = 1000.0
+# candidates for the FOL weight, chosen on validation
+# ([]: fol_weight)
+fol_weight_grid = [100.0, 1000.0, 10000.0]
+# the choice is made on these seeds and attributes only, to stay
+# in budget
+selection_seeds = [0]
 selection_attributes = ["race"]
-lam = 100.0  # weight of the Sinkhorn distance term (chapter 12's a priori lambda)
+# weight of the Sinkhorn term (chapter 12's a priori lambda)
+lam = 100.0
 blur = 1e-4
 seeds = [0, 1, 2]
 n_boot = 1000
@@ -85,15 +99,24 @@ n_boot = 1000
 
 # %%
 source = fb.data.describe(data_root)
-config = fb.train.TrainConfig.preset(recipe, epochs=epochs, lr=lr, batch_size=batch_size, prompts=prompts)
-fair_moe = fb.methods.FairMoE(layers={**layers, "form": form},
-                               fol=dict(weight=fol_weight, lam=lam, blur=blur, form=form))
-setup = fb.protocol.Setup(data_root, config, model, pretrained, n_train)
+config = fb.train.TrainConfig.preset(
+    recipe, epochs=epochs, lr=lr, batch_size=batch_size,
+    prompts=prompts)
+fair_moe = fb.methods.FairMoE(
+    layers={**layers, "form": form},
+    fol=dict(weight=fol_weight, lam=lam, blur=blur, form=form))
+setup = fb.protocol.Setup(data_root, config, model, pretrained,
+                          n_train)
 clip, *_ = fb.models.create_clip(model, pretrained)
-net, preprocess_train, preprocess_val, tokenizer = fb.protocol.build_model(fair_moe, setup, seeds[0])
-clip_params, moe_params = (sum(p.numel() for p in m.parameters()) for m in (clip, net))
-print(f"{model}: {clip_params:,} parameters as CLIP, {moe_params:,} as Fair-MoE ({moe_params / clip_params:.2f}x)")
-{name: type(layer).__name__ for name, layer in fb.methods.fair_moe.routers(net).items()}
+net, preprocess_train, preprocess_val, tokenizer = (
+    fb.protocol.build_model(fair_moe, setup, seeds[0]))
+clip_params, moe_params = (sum(p.numel() for p in m.parameters())
+                           for m in (clip, net))
+print(f"{model}: {clip_params:,} parameters as CLIP, "
+      f"{moe_params:,} as Fair-MoE "
+      f"({moe_params / clip_params:.2f}x)")
+{name: type(layer).__name__
+ for name, layer in fb.methods.fair_moe.routers(net).items()}
 
 # %% [markdown]
 # ## Choosing the weights
@@ -106,9 +129,12 @@ print(f"{model}: {clip_params:,} parameters as CLIP, {moe_params:,} as Fair-MoE 
 # batch, for the first seed's starting model, at the a priori weight:
 
 # %%
-train_full = fb.data.FairVLMed(data_root, "Training", preprocess_train, tokenizer)
-hooks = {a: fair_moe.regulariser(net, train_full, a, seeds[0], batch_size) for a in attributes}
-scale = fb.train.regulariser_scale(net, train_full, hooks, batch_size)
+train_full = fb.data.FairVLMed(data_root, "Training",
+                               preprocess_train, tokenizer)
+hooks = {a: fair_moe.regulariser(net, train_full, a, seeds[0],
+                                 batch_size) for a in attributes}
+scale = fb.train.regulariser_scale(net, train_full, hooks,
+                                   batch_size)
 scale
 
 # %% [markdown]
@@ -123,23 +149,29 @@ scale
 # %%
 out = fb.runs.output_dir()
 if fol_weight_grid:
-    candidates = [fair_moe.replace(name=f"Fair-MoE (FOL weight={w:g})", fol={**fair_moe.fol, "weight": w})
-                  for w in fol_weight_grid]
-    fair_moe, weight_curve = fb.protocol.choose_on_validation(out / "selection", candidates, setup, selection_seeds,
-                                                              selection_attributes, name="Fair-MoE")
+    candidates = [
+        fair_moe.replace(name=f"Fair-MoE (FOL weight={w:g})",
+                         fol={**fair_moe.fol, "weight": w})
+        for w in fol_weight_grid]
+    fair_moe, weight_curve = fb.protocol.choose_on_validation(
+        out / "selection", candidates, setup, selection_seeds,
+        selection_attributes, name="Fair-MoE")
     display(weight_curve.round(4))
-print(f"FOL weight = {fair_moe.fol['weight']:g}, chosen {'on validation' if fol_weight_grid else 'a priori'}")
+print(f"FOL weight = {fair_moe.fol['weight']:g}, chosen "
+      f"{'on validation' if fol_weight_grid else 'a priori'}")
 
 # %% mystnb={"figure": {"caption": "Validation AUC and ES-AUC of each candidate FOL weight (selection seeds and attributes only); dashed: the chosen weight.", "name": "fig-fair-moe-weight"}}
 if fol_weight_grid:
-    fig = fb.plots.validation_curve(weight_curve, fol_weight_grid, "FOL weight")
+    fig = fb.plots.validation_curve(weight_curve, fol_weight_grid,
+                                    "FOL weight")
     fb.plots.savefig(fig, "fol-weight-validation")
 
 # %% [markdown]
 # ## Training: one model per attribute and seed
 
 # %%
-trained = fb.protocol.train_grid(out, [fair_moe], setup, seeds, attributes)
+trained = fb.protocol.train_grid(out, [fair_moe], setup, seeds,
+                                 attributes)
 fb.protocol.histories(trained).round(4)
 
 # %% [markdown]
@@ -149,8 +181,10 @@ fb.protocol.histories(trained).round(4)
 
 # %%
 methods = ["CLIP", "FairCLIP", "Fair-MoE"]
-runs = pd.concat([fb.results.collect(*baseline_runs), fb.results.collect(out)], ignore_index=True)
-evals = fb.tables.evaluate(fb.results.same_data(runs, source), n_boot=n_boot)
+runs = pd.concat([fb.results.collect(*baseline_runs),
+                  fb.results.collect(out)], ignore_index=True)
+evals = fb.tables.evaluate(fb.results.same_data(runs, source),
+                           n_boot=n_boot)
 fb.tables.table(evals, methods=methods)
 
 # %% [markdown]
@@ -166,15 +200,19 @@ fb.tables.ci_table(evals, methods=methods)
 # ES-AUC and AUC, lower for DPD and EOD.
 
 # %%
-paired = pd.concat([fb.tables.paired_table(evals, baseline=b) for b in ("CLIP", "FairCLIP")], ignore_index=True)
+paired = pd.concat([fb.tables.paired_table(evals, baseline=b)
+                    for b in ("CLIP", "FairCLIP")],
+                   ignore_index=True)
 paired = paired[paired["method"] == "Fair-MoE"]
 paired.round(4)
 
 # %% mystnb={"figure": {"caption": "Fair-MoE minus CLIP (blue) and minus FairCLIP (orange) per attribute and metric, mean over seeds with paired 95% bootstrap intervals. ES-AUC and AUC: higher is better; DPD and EOD: lower is better.", "name": "fig-fair-moe-paired"}}
 fb.plots.set_style()
-row = paired["attribute"] + " · " + paired["metric"].str.upper().str.replace("_", "-")
-fig = fb.plots.differences(paired.assign(row=row), "diff", "boot_lo", "boot_hi", label="row", by="baseline",
-                           xlabel="Fair-MoE − baseline")
+row = (paired["attribute"] + " · "
+       + paired["metric"].str.upper().str.replace("_", "-"))
+fig = fb.plots.differences(
+    paired.assign(row=row), "diff", "boot_lo", "boot_hi",
+    label="row", by="baseline", xlabel="Fair-MoE − baseline")
 fb.plots.savefig(fig, "fair-moe-paired")
 
 # %% [markdown]
@@ -185,21 +223,27 @@ fb.plots.savefig(fig, "fair-moe-paired")
 # capacity drops, and the variance of its gate weights, for each race group.
 
 # %%
-net, preprocess_val, tokenizer = fb.protocol.load_model(out, "Fair-MoE", attributes[0], seeds[0])
-test = fb.data.FairVLMed(data_root, "Test", preprocess_val, tokenizer)
-routing = fb.methods.fair_moe.routing_frame(net, DataLoader(test, batch_size=64), attributes[0])
-routing.groupby(["router", "group"])[["load", "dropped", "gate_var"]].agg(["min", "max"]).round(4)
+net, preprocess_val, tokenizer = fb.protocol.load_model(
+    out, "Fair-MoE", attributes[0], seeds[0])
+test = fb.data.FairVLMed(data_root, "Test", preprocess_val,
+                         tokenizer)
+routing = fb.methods.fair_moe.routing_frame(
+    net, DataLoader(test, batch_size=64), attributes[0])
+(routing.groupby(["router", "group"])
+ [["load", "dropped", "gate_var"]].agg(["min", "max"]).round(4))
 
 # %% mystnb={"figure": {"caption": "Expert load per group on the test split (Fair-MoE, first attribute, first seed): share of each group's routed tokens (patch routers) or samples (feature routers) that each expert takes.", "name": "fig-fair-moe-load"}}
 fig = fb.plots.routing(routing, "load")
 fb.plots.savefig(fig, "routing-load")
 
 # %% mystnb={"figure": {"caption": "Share of each expert's Top-r assignments dropped by the capacity limit, per group (patch routers only; feature routers have no capacity).", "name": "fig-fair-moe-dropped"}}
-fig = fb.plots.routing(routing[routing["router"].isin(["EI", "ET"])], "dropped")
+fig = fb.plots.routing(
+    routing[routing["router"].isin(["EI", "ET"])], "dropped")
 fb.plots.savefig(fig, "routing-dropped")
 
 # %% mystnb={"figure": {"caption": "Variance of each expert's routed gate weight per group: the quantity FOL aligns across groups.", "name": "fig-fair-moe-gate-var"}}
-fig = fb.plots.routing(routing, "gate_var", ylabel="gate weight variance")
+fig = fb.plots.routing(routing, "gate_var",
+                       ylabel="gate weight variance")
 fb.plots.savefig(fig, "routing-gate-variance")
 
 # %% [markdown]
@@ -208,11 +252,15 @@ fb.plots.savefig(fig, "routing-gate-variance")
 # %%
 fb.runs.save_metrics({
     "data": source,
-    "model": f"{model} from {pretrained}; {fair_moe.describe()}; recipe {recipe}, epochs={epochs}, lr={lr}, "
+    "model": f"{model} from {pretrained}; {fair_moe.describe()}; "
+             f"recipe {recipe}, epochs={epochs}, lr={lr}, "
              f"{n_train} training pairs per seed",
     "parameters": {"clip": clip_params, "fair_moe": moe_params},
-    "fol_weight": {"value": fair_moe.fol["weight"], "chosen": "on validation" if fol_weight_grid else "a priori",
-                   "candidates": weight_curve if fol_weight_grid else None},
+    "fol_weight": {
+        "value": fair_moe.fol["weight"],
+        "chosen": ("on validation" if fol_weight_grid
+                   else "a priori"),
+        "candidates": weight_curve if fol_weight_grid else None},
     "seeds": seeds,
     "table": fb.tables.table(evals, methods=methods),
     "paired": paired,
@@ -227,18 +275,23 @@ fb.runs.save_metrics({
 
 # %%
 verdicts = fb.tables.claims(paired)
-verdicts.pivot_table(index=["attribute", "metric"], columns="baseline", values="verdict", aggfunc="first")
+verdicts.pivot_table(
+    index=["attribute", "metric"], columns="baseline",
+    values="verdict", aggfunc="first")
 
 # %% [markdown]
 # Two facts about the training itself, computed: how strong FOL was at the start for each attribute (one weight
 # for all), and how many experts each router actually used on the test split (load above 1%).
 
 # %%
-loads = routing[routing["group"] == "all"].groupby("router", sort=False)["load"]
+loads = (routing[routing["group"] == "all"]
+         .groupby("router", sort=False)["load"])
 used = loads.apply(lambda load: int((load > 0.01).sum()))
-print("FOL / contrastive loss at the start (a priori weight):", scale.set_index("name")["share"].round(4).to_dict())
+print("FOL / contrastive loss at the start (a priori weight):",
+      scale.set_index("name")["share"].round(4).to_dict())
 print("experts with more than 1% of the load:", used.to_dict(),
-      f"(of {layers['n_experts']} patch, {layers['feature_experts']} feature)")
+      f"(of {layers['n_experts']} patch, "
+      f"{layers['feature_experts']} feature)")
 
 # %% [markdown]
 # - The paper reports Fair-MoE above CLIP and FairCLIP in ES-AUC and AUC for every attribute. On this benchmark each

@@ -28,7 +28,9 @@ import fairbook as fb
 
 # %% tags=["parameters"]
 data_root = "data/synth-fairvlmed"
-reference_runs = ["runs/11-clip-baseline/default", "runs/13-fair-moe/default"]  # CLIP and Fair-MoE, same data
+# CLIP and Fair-MoE, same data
+reference_runs = ["runs/11-clip-baseline/default",
+                  "runs/13-fair-moe/default"]
 model = "fairbook-tiny"
 pretrained = "runs/10-pretrain-synthetic-clip/default/clip.pt"
 recipe = "fairclip"
@@ -45,10 +47,15 @@ n_boot = 1000
 
 # %%
 source = fb.data.describe(data_root)
-config = fb.train.TrainConfig.preset(recipe, epochs=epochs, lr=lr, batch_size=batch_size, prompts=prompts)
-fair_moe = fb.protocol.saved_method(reference_runs[1], "Fair-MoE")  # as chapter 13 trained it
-without_fol = fb.methods.FairMoE("Fair-MoE w/o FOL", layers=fair_moe.layers, fol=None)
-setup = fb.protocol.Setup(data_root, config, model, pretrained, n_train)
+config = fb.train.TrainConfig.preset(
+    recipe, epochs=epochs, lr=lr, batch_size=batch_size,
+    prompts=prompts)
+# as chapter 13 trained it
+fair_moe = fb.protocol.saved_method(reference_runs[1], "Fair-MoE")
+without_fol = fb.methods.FairMoE("Fair-MoE w/o FOL",
+                                 layers=fair_moe.layers, fol=None)
+setup = fb.protocol.Setup(data_root, config, model, pretrained,
+                          n_train)
 out = fb.runs.output_dir()
 fb.protocol.train_grid(out, [without_fol], setup, seeds)
 
@@ -59,8 +66,10 @@ fb.protocol.train_grid(out, [without_fol], setup, seeds)
 
 # %%
 methods = ["CLIP", "Fair-MoE w/o FOL", "Fair-MoE"]
-runs = pd.concat([fb.results.collect(*reference_runs), fb.results.collect(out)], ignore_index=True)
-evals = fb.tables.evaluate(fb.results.same_data(runs, source), n_boot=n_boot)
+runs = pd.concat([fb.results.collect(*reference_runs),
+                  fb.results.collect(out)], ignore_index=True)
+evals = fb.tables.evaluate(fb.results.same_data(runs, source),
+                           n_boot=n_boot)
 table = fb.tables.table(evals, methods=methods)
 table
 
@@ -73,8 +82,10 @@ fb.tables.ci_table(evals, methods=methods)
 # Fair-MoE minus its FOL-free twin, paired on seed (the paper's claim):
 
 # %%
-columns = ["attribute", "metric", "diff", "boot_lo", "boot_hi", "p", "verdict"]
-with_fol = fb.tables.claims(fb.tables.paired_table(evals[evals["method"] != "CLIP"], baseline="Fair-MoE w/o FOL"))
+columns = ["attribute", "metric", "diff", "boot_lo", "boot_hi", "p",
+           "verdict"]
+with_fol = fb.tables.claims(fb.tables.paired_table(
+    evals[evals["method"] != "CLIP"], baseline="Fair-MoE w/o FOL"))
 with_fol[columns].round(4)
 
 # %% [markdown]
@@ -83,23 +94,29 @@ with_fol[columns].round(4)
 # The FOL-free twin minus CLIP, paired on seed:
 
 # %%
-alone = fb.tables.claims(fb.tables.paired_table(evals[evals["method"] != "Fair-MoE"], baseline="CLIP"))
+alone = fb.tables.claims(fb.tables.paired_table(
+    evals[evals["method"] != "Fair-MoE"], baseline="CLIP"))
 alone[columns].round(4)
 
 # %% [markdown]
 # ## Record the numbers
 
 # %%
-fb.runs.save_metrics({"data": source, "seeds": seeds,
-                      "model": f"{model} from {pretrained}; {without_fol.describe()}, contrastive loss only",
-                      "table": table, "paired": pd.concat([with_fol, alone], ignore_index=True)})
+fb.runs.save_metrics({
+    "data": source, "seeds": seeds,
+    "model": f"{model} from {pretrained}; "
+             f"{without_fol.describe()}, contrastive loss only",
+    "table": table,
+    "paired": pd.concat([with_fol, alone], ignore_index=True)})
 
 # %% [markdown]
 # ## Takeaways
 
 # %%
-print("FOL on top of the architecture:", with_fol["verdict"].value_counts().to_dict())
-print("architecture alone against CLIP:", alone["verdict"].value_counts().to_dict())
+print("FOL on top of the architecture:",
+      with_fol["verdict"].value_counts().to_dict())
+print("architecture alone against CLIP:",
+      alone["verdict"].value_counts().to_dict())
 
 # %% [markdown]
 # - The paper's Table 3 claim is the first line: Fair-MoE should beat its FOL-free twin. The second line says how

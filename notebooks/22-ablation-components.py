@@ -31,7 +31,8 @@ import fairbook as fb
 
 # %% tags=["parameters"]
 data_root = "data/synth-fairvlmed"
-reference_run = "runs/13-fair-moe/default"  # the full Fair-MoE on the same data
+# the full Fair-MoE on the same data
+reference_run = "runs/13-fair-moe/default"
 model = "fairbook-tiny"
 pretrained = "runs/10-pretrain-synthetic-clip/default/clip.pt"
 recipe = "fairclip"
@@ -40,9 +41,12 @@ lr = 1e-4
 batch_size = 32
 n_train = 1000
 prompts = "fairmedfm"
-attributes = ["race"]  # the CPU default runs the attribute with designed bias
-variants = ["w/o F_EI", "w/o F_ET", "w/o F_FI", "w/o F_FT", "w/o EM", "w/o FM", "w/o text FO-MoE",
-            "w/o image FO-MoE"]  # which rows of Table 4 to train
+# the CPU default runs the attribute with designed bias
+attributes = ["race"]
+# which rows of Table 4 to train
+variants = ["w/o F_EI", "w/o F_ET", "w/o F_FI", "w/o F_FT",
+            "w/o EM", "w/o FM",
+            "w/o text FO-MoE", "w/o image FO-MoE"]
 seeds = [0, 1, 2]
 n_boot = 1000
 
@@ -54,20 +58,30 @@ n_boot = 1000
 
 # %%
 TABLE4 = fb.methods.fair_moe.TABLE4
-pd.DataFrame([{"variant": name, "layers": layers or "all four", "F terms": ", ".join(keep)}
-              for name, (layers, keep) in TABLE4.items() if name in variants]).set_index("variant")
+pd.DataFrame([{"variant": name, "layers": layers or "all four",
+               "F terms": ", ".join(keep)}
+              for name, (layers, keep) in TABLE4.items()
+              if name in variants]).set_index("variant")
 
 # %% [markdown]
 # ## Training
 
 # %%
 source = fb.data.describe(data_root)
-config = fb.train.TrainConfig.preset(recipe, epochs=epochs, lr=lr, batch_size=batch_size, prompts=prompts)
-fair_moe = fb.protocol.saved_method(reference_run, "Fair-MoE")  # as chapter 13 trained it (chosen FOL weight)
-ablations = [fb.methods.FairMoE(f"Fair-MoE {name}", layers={**fair_moe.layers, **TABLE4[name][0]},
-                                fol={**fair_moe.fol, "keep": TABLE4[name][1]}) for name in variants]
+config = fb.train.TrainConfig.preset(
+    recipe, epochs=epochs, lr=lr, batch_size=batch_size,
+    prompts=prompts)
+# as chapter 13 trained it (chosen FOL weight)
+fair_moe = fb.protocol.saved_method(reference_run, "Fair-MoE")
+ablations = [
+    fb.methods.FairMoE(
+        f"Fair-MoE {name}",
+        layers={**fair_moe.layers, **TABLE4[name][0]},
+        fol={**fair_moe.fol, "keep": TABLE4[name][1]})
+    for name in variants]
 print(fair_moe.describe())
-setup = fb.protocol.Setup(data_root, config, model, pretrained, n_train)
+setup = fb.protocol.Setup(data_root, config, model, pretrained,
+                          n_train)
 out = fb.runs.output_dir()
 fb.protocol.train_grid(out, ablations, setup, seeds, attributes)
 
@@ -79,8 +93,11 @@ fb.protocol.train_grid(out, ablations, setup, seeds, attributes)
 # %%
 methods = ["Fair-MoE", *(f"Fair-MoE {name}" for name in variants)]
 reference = fb.results.collect(reference_run)
-runs = pd.concat([reference[reference["attribute"].isin(attributes)], fb.results.collect(out)], ignore_index=True)
-evals = fb.tables.evaluate(fb.results.same_data(runs, source), attributes=attributes, n_boot=n_boot)
+runs = pd.concat(
+    [reference[reference["attribute"].isin(attributes)],
+     fb.results.collect(out)], ignore_index=True)
+evals = fb.tables.evaluate(fb.results.same_data(runs, source),
+                           attributes=attributes, n_boot=n_boot)
 table = fb.tables.table(evals, methods=methods)
 table
 
@@ -94,32 +111,42 @@ fb.tables.ci_table(evals, methods=methods)
 # makes the model clearly *worse*, i.e. when the verdict of "variant against Fair-MoE" is `worse`.
 
 # %%
-verdicts = fb.tables.claims(fb.tables.paired_table(evals, baseline="Fair-MoE"))
-summary = verdicts.pivot_table(index="method", columns=["attribute", "metric"], values="verdict", aggfunc="first")
+verdicts = fb.tables.claims(
+    fb.tables.paired_table(evals, baseline="Fair-MoE"))
+summary = verdicts.pivot_table(index="method",
+                               columns=["attribute", "metric"],
+                               values="verdict", aggfunc="first")
 summary.reindex([m for m in methods if m in summary.index])
 
 # %% mystnb={"figure": {"caption": "Each Table 4 variant minus the full Fair-MoE, mean over seeds with paired 95% bootstrap intervals. Removing a useful component should move ES-AUC and AUC below zero and DPD and EOD above.", "name": "fig-ablation-components"}}
 fb.plots.set_style()
-row = verdicts["method"].str.removeprefix("Fair-MoE ") + " · " + verdicts["metric"].str.upper().str.replace("_", "-")
-fig = fb.plots.differences(verdicts.assign(row=row), "diff", "boot_lo", "boot_hi", label="row", by="attribute",
-                           xlabel="variant − Fair-MoE")
+row = (verdicts["method"].str.removeprefix("Fair-MoE ") + " · "
+       + verdicts["metric"].str.upper().str.replace("_", "-"))
+fig = fb.plots.differences(
+    verdicts.assign(row=row), "diff", "boot_lo", "boot_hi",
+    label="row", by="attribute", xlabel="variant − Fair-MoE")
 fb.plots.savefig(fig, "variants-minus-fair-moe")
 
 # %% [markdown]
 # ## Record the numbers
 
 # %%
-fb.runs.save_metrics({"data": source, "attributes": attributes, "seeds": seeds, "variants": variants,
-                      "model": f"{model} from {pretrained}; " + "; ".join(m.describe() for m in ablations),
-                      "table": table, "paired": verdicts})
+fb.runs.save_metrics({
+    "data": source, "attributes": attributes, "seeds": seeds,
+    "variants": variants,
+    "model": f"{model} from {pretrained}; "
+             + "; ".join(m.describe() for m in ablations),
+    "table": table, "paired": verdicts})
 
 # %% [markdown]
 # ## Takeaways
 
 # %%
 helps = verdicts[verdicts["verdict"] == "worse"]
-print(f"{len(verdicts)} comparisons; removing a component made Fair-MoE clearly worse in {len(helps)}:",
-      ", ".join(f"{r.method.removeprefix('Fair-MoE ')} ({r.metric})" for r in helps.itertuples()) or "none")
+print(f"{len(verdicts)} comparisons; removing a component made "
+      f"Fair-MoE clearly worse in {len(helps)}:",
+      ", ".join(f"{r.method.removeprefix('Fair-MoE ')} ({r.metric})"
+                for r in helps.itertuples()) or "none")
 
 # %% [markdown]
 # - A component whose removal changes nothing clearly is not shown to matter on this benchmark; with three seeds

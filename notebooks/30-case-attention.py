@@ -41,10 +41,13 @@ data_root = "data/synth-fairvlmed"
 clip_run = "runs/11-clip-baseline/default"
 fairclip_run = "runs/12-fairclip/default"
 fair_moe_run = "runs/13-fair-moe/default"
-attribute = "race"  # the FairCLIP and Fair-MoE models trained on this attribute; groups are its groups
+# the FairCLIP and Fair-MoE models trained on this attribute;
+# the groups are its groups
+attribute = "race"
 seeds = [0, 1, 2]
 per_cell = 40  # test images drawn per (group, label) cell
-prompts = "fairmedfm"  # class prompts that define the decision direction t+ - t-
+# class prompts that define the decision direction t+ - t-
+prompts = "fairmedfm"
 methods = ["rollout", "gradient-attention"]
 n_boot = 1000
 mask_key = "disc_mask"
@@ -57,13 +60,16 @@ mask_key = "disc_mask"
 # images in every group, so that the groups do not differ in their label mix.
 
 # %%
-models = {"CLIP": (clip_run, "CLIP", "all"), "FairCLIP": (fairclip_run, "FairCLIP", attribute),
+models = {"CLIP": (clip_run, "CLIP", "all"),
+          "FairCLIP": (fairclip_run, "FairCLIP", attribute),
           "Fair-MoE": (fair_moe_run, "Fair-MoE", attribute)}
 source = fb.data.describe(data_root)
-net, preprocess, tokenizer = fb.protocol.load_model(clip_run, "CLIP", "all", seeds[0])
+net, preprocess, tokenizer = fb.protocol.load_model(
+    clip_run, "CLIP", "all", seeds[0])
 test = fb.data.FairVLMed(data_root, "Test", preprocess, tokenizer)
 rows = fb.explain.sample_cases(test, attribute, per_cell, seed=0)
-cases = test.metadata.iloc[rows][["glaucoma", f"{attribute}_name"]].rename(columns={f"{attribute}_name": "group"})
+cases = (test.metadata.iloc[rows][["glaucoma", f"{attribute}_name"]]
+         .rename(columns={f"{attribute}_name": "group"}))
 cases.groupby(["group", "glaucoma"]).size().unstack()
 
 # %% [markdown]
@@ -73,18 +79,22 @@ cases.groupby(["group", "glaucoma"]).size().unstack()
 # %%
 images = fb.explain.case_images(test, rows)
 masks = fb.explain.region_masks(test, rows, mask_key)
-print(f"{len(rows)} cases, images {tuple(images.shape)}, patch grid {fb.explain.patch_grid(net)}, "
+print(f"{len(rows)} cases, images {tuple(images.shape)}, "
+      f"patch grid {fb.explain.patch_grid(net)}, "
       f"masks {masks.shape[1:]} at the raw resolution")
 
 # %% [markdown]
 # ## Disc shares for every model and seed
 
 # %%
-shares = fb.explain.model_shares(models, seeds, images, masks, ["uniform", *methods], prompts)
+shares = fb.explain.model_shares(models, seeds, images, masks,
+                                 ["uniform", *methods], prompts)
 shares["case"] = rows[shares["item"]]
 shares["group"] = cases["group"].to_numpy()[shares["item"]]
-print(f"{len(shares):,} shares: {shares['model'].nunique()} models x {len(seeds)} seeds x "
-      f"{shares['method'].nunique()} maps (with the flat map) x {len(rows)} cases")
+print(f"{len(shares):,} shares: "
+      f"{shares['model'].nunique()} models x {len(seeds)} seeds x "
+      f"{shares['method'].nunique()} maps (with the flat map) x "
+      f"{len(rows)} cases")
 
 # %% [markdown]
 # ## Share of the map inside the disc, per group
@@ -94,16 +104,25 @@ print(f"{len(shares):,} shares: {shares['model'].nunique()} models x {len(seeds)
 # model). "uniform" is the disc's own share of the image.
 
 # %%
-tables = {m: fb.explain.share_table(shares[shares["method"] == m], n_boot=n_boot) for m in methods}
-flat = fb.explain.share_table(shares[(shares["method"] == "uniform") & (shares["model"] == "CLIP")], n_boot=n_boot)
-summary = pd.concat({**tables, "uniform": flat.assign(model="flat map")}, names=["method"]).reset_index(level=0)
-cell = summary.apply(lambda r: f"{100 * r['share']:.1f} ± {100 * r['std']:.1f} [{100 * r['lo']:.1f}, "
-                               f"{100 * r['hi']:.1f}]", axis=1)
-summary.assign(cell=cell).pivot_table(index=["method", "model"], columns="group", values="cell", aggfunc="first")
+tables = {m: fb.explain.share_table(shares[shares["method"] == m],
+                                    n_boot=n_boot) for m in methods}
+flat = fb.explain.share_table(
+    shares[(shares["method"] == "uniform")
+           & (shares["model"] == "CLIP")], n_boot=n_boot)
+summary = pd.concat(
+    {**tables, "uniform": flat.assign(model="flat map")},
+    names=["method"]).reset_index(level=0)
+cell = summary.apply(
+    lambda r: f"{100 * r['share']:.1f} ± {100 * r['std']:.1f} "
+              f"[{100 * r['lo']:.1f}, {100 * r['hi']:.1f}]", axis=1)
+summary.assign(cell=cell).pivot_table(
+    index=["method", "model"], columns="group", values="cell",
+    aggfunc="first")
 
 # %% mystnb={"figure": {"caption": "Share of the explanation map inside the optic disc, per group and model, mean over cases of the seed-mean share with 95% bootstrap intervals over cases. The grey band is the disc's own share of the image (a flat map).", "name": "fig-disc-share"}}
 fb.plots.set_style()
-fig = fb.plots.region_shares(summary[summary["method"] != "uniform"], reference=flat)
+fig = fb.plots.region_shares(
+    summary[summary["method"] != "uniform"], reference=flat)
 fb.plots.savefig(fig, "disc-share-by-group")
 
 # %% [markdown]
@@ -115,8 +134,10 @@ fb.plots.savefig(fig, "disc-share-by-group")
 # contain. A difference is worth reading only when it is large against both.
 
 # %%
-paired = pd.concat([fb.explain.share_differences(shares[shares["method"] == m], baseline="CLIP", n_boot=n_boot)
-                    .assign(method=m) for m in methods], ignore_index=True)
+paired = pd.concat(
+    [fb.explain.share_differences(shares[shares["method"] == m],
+                                  baseline="CLIP", n_boot=n_boot)
+     .assign(method=m) for m in methods], ignore_index=True)
 paired.round(4)
 
 # %% [markdown]
@@ -126,12 +147,16 @@ paired.round(4)
 # each model. The cyan outline is the optic disc.
 
 # %%
-show = cases.reset_index(drop=True).query("glaucoma == 1").groupby("group").head(1).index.tolist()
+show = (cases.reset_index(drop=True).query("glaucoma == 1")
+        .groupby("group").head(1).index.tolist())
 maps = {}
 for name, (run, method, trained_on) in models.items():
-    net, preprocess, tokenizer = fb.protocol.load_model(run, method, trained_on, seeds[0])
-    target = fb.explain.decision_direction(net, tokenizer, fb.train.PROMPT_SETS[prompts])
-    maps[name] = fb.explain.upsample_map(fb.explain.token_maps(net, images[show], methods[-1], target), net)
+    net, preprocess, tokenizer = fb.protocol.load_model(
+        run, method, trained_on, seeds[0])
+    target = fb.explain.decision_direction(
+        net, tokenizer, fb.train.PROMPT_SETS[prompts])
+    maps[name] = fb.explain.upsample_map(fb.explain.token_maps(
+        net, images[show], methods[-1], target), net)
 outline = fb.explain.transform_mask(masks[show], preprocess)
 
 # %% mystnb={"figure": {"caption": "Gradient-weighted attention of CLIP, FairCLIP and Fair-MoE (first seed) on one glaucoma test image per group; each map scaled to its own maximum; cyan: optic disc.", "name": "fig-attention-cases"}}
@@ -148,22 +173,30 @@ fb.plots.savefig(fig, "attention-cases")
 # (95% intervals over cases).
 
 # %%
-net, preprocess, _ = fb.protocol.load_model(fair_moe_run, "Fair-MoE", attribute, seeds[0])
+net, preprocess, _ = fb.protocol.load_model(
+    fair_moe_run, "Fair-MoE", attribute, seeds[0])
 weights, dropped = fb.explain.patch_routing(net, images)
 grid = fb.explain.mask_to_grid(masks, preprocess, net)
 
 # %% mystnb={"figure": {"caption": "Fair-MoE image patch routing (first seed) on one glaucoma test image per group: colour, the expert with the largest kept gate weight for each patch; x, a patch with an assignment dropped by the capacity limit.", "name": "fig-routing-cases"}}
-fig = fb.plots.routing_overlay(images[show], weights[show], dropped[show], labels, patch=fb.explain.patch_size(net))
+fig = fb.plots.routing_overlay(images[show], weights[show],
+                               dropped[show], labels,
+                               patch=fb.explain.patch_size(net))
 fb.plots.savefig(fig, "routing-cases")
 
 # %%
 drops = []
 for seed in seeds:
-    net, _, _ = fb.protocol.load_model(fair_moe_run, "Fair-MoE", attribute, seed)
-    drops.append(fb.explain.dropped_shares(*fb.explain.patch_routing(net, images), grid).assign(seed=seed))
+    net, _, _ = fb.protocol.load_model(fair_moe_run, "Fair-MoE",
+                                       attribute, seed)
+    drops.append(fb.explain.dropped_shares(
+        *fb.explain.patch_routing(net, images), grid)
+        .assign(seed=seed))
 drops = pd.concat(drops, ignore_index=True)
-drops = drops.assign(case=rows[drops["item"]], group=cases["group"].to_numpy()[drops["item"]])
-dropped_table = fb.explain.share_table(drops.rename(columns={"region": "model"}), n_boot=n_boot)
+drops = drops.assign(case=rows[drops["item"]],
+                     group=cases["group"].to_numpy()[drops["item"]])
+dropped_table = fb.explain.share_table(
+    drops.rename(columns={"region": "model"}), n_boot=n_boot)
 dropped_table = dropped_table.rename(columns={"model": "region"})
 dropped_table.round(4)
 
@@ -179,18 +212,28 @@ dropped_table.round(4)
 
 # %%
 truth = fb.data.synthetic.load_truth(data_root)
-marker_race = fb.data.synthetic.load_manifest(data_root)["config"]["artefact_race"]
-marked = test.metadata["filename"].map(truth["marker"]).where(test.metadata["race"] == marker_race, -1)
-marker_rows = fb.explain.sample_cases(test, marked.to_numpy(), per_cell, seed=1)
+marker_race = (fb.data.synthetic.load_manifest(data_root)
+               ["config"]["artefact_race"])
+marked = test.metadata["filename"].map(truth["marker"]).where(
+    test.metadata["race"] == marker_race, -1)
+marker_rows = fb.explain.sample_cases(test, marked.to_numpy(),
+                                      per_cell, seed=1)
 box = fb.data.synthetic.marker_mask(*masks.shape[1:])
-on_marker = fb.explain.model_shares(models, seeds, fb.explain.case_images(test, marker_rows), box,
-                                    ["uniform", *methods], prompts)
+on_marker = fb.explain.model_shares(
+    models, seeds, fb.explain.case_images(test, marker_rows), box,
+    ["uniform", *methods], prompts)
 on_marker["case"] = marker_rows[on_marker["item"]]
-on_marker["group"] = marked.iloc[on_marker["case"]].map({1: "marked", 0: "unmarked"}).to_numpy()
-marker_table = pd.concat({m: fb.explain.share_table(on_marker[on_marker["method"] == m], n_boot=n_boot)
-                          for m in ["uniform", *methods]}, names=["method"]).reset_index(level=0)
-marker_table = marker_table[(marker_table["method"] != "uniform") | (marker_table["model"] == "CLIP")]
-fb.cases.interval_table(marker_table, ["method", "model"], "group", "share", decimals=2)
+on_marker["group"] = marked.iloc[on_marker["case"]].map(
+    {1: "marked", 0: "unmarked"}).to_numpy()
+marker_table = pd.concat(
+    {m: fb.explain.share_table(on_marker[on_marker["method"] == m],
+                               n_boot=n_boot)
+     for m in ["uniform", *methods]},
+    names=["method"]).reset_index(level=0)
+marker_table = marker_table[(marker_table["method"] != "uniform")
+                            | (marker_table["model"] == "CLIP")]
+fb.cases.interval_table(marker_table, ["method", "model"], "group",
+                        "share", decimals=2)
 
 # %% [markdown]
 # Percent of the map on the marker's square, mean over cases of the seed-mean share, 95% intervals over cases;
@@ -199,12 +242,16 @@ fb.cases.interval_table(marker_table, ["method", "model"], "group", "share", dec
 # interval over resamples of the cases of each kind).
 
 # %%
-chosen = fb.cases.select_models(fb.results.collect(clip_run, fairclip_run, fair_moe_run), attribute, list(models),
-                                seeds)
+chosen = fb.cases.select_models(
+    fb.results.collect(clip_run, fairclip_run, fair_moe_run),
+    attribute, list(models), seeds)
 scores = fb.cases.seed_verdicts(chosen, data_root)
-scores = scores.assign(model=scores["method"], share=scores["score"],
-                       group=marked.map({1: "marked", 0: "unmarked"}).to_numpy()[scores["case"]])
-shift = fb.explain.share_gap(scores.dropna(subset=["group"]), "marked", "unmarked", n_boot=n_boot)
+scores = scores.assign(
+    model=scores["method"], share=scores["score"],
+    group=(marked.map({1: "marked", 0: "unmarked"})
+           .to_numpy()[scores["case"]]))
+shift = fb.explain.share_gap(scores.dropna(subset=["group"]),
+                             "marked", "unmarked", n_boot=n_boot)
 shift.round(4)
 
 # %% [markdown]
@@ -213,9 +260,12 @@ shift.round(4)
 # %%
 fb.runs.save_metrics({
     "data": source,
-    "model": f"CLIP, FairCLIP and Fair-MoE ({attribute}) from {clip_run}, {fairclip_run} and {fair_moe_run}, "
-             f"seeds {seeds}; maps {methods}; decision direction from the {prompts} prompts",
-    "cases": {"n": len(rows), "per_cell": per_cell, "attribute": attribute},
+    "model": f"CLIP, FairCLIP and Fair-MoE ({attribute}) from "
+             f"{clip_run}, {fairclip_run} and {fair_moe_run}, "
+             f"seeds {seeds}; maps {methods}; decision direction "
+             f"from the {prompts} prompts",
+    "cases": {"n": len(rows), "per_cell": per_cell,
+              "attribute": attribute},
     "disc_share": summary,
     "paired_vs_clip": paired,
     "capacity_drops_fair_moe": dropped_table,
@@ -233,22 +283,36 @@ fb.runs.save_metrics({
 
 # %%
 relative = fb.explain.relative_shares(shares)
-lift = pd.concat({m: fb.explain.share_table(relative[relative["method"] == m], n_boot=n_boot) for m in methods},
-                 names=["method"]).reset_index(level=0)
-print(fb.cases.interval_table(lift, ["method", "model"], "group", "share", scale=1, decimals=2))
-clear = paired[((paired["lo"] > 0) | (paired["hi"] < 0)) & (paired["diff"].abs() > 2 * paired["std"])]
-print(f"{len(clear)} of {len(paired)} paired differences from CLIP exclude 0 over cases and exceed twice their "
-      f"seed std; the largest of all is {100 * paired['diff'].abs().max():.1f} points:")
+lift = pd.concat(
+    {m: fb.explain.share_table(relative[relative["method"] == m],
+                               n_boot=n_boot) for m in methods},
+    names=["method"]).reset_index(level=0)
+print(fb.cases.interval_table(lift, ["method", "model"], "group",
+                              "share", scale=1, decimals=2))
+clear = paired[((paired["lo"] > 0) | (paired["hi"] < 0))
+               & (paired["diff"].abs() > 2 * paired["std"])]
+print(f"{len(clear)} of {len(paired)} paired differences from CLIP "
+      "exclude 0 over cases and exceed twice their seed std; the "
+      f"largest of all is {100 * paired['diff'].abs().max():.1f} "
+      "points:")
 on_marker_relative = fb.explain.relative_shares(on_marker)
-on_marker_relative = on_marker_relative[on_marker_relative["group"] == "marked"]
-marker_lift = pd.concat({m: fb.explain.share_table(on_marker_relative[on_marker_relative["method"] == m],
-                                                   n_boot=n_boot) for m in methods}, names=["method"])
-print("map on the marker in marked images, as a multiple of the square's share of the image:",
-      {f"{m} {r['model']}": f"{r['share']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]"
+on_marker_relative = on_marker_relative[
+    on_marker_relative["group"] == "marked"]
+marker_lift = pd.concat(
+    {m: fb.explain.share_table(
+        on_marker_relative[on_marker_relative["method"] == m],
+        n_boot=n_boot) for m in methods}, names=["method"])
+print("map on the marker in marked images, as a multiple of the "
+      "square's share of the image:",
+      {f"{m} {r['model']}": f"{r['share']:.2f} "
+                            f"[{r['lo']:.2f}, {r['hi']:.2f}]"
        for (m, _), r in marker_lift.iterrows()})
 print("score gap marked - unmarked with its interval:",
-      {r["model"]: f"{r['gap']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]" for r in shift.to_dict("records")})
-clear[["method", "model", "group", "diff", "std", "lo", "hi"]].round(4)
+      {r["model"]: f"{r['gap']:+.4f} "
+                   f"[{r['lo']:+.4f}, {r['hi']:+.4f}]"
+       for r in shift.to_dict("records")})
+clear[["method", "model", "group",
+       "diff", "std", "lo", "hi"]].round(4)
 
 # %% [markdown]
 # - The disc-share table answers the question the papers' figures only suggest. A share well above the flat-map

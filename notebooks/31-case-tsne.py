@@ -43,20 +43,31 @@ import pandas as pd
 import fairbook as fb
 
 # %% tags=["parameters"]
-data_root = "data/synth-fairvlmed"  # the data the three chapters were run on
-clip_run = "runs/11-clip-baseline/default"  # CLIP (training attribute "all")
-fairclip_run = "runs/12-fairclip/default"  # FairCLIP, one model per attribute and seed
-fair_moe_run = "runs/13-fair-moe/default"  # Fair-MoE, one model per attribute and seed
-attribute = "race"  # the groups studied, and the attribute FairCLIP and Fair-MoE trained on
+# the data the three chapters were run on
+data_root = "data/synth-fairvlmed"
+# CLIP (training attribute "all")
+clip_run = "runs/11-clip-baseline/default"
+# FairCLIP, one model per attribute and seed
+fairclip_run = "runs/12-fairclip/default"
+# Fair-MoE, one model per attribute and seed
+fair_moe_run = "runs/13-fair-moe/default"
+# the groups studied, and the attribute FairCLIP and Fair-MoE
+# trained on
+attribute = "race"
 seeds = [0, 1, 2]
-n_points = 600  # test images in each t-SNE map (a random draw, the same for every model)
-n_train_probe = 1000  # training images the attribute probe is fitted on (None: the whole training split)
+# test images in each t-SNE map (a random draw, the same for every
+# model)
+n_points = 600
+# training images the attribute probe is fitted on (None: the whole
+# training split)
+n_train_probe = 1000
 n_boot = 1000  # bootstrap resamples of the test set
 n_perm = 1000  # label permutations of the distance test
 
 # %%
 source = fb.data.describe(data_root)
-models = {"CLIP": (clip_run, fb.results.ALL), "FairCLIP": (fairclip_run, attribute),
+models = {"CLIP": (clip_run, fb.results.ALL),
+          "FairCLIP": (fairclip_run, attribute),
           "Fair-MoE": (fair_moe_run, attribute)}
 print(source)
 
@@ -67,11 +78,17 @@ print(source)
 # this chapter's data.
 
 # %%
-runs = fb.results.same_data(fb.results.collect(clip_run, fairclip_run, fair_moe_run), source)
-chosen = fb.cases.select_models(runs, attribute, list(models), seeds)
-architecture = sorted({json.loads((f / "info.json").read_text())["model"] for f in chosen["folder"]})
+runs = fb.results.same_data(
+    fb.results.collect(clip_run, fairclip_run, fair_moe_run),
+    source)
+chosen = fb.cases.select_models(runs, attribute, list(models),
+                                seeds)
+architecture = sorted(
+    {json.loads((f / "info.json").read_text())["model"]
+     for f in chosen["folder"]})
 print("architecture:", ", ".join(architecture))
-chosen.groupby(["method", "attribute"], sort=False)["seed"].apply(list).to_frame("seeds")
+(chosen.groupby(["method", "attribute"], sort=False)["seed"]
+ .apply(list).to_frame("seeds"))
 
 # %% [markdown]
 # ## Image features
@@ -80,11 +97,15 @@ chosen.groupby(["method", "attribute"], sort=False)["seed"].apply(list).to_frame
 # splits. The models of one configuration share their preprocess, so the images are decoded once.
 
 # %%
-_, preprocess, _ = fb.protocol.load_model(clip_run, "CLIP", fb.results.ALL, seeds[0])
-splits = {"train": fb.data.FairVLMed(data_root, "Training", preprocess).subset(n_train_probe, 0),
-          "val": fb.data.FairVLMed(data_root, "Validation", preprocess),
-          "test": fb.data.FairVLMed(data_root, "Test", preprocess)}
-images = {split: fb.representation.load_images(data) for split, data in splits.items()}
+_, preprocess, _ = fb.protocol.load_model(
+    clip_run, "CLIP", fb.results.ALL, seeds[0])
+splits = {
+    "train": (fb.data.FairVLMed(data_root, "Training", preprocess)
+              .subset(n_train_probe, 0)),
+    "val": fb.data.FairVLMed(data_root, "Validation", preprocess),
+    "test": fb.data.FairVLMed(data_root, "Test", preprocess)}
+images = {split: fb.representation.load_images(data)
+          for split, data in splits.items()}
 
 # %% [markdown]
 # `fb.protocol.load_model` rebuilds each model with its kept epoch and `fb.representation.image_features` runs its
@@ -94,12 +115,17 @@ images = {split: fb.representation.load_images(data) for split, data in splits.i
 features = {}
 for method, (run_dir, trained_on) in models.items():
     for seed in seeds:
-        net, preprocess, _ = fb.protocol.load_model(run_dir, method, trained_on, seed)
-        features[method, seed] = {split: fb.representation.image_features(net, preprocess, batches, attribute)
-                                  for split, batches in images.items()}
+        net, preprocess, _ = fb.protocol.load_model(
+            run_dir, method, trained_on, seed)
+        features[method, seed] = {
+            split: fb.representation.image_features(
+                net, preprocess, batches, attribute)
+            for split, batches in images.items()}
 test = features["CLIP", seeds[0]]["test"]
-print({split: f.X.shape for split, f in features["CLIP", seeds[0]].items()})
-pd.Series(test.group).value_counts().to_frame(f"test images per {attribute} group")
+print({split: f.X.shape
+       for split, f in features["CLIP", seeds[0]].items()})
+pd.Series(test.group).value_counts().to_frame(
+    f"test images per {attribute} group")
 
 # %% [markdown]
 # ## t-SNE maps
@@ -108,8 +134,10 @@ pd.Series(test.group).value_counts().to_frame(f"test images per {attribute} grou
 # seed), so positions and orientations are not comparable between maps; only how the colours mix within a map is.
 
 # %%
-first = {method: features[method, seeds[0]]["test"] for method in models}
-points = fb.representation.tsne_points(first, n_points=n_points, seed=0)
+first = {method: features[method, seeds[0]]["test"]
+         for method in models}
+points = fb.representation.tsne_points(first, n_points=n_points,
+                                       seed=0)
 
 # %% mystnb={"figure": {"caption": "t-SNE maps of test-image features (one random draw of test images, the same for every model; first seed), coloured by group of the studied attribute (left; race by default) and by glaucoma label (right). One row per model: CLIP, FairCLIP and Fair-MoE, the last two trained on that attribute.", "name": "fig-tsne-maps"}}
 fb.plots.set_style()
@@ -126,7 +154,8 @@ fb.plots.savefig(fig, "tsne-maps")
 # %%
 probes = []
 for (method, seed), f in features.items():
-    probe = fb.representation.attribute_probe(f["train"], f["val"], f["test"], n_boot=n_boot)
+    probe = fb.representation.attribute_probe(
+        f["train"], f["val"], f["test"], n_boot=n_boot)
     probes.append({"method": method, "seed": seed, **probe})
 probes = pd.DataFrame(probes)
 probes[["method", "seed", "auc", "ci_lo", "ci_hi", "C"]].round(3)
@@ -135,16 +164,20 @@ probes[["method", "seed", "auc", "ci_lo", "ci_hi", "C"]].round(3)
 # Mean ± std over seeds, and the 95% bootstrap interval of the seed mean:
 
 # %%
-probe_summary = fb.representation.over_seeds(probes, "method", "auc")
+probe_summary = fb.representation.over_seeds(
+    probes, "method", "auc")
 fb.representation.format_summary(probe_summary)
 
 # %% [markdown]
 # The macro AUC averages one AUC per group, each group against the others. Which groups can be told apart:
 
 # %%
-per_group = pd.DataFrame([{"method": p["method"], "seed": p["seed"], "group": g, "auc": p["group_auc"][g],
-                           "boot": p["group_boot"][g]} for p in probes.to_dict("records") for g in p["groups"]])
-group_probe_summary = fb.representation.over_seeds(per_group, ["method", "group"], "auc")
+per_group = pd.DataFrame(
+    [{"method": p["method"], "seed": p["seed"], "group": g,
+      "auc": p["group_auc"][g], "boot": p["group_boot"][g]}
+     for p in probes.to_dict("records") for g in p["groups"]])
+group_probe_summary = fb.representation.over_seeds(
+    per_group, ["method", "group"], "auc")
 fb.representation.format_summary(group_probe_summary)
 
 # %% [markdown]
@@ -155,7 +188,8 @@ fb.representation.format_summary(group_probe_summary)
 # features.
 
 # %%
-probe_vs_clip = fb.representation.compare(probe_summary, "CLIP", key="method")
+probe_vs_clip = fb.representation.compare(
+    probe_summary, "CLIP", key="method")
 probe_vs_clip.round(4)
 
 # %% [markdown]
@@ -169,14 +203,19 @@ probe_vs_clip.round(4)
 # the p-value for "is there a difference" and the interval for "how large". MMD² in thousandths (× 1000):
 
 # %%
-distances = pd.concat([fb.representation.group_distances(f["test"].X, f["test"].group, n_boot=n_boot,
-                                                          n_perm=n_perm).assign(method=method, seed=seed)
-                       for (method, seed), f in features.items()], ignore_index=True)
-distance_summary = fb.representation.over_seeds(distances, ["method", "comparison"], "mmd2")
-fb.representation.format_summary(distance_summary, decimals=2, scale=1000)
+distances = pd.concat(
+    [fb.representation.group_distances(
+        f["test"].X, f["test"].group, n_boot=n_boot, n_perm=n_perm)
+     .assign(method=method, seed=seed)
+     for (method, seed), f in features.items()], ignore_index=True)
+distance_summary = fb.representation.over_seeds(
+    distances, ["method", "comparison"], "mmd2")
+fb.representation.format_summary(distance_summary, decimals=2,
+                                 scale=1000)
 
 # %% mystnb={"figure": {"caption": "Unbiased MMD² between each group's test-image features and the rest's, per model: mean over seeds with the 95% bootstrap interval of the mean (Gaussian kernel, median-distance bandwidth per model and seed). Zero is no difference between the distributions; bandwidths differ between models, so compare groups within a model first.", "name": "fig-tsne-distances"}}
-fig = fb.plots.differences(distance_summary, "mean", "ci_lo", "ci_hi", label="comparison", by="method",
+fig = fb.plots.differences(distance_summary, "mean", "ci_lo",
+                           "ci_hi", label="comparison", by="method",
                            xlabel="mmd² (unbiased), group vs rest")
 fb.plots.savefig(fig, "group-distances")
 
@@ -184,7 +223,8 @@ fb.plots.savefig(fig, "group-distances")
 # Each fairness method minus CLIP, per comparison, with the same two intervals as for the probe:
 
 # %%
-distance_vs_clip = fb.representation.compare(distance_summary, "CLIP", key="method")
+distance_vs_clip = fb.representation.compare(
+    distance_summary, "CLIP", key="method")
 distance_vs_clip.round(5)
 
 # %% [markdown]
@@ -192,7 +232,8 @@ distance_vs_clip.round(5)
 # change of the ruler. The bandwidths (a setting of the estimator, taken from the data by the median heuristic):
 
 # %%
-bandwidths = distances.groupby("method", sort=False)["bandwidth"].agg(["min", "max"])
+bandwidths = (distances.groupby("method", sort=False)["bandwidth"]
+              .agg(["min", "max"]))
 bandwidths.round(4)
 
 # %% [markdown]
@@ -202,16 +243,21 @@ bandwidths.round(4)
 numbers = ["method", "mean", "std", "ci_lo", "ci_hi", "seeds"]
 fb.runs.save_metrics({
     "data": source,
-    "model": f"{', '.join(architecture)}: CLIP from {clip_run}, FairCLIP from {fairclip_run} and Fair-MoE from "
-             f"{fair_moe_run} (both trained on {attribute}); kept epochs; L2-normalised image features",
+    "model": f"{', '.join(architecture)}: CLIP from {clip_run}, "
+             f"FairCLIP from {fairclip_run} and Fair-MoE from "
+             f"{fair_moe_run} (both trained on {attribute}); "
+             "kept epochs; L2-normalised image features",
     "attribute": attribute,
     "seeds": seeds,
-    "settings": {"n_points": n_points, "n_train_probe": n_train_probe, "n_boot": n_boot, "n_perm": n_perm,
+    "settings": {"n_points": n_points,
+                 "n_train_probe": n_train_probe,
+                 "n_boot": n_boot, "n_perm": n_perm,
                  "test_images": len(test.group)},
     "probe_auc": probe_summary[numbers],
     "probe_group_auc": group_probe_summary[["group", *numbers]],
     "probe_auc_vs_clip": probe_vs_clip,
-    "probe_per_seed": probes[["method", "seed", "auc", "ci_lo", "ci_hi", "C"]],
+    "probe_per_seed": probes[["method", "seed", "auc", "ci_lo",
+                              "ci_hi", "C"]],
     "mmd2": distance_summary[["comparison", *numbers, "p_perm"]],
     "mmd2_vs_clip": distance_vs_clip,
     "mmd2_bandwidths": bandwidths,
@@ -225,22 +271,33 @@ fb.runs.save_metrics({
 
 # %%
 def verdict(r):
-    clear = r["ci_lo"] * r["ci_hi"] > 0 and r["seed_ci_lo"] * r["seed_ci_hi"] > 0 and r["diff"] * r["ci_lo"] > 0
-    return ("lower" if r["diff"] < 0 else "higher") if clear else "no clear difference"
+    clear = (r["ci_lo"] * r["ci_hi"] > 0
+             and r["seed_ci_lo"] * r["seed_ci_hi"] > 0
+             and r["diff"] * r["ci_lo"] > 0)
+    return (("lower" if r["diff"] < 0 else "higher") if clear
+            else "no clear difference")
 
 
 for r in probe_summary.to_dict("records"):
-    readable = "readable" if r["ci_lo"] > 0.5 else "not distinguishable from chance"
-    print(f"{r['method']}: {attribute} probe AUC {r['mean']:.3f} [{r['ci_lo']:.3f}, {r['ci_hi']:.3f}]: {readable}")
+    readable = ("readable" if r["ci_lo"] > 0.5
+                else "not distinguishable from chance")
+    print(f"{r['method']}: {attribute} probe AUC {r['mean']:.3f} "
+          f"[{r['ci_lo']:.3f}, {r['ci_hi']:.3f}]: {readable}")
 for r in probe_vs_clip.to_dict("records"):
-    print(f"{r['method']} − CLIP probe AUC: {r['diff']:+.3f} [{r['ci_lo']:+.3f}, {r['ci_hi']:+.3f}] over test "
-          f"images, [{r['seed_ci_lo']:+.3f}, {r['seed_ci_hi']:+.3f}] over seeds: {verdict(r)}")
+    print(f"{r['method']} − CLIP probe AUC: {r['diff']:+.3f} "
+          f"[{r['ci_lo']:+.3f}, {r['ci_hi']:+.3f}] over test "
+          f"images, [{r['seed_ci_lo']:+.3f}, "
+          f"{r['seed_ci_hi']:+.3f}] over seeds: {verdict(r)}")
 for method, rows in distance_summary.groupby("method", sort=False):
     top = rows.loc[rows["mean"].idxmax()]
-    print(f"{method}: {int((rows['p_perm'] < 0.05).sum())} of {len(rows)} group-vs-rest distances with permutation "
-          f"p < 0.05; largest MMD² {top['mean']:.4f} [{top['ci_lo']:.4f}, {top['ci_hi']:.4f}] ({top['comparison']})")
+    print(f"{method}: {int((rows['p_perm'] < 0.05).sum())} of "
+          f"{len(rows)} group-vs-rest distances with permutation "
+          f"p < 0.05; largest MMD² {top['mean']:.4f} "
+          f"[{top['ci_lo']:.4f}, {top['ci_hi']:.4f}] "
+          f"({top['comparison']})")
 verdicts = distance_vs_clip.apply(verdict, axis=1)
-print(f"distances vs CLIP's: {verdicts.value_counts().to_dict()} of {len(verdicts)}")
+print(f"distances vs CLIP's: {verdicts.value_counts().to_dict()} "
+      f"of {len(verdicts)}")
 
 # %% [markdown]
 # - The question this chapter answers is narrower than "is the model fair": whether the fairness methods make the

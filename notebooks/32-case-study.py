@@ -37,15 +37,24 @@ import pandas as pd
 import fairbook as fb
 
 # %% tags=["parameters"]
-data_root = "data/synth-fairvlmed"  # the data the three chapters were run on
-clip_run = "runs/11-clip-baseline/default"  # CLIP (training attribute "all")
-fairclip_run = "runs/12-fairclip/default"  # FairCLIP, one model per attribute and seed
-fair_moe_run = "runs/13-fair-moe/default"  # Fair-MoE, one model per attribute and seed
-attribute = "race"  # the groups compared, and the attribute FairCLIP and Fair-MoE trained on
+# the data the three chapters were run on
+data_root = "data/synth-fairvlmed"
+# CLIP (training attribute "all")
+clip_run = "runs/11-clip-baseline/default"
+# FairCLIP, one model per attribute and seed
+fairclip_run = "runs/12-fairclip/default"
+# Fair-MoE, one model per attribute and seed
+fair_moe_run = "runs/13-fair-moe/default"
+# the groups compared, and the attribute FairCLIP and Fair-MoE
+# trained on
+attribute = "race"
 seeds = [0, 1, 2]
-threshold = "youden"  # fb.metrics.choose_threshold method, applied to validation predictions
+# fb.metrics.choose_threshold method, applied to validation
+# predictions
+threshold = "youden"
 n_examples = 3  # gallery cases per group
-gallery_seed = 0  # which disagreements the gallery shows (deterministic for a seed)
+# which disagreements the gallery shows (deterministic for a seed)
+gallery_seed = 0
 
 # %%
 methods = ["CLIP", "FairCLIP", "Fair-MoE"]
@@ -63,7 +72,8 @@ print(source)
 runs = fb.results.collect(clip_run, fairclip_run, fair_moe_run)
 models = fb.cases.select_models(runs, attribute, methods, seeds)
 verdicts = fb.cases.seed_verdicts(models, data_root, threshold)
-verdicts.groupby(["method", "seed"], sort=False)["threshold"].first().unstack().round(4)
+(verdicts.groupby(["method", "seed"], sort=False)["threshold"]
+ .first().unstack().round(4))
 
 # %% [markdown]
 # One row per test case: its group, label, and for each model the seed-mean score, the number of seeds that got
@@ -80,9 +90,13 @@ cases[["case", attribute, "label", *right]].head()
 
 # %%
 accuracy = fb.cases.accuracy_table(cases, attribute, methods)
-labelled = accuracy.assign(group=accuracy["group"] + " (n=" + accuracy["n"].astype(str) + ")")
-pd.concat({"verdict": fb.cases.interval_table(labelled, "group", "model", "accuracy"),
-           "seed mean": fb.cases.interval_table(labelled, "group", "model", "seed_accuracy", "seed_lo", "seed_hi")},
+labelled = accuracy.assign(group=accuracy["group"] + " (n="
+                           + accuracy["n"].astype(str) + ")")
+pd.concat({"verdict": fb.cases.interval_table(labelled, "group",
+                                              "model", "accuracy"),
+           "seed mean": fb.cases.interval_table(
+               labelled, "group", "model", "seed_accuracy",
+               "seed_lo", "seed_hi")},
           axis=1)
 
 # %% [markdown]
@@ -93,7 +107,8 @@ pd.concat({"verdict": fb.cases.interval_table(labelled, "group", "model", "accur
 
 # %%
 agreement = fb.cases.agreement_table(cases, attribute, methods)
-labelled = agreement.assign(group=agreement["group"] + " (n=" + agreement["n"].astype(str) + ")")
+labelled = agreement.assign(group=agreement["group"] + " (n="
+                            + agreement["n"].astype(str) + ")")
 fb.cases.interval_table(labelled, "pattern", "group", "share")
 
 # %% [markdown]
@@ -108,13 +123,15 @@ fb.cases.interval_table(labelled, "pattern", "group", "share")
 # %%
 mcnemar = fb.cases.pairwise_mcnemar(cases, attribute, methods)
 mcnemar["pair"] = mcnemar["model_a"] + " − " + mcnemar["model_b"]
-columns = ["n", "a_only", "b_only", "a_wins", "a_wins_lo", "a_wins_hi", "p", "diff", "diff_lo", "diff_hi"]
+columns = ["n", "a_only", "b_only", "a_wins", "a_wins_lo",
+           "a_wins_hi", "p", "diff", "diff_lo", "diff_hi"]
 mcnemar.set_index(["pair", "group"])[columns].round(3)
 
 # %% mystnb={"figure": {"caption": "Accuracy of the first model minus the second, per group and model pair (majority verdicts over seeds; thresholds chosen on validation), with Newcombe's paired 95% intervals. Left of zero: the second model is right more often.", "name": "fig-case-study-mcnemar"}}
 fb.plots.set_style()
-fig = fb.plots.differences(mcnemar, "diff", "diff_lo", "diff_hi", label="group", by="pair",
-                           xlabel="accuracy difference (first model − second)")
+fig = fb.plots.differences(
+    mcnemar, "diff", "diff_lo", "diff_hi", label="group", by="pair",
+    xlabel="accuracy difference (first model − second)")
 fb.plots.savefig(fig, "paired-accuracy-differences")
 
 # %% [markdown]
@@ -128,7 +145,8 @@ fb.plots.savefig(fig, "paired-accuracy-differences")
 # wrong", ...) appear before any repeats.
 
 # %%
-picks = fb.cases.gallery_cases(cases, attribute, n_examples, gallery_seed, methods)
+picks = fb.cases.gallery_cases(cases, attribute, n_examples,
+                               gallery_seed, methods)
 picks[["case", "filename", "group", "label", "pattern", *right]]
 
 # %% mystnb={"figure": {"caption": "Test cases on which the models disagree, by group: the fundus image with its label, agreement pattern and the start of its clinical note; below, each model's score as the mean over seeds [lowest, highest seed] and the number of seeds that got the case right (each seed at its own validation-chosen threshold).", "name": "fig-case-study-gallery"}}
@@ -141,15 +159,19 @@ fb.plots.savefig(fig, "disagreement-gallery")
 # %%
 fb.runs.save_metrics({
     "data": source,
-    "model": f"CLIP ({clip_run}), FairCLIP and Fair-MoE trained on {attribute} ({fairclip_run}, {fair_moe_run}); "
-             f"seeds {seeds}; {threshold} threshold on each model's validation predictions; verdict = majority "
+    "model": f"CLIP ({clip_run}), FairCLIP and Fair-MoE trained "
+             f"on {attribute} ({fairclip_run}, {fair_moe_run}); "
+             f"seeds {seeds}; {threshold} threshold on each "
+             "model's validation predictions; verdict = majority "
              "over seeds (a tie is not right)",
     "attribute": attribute,
-    "thresholds": verdicts.groupby(["method", "seed"])["threshold"].first(),
+    "thresholds": (verdicts.groupby(["method", "seed"])["threshold"]
+                   .first()),
     "accuracy": accuracy,
     "agreement": agreement,
     "mcnemar": mcnemar,
-    "gallery": picks[["case", "filename", "group", "label", "pattern"]],
+    "gallery": picks[["case", "filename", "group", "label",
+                      "pattern"]],
 })
 
 # %% [markdown]
@@ -159,36 +181,52 @@ fb.runs.save_metrics({
 
 # %%
 for row in agreement.to_dict("records"):
-    if row["pattern"] in ("all right", "all wrong", "models disagree"):
-        print(f"{row['group']} (n={row['n']}): {row['pattern']} {row['share']:.1%} "
+    if row["pattern"] in ("all right", "all wrong",
+                          "models disagree"):
+        print(f"{row['group']} (n={row['n']}): {row['pattern']} "
+              f"{row['share']:.1%} "
               f"[{row['lo']:.1%}, {row['hi']:.1%}]")
 
 # %%
 bound = 0.05 / len(mcnemar)
 for row in mcnemar[mcnemar["p"] < 0.05].to_dict("records"):
     first = row["diff"] > 0
-    winner, loser = (row["model_a"], row["model_b"]) if first else (row["model_b"], row["model_a"])
-    wins, lo, hi = (row["a_wins"], row["a_wins_lo"], row["a_wins_hi"]) if first else (
-        1 - row["a_wins"], 1 - row["a_wins_hi"], 1 - row["a_wins_lo"])
-    print(f"{row['group']}: {winner} is right on {wins:.0%} [{lo:.0%}, {hi:.0%}] of the {row['discordant']} cases "
-          f"it splits with {loser}; accuracy {row['pair']} {row['diff']:+.3f} [{row['diff_lo']:+.3f}, "
-          f"{row['diff_hi']:+.3f}], p = {row['p']:.2g} ({'below' if row['p'] < bound else 'above'} the Bonferroni "
-          f"bound {bound:.4f})")
-print(f"{int((mcnemar['p'] >= 0.05).sum())} of {len(mcnemar)} pair × group tests have p ≥ 0.05")
-split = agreement.set_index(["group", "pattern"]).loc[("all", "models disagree")]
-print(f"The models split on {split['share']:.1%} [{split['lo']:.1%}, {split['hi']:.1%}] of all cases.", end=" ")
+    winner, loser = ((row["model_a"], row["model_b"]) if first
+                     else (row["model_b"], row["model_a"]))
+    wins, lo, hi = (
+        (row["a_wins"], row["a_wins_lo"], row["a_wins_hi"]) if first
+        else (1 - row["a_wins"], 1 - row["a_wins_hi"],
+              1 - row["a_wins_lo"]))
+    print(f"{row['group']}: {winner} is right on {wins:.0%} "
+          f"[{lo:.0%}, {hi:.0%}] of the {row['discordant']} cases "
+          f"it splits with {loser}; accuracy {row['pair']} "
+          f"{row['diff']:+.3f} [{row['diff_lo']:+.3f}, "
+          f"{row['diff_hi']:+.3f}], p = {row['p']:.2g} "
+          f"({'below' if row['p'] < bound else 'above'} the "
+          f"Bonferroni bound {bound:.4f})")
+print(f"{int((mcnemar['p'] >= 0.05).sum())} of {len(mcnemar)} "
+      "pair × group tests have p ≥ 0.05")
+split = (agreement.set_index(["group", "pattern"])
+         .loc[("all", "models disagree")])
+print(f"The models split on {split['share']:.1%} "
+      f"[{split['lo']:.1%}, {split['hi']:.1%}] of all cases.",
+      end=" ")
 if (mcnemar["p"] >= bound).all():
-    print("No pair differs beyond the Bonferroni bound in any group: the split cases do not clearly favour a model.")
+    print("No pair differs beyond the Bonferroni bound in any "
+          "group: the split cases do not clearly favour a model.")
 else:
-    print("Differences marked 'below the Bonferroni bound' above survive the number of tests.")
+    print("Differences marked 'below the Bonferroni bound' above "
+          "survive the number of tests.")
 
 # %% [markdown]
 # How much the majority verdict moves accuracy away from the seeds' own accuracy (all cases):
 
 # %%
 for row in accuracy[accuracy["group"] == "all"].to_dict("records"):
-    print(f"{row['model']}: verdict accuracy {row['accuracy']:.1%} [{row['lo']:.1%}, {row['hi']:.1%}], mean of the "
-          f"seeds' accuracies {row['seed_accuracy']:.1%} [{row['seed_lo']:.1%}, {row['seed_hi']:.1%}]")
+    print(f"{row['model']}: verdict accuracy {row['accuracy']:.1%} "
+          f"[{row['lo']:.1%}, {row['hi']:.1%}], mean of the seeds' "
+          f"accuracies {row['seed_accuracy']:.1%} "
+          f"[{row['seed_lo']:.1%}, {row['seed_hi']:.1%}]")
 
 # %% [markdown]
 # - Accuracy differences between models are made of discordant cases only; the pattern table shows how many there

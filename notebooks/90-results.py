@@ -30,10 +30,16 @@ import fairbook as fb
 
 # %% tags=["parameters"]
 runs_dir = "runs"  # where the chapters' run folders are
-config = "default"  # which configuration of each chapter to read (default, smoke, paper-b16, ...)
-chapters = []  # chapters whose saved predictions are compared ([]: every chapter with saved predictions)
-intersections = ["race&gender"]  # intersectional attributes evaluated beside the single ones
-baseline = "CLIP"  # the method every other method is compared with, paired on seed
+# which configuration of each chapter to read (default, smoke,
+# paper-b16, ...)
+config = "default"
+# chapters whose saved predictions are compared ([]: every
+# chapter with saved predictions)
+chapters = []
+# intersectional attributes evaluated beside the single ones
+intersections = ["race&gender"]
+# the method every other method is compared with, paired on seed
+baseline = "CLIP"
 n_boot = 1000  # bootstrap resamples of the test set
 
 # %% [markdown]
@@ -43,13 +49,17 @@ n_boot = 1000  # bootstrap resamples of the test set
 # model must come from the same data, or the comparison means nothing.
 
 # %%
-chapters = chapters or sorted(p.parent.parent.name for p in fb.files.resolve(runs_dir).glob(f"*/{config}/predictions"))
-folders = [fb.files.resolve(runs_dir) / chapter / config for chapter in chapters]
+chapters = chapters or sorted(
+    p.parent.parent.name for p in
+    fb.files.resolve(runs_dir).glob(f"*/{config}/predictions"))
+folders = [fb.files.resolve(runs_dir) / chapter / config
+           for chapter in chapters]
 runs = fb.results.collect(*folders)
 source = runs["data"].iloc[0]
 fb.results.same_data(runs, source)
 print(f"data: {source}; configuration: {config}")
-runs.groupby(["chapter", "method", "attribute"])["seed"].apply(lambda s: ", ".join(map(str, sorted(s))))
+(runs.groupby(["chapter", "method", "attribute"])["seed"]
+ .apply(lambda s: ", ".join(map(str, sorted(s)))))
 
 # %% [markdown]
 # ## The leaderboard
@@ -62,7 +72,9 @@ runs.groupby(["chapter", "method", "attribute"])["seed"].apply(lambda s: ", ".jo
 # methods; whether two of them differ is the question of the paired comparison below.
 
 # %%
-evals = fb.tables.evaluate(runs, attributes=[*fb.data.FILTER_ATTRIBUTES, *intersections], n_boot=n_boot)
+evals = fb.tables.evaluate(
+    runs, attributes=[*fb.data.FILTER_ATTRIBUTES, *intersections],
+    n_boot=n_boot)
 methods = list(dict.fromkeys(runs["method"]))
 board = fb.tables.leaderboard(evals, methods=methods)
 board
@@ -94,9 +106,11 @@ paired.round(4)
 
 # %% mystnb={"figure": {"caption": "Each method minus the baseline, per attribute and metric: mean over seeds with paired 95% bootstrap intervals.", "name": "fig-results-vs-baseline"}}
 fb.plots.set_style()
-label = paired["method"] + " · " + paired["metric"].str.upper().str.replace("_", "-")
-fig = fb.plots.differences(paired.assign(row=label), "diff", "boot_lo", "boot_hi", label="row", by="attribute",
-                           xlabel=f"method − {baseline}")
+label = (paired["method"] + " · "
+         + paired["metric"].str.upper().str.replace("_", "-"))
+fig = fb.plots.differences(
+    paired.assign(row=label), "diff", "boot_lo", "boot_hi",
+    label="row", by="attribute", xlabel=f"method − {baseline}")
 fb.plots.savefig(fig, "methods-minus-baseline")
 
 # %% [markdown]
@@ -104,7 +118,8 @@ fb.plots.savefig(fig, "methods-minus-baseline")
 
 # %%
 for attribute in fb.data.FILTER_ATTRIBUTES:
-    display(fb.tables.group_auc_table(evals, attribute, methods=methods))
+    display(fb.tables.group_auc_table(evals, attribute,
+                                      methods=methods))
 
 # %% [markdown]
 # ## Saved for later
@@ -113,13 +128,17 @@ for attribute in fb.data.FILTER_ATTRIBUTES:
 # notebook as `per-seed.csv`, for plots or tests of one's own.
 
 # %%
-columns = ["chapter", "method", "attribute", "seed", "eval_attribute", "threshold", "auc", "es_auc", "dpd", "eod",
-           "eq_odds", "worst_auc", "auc_delta"]
+columns = ["chapter", "method", "attribute", "seed",
+           "eval_attribute", "threshold", "auc", "es_auc", "dpd",
+           "eod", "eq_odds", "worst_auc", "auc_delta"]
 per_seed = evals[columns]
-fb.files.atomic_write_text(fb.runs.output_dir() / "per-seed.csv", per_seed.to_csv(index=False))
-fb.runs.save_metrics({"data": source, "chapters": chapters, "source_config": config,
-                      "leaderboard": board.set_axis([" ".join(c).strip() for c in board.columns], axis=1),
-                      "table": table, "paired": paired})
+fb.files.atomic_write_text(fb.runs.output_dir() / "per-seed.csv",
+                           per_seed.to_csv(index=False))
+fb.runs.save_metrics({
+    "data": source, "chapters": chapters, "source_config": config,
+    "leaderboard": board.set_axis(
+        [" ".join(c).strip() for c in board.columns], axis=1),
+    "table": table, "paired": paired})
 
 # %% [markdown]
 # ## Reading the table

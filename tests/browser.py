@@ -56,16 +56,20 @@ _SUMMARY_JS = """
     return new Set([...range.getClientRects()].filter(r => r.width > 0).map(r => Math.round(r.top))).size; };
   const scrolls = el => ['auto', 'scroll'].includes(getComputedStyle(el).overflowX);
   const cells = '.cell_input, .cell_output';
+  const scrollsInCell = el => { for (let e = el; e; e = e.parentElement) { if (scrolls(e)) return true;
+                                                                           if (e.matches(cells)) break; }
+                                 return false; };
   const wide = [...document.querySelectorAll(`${cells}, :is(${cells}) *`)]
     .filter(el => el.scrollWidth > el.clientWidth + 1 && !el.closest('table')
-                  && !(scrolls(el) && el.querySelector('table')));
+                  && !(el.querySelector('table') && scrollsInCell(el)));
   return JSON.stringify({
     title: document.title,
     text: document.body ? document.body.innerText : '',
     math: document.querySelectorAll('mjx-container').length,
     math_errors: document.querySelectorAll('mjx-merror').length,
     images: [...document.images].map(img => ({src: img.currentSrc || img.src, width: img.naturalWidth})),
-    too_wide: wide.map(el => `${el.tagName.toLowerCase()}.${el.className}: ${el.scrollWidth} > ${el.clientWidth} px: `
+    too_wide: wide.map(el => `${el.closest('.cell_input') ? 'input' : 'output'} `
+                           + `${el.tagName.toLowerCase()}.${el.className}: ${el.scrollWidth} > ${el.clientWidth} px: `
                            + el.innerText.split('\\n').sort((a, b) => b.length - a.length)[0].slice(0, 120)),
     parameter_blocks: document.querySelectorAll('.tag_parameters, .tag_injected-parameters').length,
     wrapped_cells: [...document.querySelectorAll('td, th')]
@@ -228,8 +232,9 @@ def check_book_in_browser(html_root: str | Path, settle_ms: int = 15000) -> dict
 
     ``math`` counts MathJax ``mjx-container`` elements; an image with ``width`` 0 did not load. ``too_wide``
     describes each part of a notebook cell (input, output and everything inside) whose content is wider than
-    itself, so that it scrolls or spills sideways; a scrolling box that holds a table is allowed (a wide table
-    scrolls as a whole). ``parameter_blocks`` counts cells tagged ``parameters`` or ``injected-parameters``;
+    itself, so that it scrolls or spills sideways, prefixed "input" or "output"; a box that holds a table inside
+    a scrolling box of the same cell is allowed (a wide table scrolls as a whole). ``parameter_blocks`` counts
+    cells tagged ``parameters`` or ``injected-parameters``;
     ``wrapped_cells`` lists table cells with "±" or "[" whose text runs over more than one line; ``links`` holds
     the page's link targets.
     """

@@ -282,26 +282,23 @@ def test_second_build_with_nothing_changed_rewrites_nothing(built_book):
     assert {p: p.stat().st_mtime_ns for p in html.rglob("*.html")} == before
 
 
-@pytest.mark.browser
-@needs_chromium
-def test_pages_have_one_parameter_block_nothing_scrolls_sideways_and_no_estimate_wraps(report):
+def assert_reads_well(report: dict, config: str) -> None:
+    """Issue #13's reader checks on every page of a built book: one parameter block per chapter, with the run's
+    values and its configuration; nothing scrolls sideways; no estimate wraps; the glance page comes first and
+    links every chapter that tests a paper's claim. Used on the fake book here and on the real smoke book
+    (tests/test_notebooks.py)."""
+    from fairbook.methods import CLAIMS
+
     chapters = [page for page in report["pages"] if page["page"].startswith("notebooks/")]
     assert len(chapters) == len(toc_stems(REPO / "book"))
     for page in chapters:
         assert page["parameter_blocks"] == 1, page["page"]
-        assert "the values of this run (configuration default)" in page["text"]
+        assert f"the values of this run (configuration {config})" in page["text"], page["page"]
         stem = page["page"].removeprefix("notebooks/").removesuffix(".html")
-        assert f"Configuration: default (params/{stem}/default.yaml)" in page["text"]
+        assert f"Configuration: {config} (params/{stem}/{config}.yaml)" in page["text"], page["page"]
     for page in report["pages"]:
-        assert page["too_wide"] == [], page["page"]
-        assert page["wrapped_cells"] == [], page["page"]
-
-
-@pytest.mark.browser
-@needs_chromium
-def test_the_glance_page_comes_first_and_links_every_method_chapter(report):
-    from fairbook.methods import CLAIMS
-
+        assert page["too_wide"] == [], (page["page"], page["too_wide"])
+        assert page["wrapped_cells"] == [], (page["page"], page["wrapped_cells"])
     pages = {page["page"]: page for page in report["pages"]}
     glance = pages["at-a-glance.html"]
     assert glance["title"].startswith("Results at a glance")
@@ -309,3 +306,11 @@ def test_the_glance_page_comes_first_and_links_every_method_chapter(report):
         assert f"notebooks/{chapter}.html" in glance["links"], chapter
     navigation = pages["intro.html"]["text"]
     assert navigation.index("Results at a glance") < navigation.index("Data and metrics")
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_pages_read_well_one_parameter_block_nothing_sideways_no_wrapped_estimate_glance_first(report):
+    assert_reads_well(report, "default")
+
+

@@ -24,6 +24,18 @@ def test_every_notebook_has_parameters_and_params_files():
         assert defaults, f"{nb.name} declares no parameters"
 
 
+def test_code_lines_fit_the_book_column():
+    """No line of a code cell is wider than the book's code column, so no code scrolls sideways (issue #13);
+    markdown cells are prose and wrap by themselves."""
+    import jupytext
+
+    from fairbook.book import CODE_COLUMN
+
+    too_long = [f"{nb.name}: {line}" for nb in NOTEBOOKS for cell in jupytext.read(nb).cells
+                if cell.cell_type == "code" for line in cell.source.splitlines() if len(line) > CODE_COLUMN]
+    assert too_long == [], f"{len(too_long)} code lines over {CODE_COLUMN} characters, e.g. {too_long[:3]}"
+
+
 @pytest.fixture(scope="module")
 def smoke_runs(smoke_data):
     """Every chapter under its smoke parameters, in order, into runs/<stem>/smoke/ of the checkout: later chapters
@@ -61,10 +73,11 @@ def test_data_chapter_numbers_match_the_loader(smoke_runs, smoke_data):
 
 @pytest.mark.browser
 def test_book_built_from_the_smoke_runs_renders_offline(smoke_runs, tmp_path):
-    """The real chapters, executed under smoke parameters, built into the book and opened in Chromium."""
+    """The real chapters, executed under smoke parameters, built into the book and opened in Chromium: every page
+    loads offline and reads well (issue #13's checks, `test_book.assert_reads_well`)."""
     from browser import CHROMIUM, check_book_in_browser
     from fairbook.book import build_book
-    from test_book import copy_book_sources
+    from test_book import assert_reads_well, copy_book_sources
 
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium)")
@@ -78,6 +91,7 @@ def test_book_built_from_the_smoke_runs_renders_offline(smoke_runs, tmp_path):
     assert len(pages["01-data-exploration"]["images"]) >= 6, "the data chapter's figures are missing"
     assert all(img["width"] > 0 for img in result["images"]), "an image failed to load"
     assert result["external_requests"] == [], result["external_requests"]
+    assert_reads_well(result, "smoke")
     assert result["failed_requests"] == [] and result["js_errors"] == []
 
 
