@@ -35,11 +35,8 @@ MATHJAX_NPM = "mathjax@3"
 MATHJAX_ENTRY = Path("mathjax") / "tex-mml-chtml.js"
 #: Lines of the jupyter-book log shown when the build fails.
 LOG_TAIL_LINES = 40
-#: Characters of code that fit one line of the book's code column (608 px in a 1200 px window, measured in
-#: Chromium): the longest line a chapter's code cells may have (tests/test_notebooks.py) and a printed summary
-#: should have.
-CODE_COLUMN = 68
-#: Characters per line of a rewritten parameters cell, a little under CODE_COLUMN.
+#: Characters per line of a rewritten parameters cell, a little under the code column
+#: (:data:`fairbook.plots.CODE_COLUMN`).
 PARAMETER_LINE = 64
 #: The generated results-at-a-glance page, relative to the book folder (listed in ``_toc.yml``).
 GLANCE_PAGE = "at-a-glance.md"

@@ -1,8 +1,11 @@
-"""Figures: one house style for every chapter, and saving figures into the run folder.
+"""What a chapter shows besides tables: figures in one house style, saved into the run folder, and printed
+summaries wrapped to the book's code column (:func:`say`).
 
 Captions belong in the notebook's cell metadata (``mystnb: {figure: {caption, name}}``), not in ``ax.set_title``.
 """
 from __future__ import annotations
+
+import textwrap
 
 import matplotlib
 
@@ -10,6 +13,18 @@ from fairbook.runs import output_dir
 
 #: One colour per group, stable across chapters (colour-blind safe: seaborn's "colorblind").
 PALETTE = "colorblind"
+#: Characters of monospace text that fit one line of the book's code column (608 px in a 1200 px window, measured
+#: in Chromium): the longest line a chapter's code cells may have (tests/test_notebooks.py) and the width at which
+#: :func:`say` wraps printed summaries, so that nothing on a page scrolls sideways.
+CODE_COLUMN = 68
+
+
+def say(*parts, sep: str = " ", width: int = CODE_COLUMN) -> None:
+    """``print(*parts, sep=sep)``, wrapped at ``width`` characters (the book's code column), continuation lines
+    indented by two spaces; line breaks in the text are kept. Chapters print their summaries with it."""
+    text = sep.join(map(str, parts))
+    print("\n".join(textwrap.fill(line, width, subsequent_indent="  ", break_on_hyphens=False) if line.strip()
+                    else line for line in text.split("\n")))
 
 
 def set_style() -> None:

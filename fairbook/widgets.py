@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pandas as pd
 
+from fairbook.plots import say
 from fairbook.runs import RUN_DIR_ENV
 
 
@@ -37,9 +38,9 @@ def _show_sample(row: pd.Series, attributes) -> None:
         ax.imshow(z["slo_fundus"], cmap="gray")
     ax.axis("off")
     plt.show()
-    print(f"{row['filename']} · glaucoma={row['glaucoma']} · "
-          + " · ".join(f"{a}={row[f'{a}_name']}" for a in attributes))
-    print(row["note"])
+    say(f"{row['filename']} · glaucoma={row['glaucoma']} · "
+        + " · ".join(f"{a}={row[f'{a}_name']}" for a in attributes))
+    say(row["note"])
 
 
 def sample_browser(meta: pd.DataFrame, attributes=("race", "gender", "ethnicity", "language")):

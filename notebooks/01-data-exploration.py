@@ -51,7 +51,7 @@ seed = 0
 # %%
 root = fb.files.resolve(data_root)
 source = fb.data.describe(root)
-print(source)
+fb.plots.say(source)
 
 # %%
 metas = {split: fb.data.load_metadata(root, split,

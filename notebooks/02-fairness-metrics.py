@@ -53,7 +53,7 @@ root = fb.files.resolve(data_root)
 source = fb.data.describe(root)
 X = {split: fb.data.load_pixels(root, split, size=pixels)
      for split in fb.data.SPLITS}
-print(source)
+fb.plots.say(source)
 
 # %%
 (X_train, train), (X_val, val), (X_test, test) = (
@@ -85,8 +85,8 @@ groups = {a: test[f"{a}_name"] for a in attributes}
 report = fb.metrics.fairness_report(
     test["glaucoma"], p_test, groups, threshold=threshold,
     validation=(val["glaucoma"], p_val), n_boot=n_boot, seed=seed)
-print(report["threshold_note"],
-      f"-> threshold {report['threshold']:.3f}")
+fb.plots.say(report["threshold_note"],
+             f"-> threshold {report['threshold']:.3f}")
 
 # %%
 headline = ["auc", "es_auc", "es_auc_std", "dpd", "eod", "eq_odds",
@@ -130,7 +130,7 @@ forms = pd.DataFrame({
         "AUC_ES (group mean)":
             fb.metrics.equity_scaled_group_mean(g)}
     for name, (auc, g) in models.items()}).T.astype(float)
-print("ranked first:", forms.idxmax().to_dict())
+fb.plots.say("ranked first:", forms.idxmax().to_dict())
 forms.round(4)
 
 # %% [markdown]

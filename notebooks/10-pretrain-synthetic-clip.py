@@ -69,7 +69,7 @@ source = fb.data.describe(root)
 corpus = fb.data.synthetic.pretrain_corpus(pretrain_seed,
                                            pretrain_samples)
 corpus_source = fb.data.describe(corpus)
-print(f"pretraining: {corpus_source}\nevaluation:  {source}")
+fb.plots.say(f"pretraining: {corpus_source}\nevaluation:  {source}")
 
 # %% [markdown]
 # The corpus splits. Its validation split chooses the epoch; its small test split exists only because the
@@ -152,7 +152,8 @@ scores = {split: fb.train.zero_shot_scores(
           for split, ds in evaluation.items()}
 (y_val, p_val, _), (y_test, p_test, _) = (scores["Validation"],
                                           scores["Test"])
-class_prompts
+for label, texts in class_prompts.items():
+    fb.plots.say(f"{label}:", " | ".join(texts))
 
 # %%
 test = evaluation["Test"].metadata
@@ -160,8 +161,8 @@ groups = {a: test[f"{a}_name"] for a in fb.data.FILTER_ATTRIBUTES}
 report = fb.metrics.fairness_report(
     y_test, p_test, groups, threshold="youden",
     validation=(y_val, p_val), n_boot=n_boot, seed=seed)
-print(report["threshold_note"],
-      f"-> threshold {report['threshold']:.3f}")
+fb.plots.say(report["threshold_note"],
+             f"-> threshold {report['threshold']:.3f}")
 
 # %% [markdown]
 # Test metrics in percent with 95% bootstrap intervals (resampled within each group), one row per attribute.
@@ -210,9 +211,9 @@ reloaded, *_ = fb.models.create_clip(model,
 _, p_reloaded, _ = fb.train.zero_shot_scores(
     reloaded, tokenizer, val_loader, class_prompts)
 info = fb.train.load_checkpoint(checkpoint, net)
-{"largest score difference after reloading":
-     float(abs(p_reloaded - p_val).max()),
- "epoch in file": info["epoch"]}
+pd.Series({"largest score difference after reloading":
+           float(abs(p_reloaded - p_val).max()),
+           "epoch in file": info["epoch"]}, name="check")
 
 # %% [markdown]
 # ## Record the numbers
@@ -250,10 +251,10 @@ fb.runs.save_metrics({
 
 # %%
 lo, hi = race_entry["ci"]["auc"]
-print(f"zero-shot test AUC {race_entry['auc']:.3f} "
-      f"[{lo:.3f}, {hi:.3f}] with the {prompts} prompts; "
-      f"worst race group AUC {race_entry['worst_auc']:.3f}, "
-      f"race AUC gap {race_entry['auc_delta']:.3f}")
+fb.plots.say(f"zero-shot test AUC {race_entry['auc']:.3f} "
+             f"[{lo:.3f}, {hi:.3f}] with the {prompts} prompts; "
+             f"worst race group AUC {race_entry['worst_auc']:.3f}, "
+             f"race AUC gap {race_entry['auc_delta']:.3f}")
 
 # %% [markdown]
 # - A zero-shot AUC clearly above 0.5 means the tiny CLIP, trained from random weights on a separate synthetic

@@ -66,8 +66,8 @@ source = fb.data.describe(data_root)
 config = fb.train.TrainConfig.preset(recipe, epochs=epochs, lr=lr,
                                      batch_size=batch_size,
                                      prompts=prompts)
-print(source)
-config
+fb.plots.say(source)
+fb.plots.say(config)
 
 # %% [markdown]
 # The recipe is FairCLIP's (Adam with betas (0.1, 0.1), weight decay 6e-5, no schedule, only the image and text
@@ -192,7 +192,7 @@ probe_report = fb.metrics.fairness_report(
      for a in fb.data.FILTER_ATTRIBUTES}, threshold="youden",
     validation=(val_probe["y_true"], val_probe["y_score"]),
     n_boot=n_boot)
-print(f"C = {probe['C']:g} (chosen on validation AUC)")
+fb.plots.say(f"C = {probe['C']:g} (chosen on validation AUC)")
 fb.metrics.ci_table(probe_report,
                     ["auc", "es_auc", "dpd", "eod", "auc_delta"])
 
@@ -235,14 +235,15 @@ fb.runs.save_metrics(summary)
 # %%
 auc = evals[evals["eval_attribute"] == "race"]["auc"]
 widest = race.loc[race["diff"].abs().idxmax()]
-print(f"CLIP baseline test AUC {auc.mean():.3f} ± {auc.std():.3f} "
-      f"over {len(seeds)} seeds; largest race difference "
-      f"{widest['groups']}: {widest['diff']:+.3f} "
-      f"[{widest['ci_lo']:+.3f}, {widest['ci_hi']:+.3f}]")
+fb.plots.say(f"CLIP baseline test AUC {auc.mean():.3f} ± "
+             f"{auc.std():.3f} over {len(seeds)} seeds; largest "
+             f"race difference {widest['groups']}: "
+             f"{widest['diff']:+.3f} "
+             f"[{widest['ci_lo']:+.3f}, {widest['ci_hi']:+.3f}]")
 if control_root:
     defined = control_gaps["ci_contains_0"].dropna()
-    print(f"control: {int(defined.sum())} of {len(defined)} "
-          "group-pair intervals contain zero")
+    fb.plots.say(f"control: {int(defined.sum())} of {len(defined)} "
+                 "group-pair intervals contain zero")
 
 # %% [markdown]
 # - The designed race bias of SynthFairVLMed (darker, noisier images, more label noise and a different prevalence

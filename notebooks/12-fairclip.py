@@ -82,7 +82,7 @@ config = fb.train.TrainConfig.preset(recipe, epochs=epochs, lr=lr,
                                      prompts=prompts)
 baseline = fb.results.same_data(fb.results.collect(baseline_run),
                                 source)
-print(source)
+fb.plots.say(source)
 baseline[["method", "attribute", "seed", "data"]]
 
 # %% [markdown]
@@ -131,8 +131,8 @@ if lam_grid:
         out / "selection", candidates, setup, selection_seeds,
         selection_attributes, name="FairCLIP")
     display(lam_curve.round(4))
-print(f"lambda = {fairclip.lam:g}, chosen "
-      f"{'on validation' if lam_grid else 'a priori'}")
+fb.plots.say(f"lambda = {fairclip.lam:g}, chosen "
+             f"{'on validation' if lam_grid else 'a priori'}")
 
 # %% mystnb={"figure": {"caption": "Validation AUC and ES-AUC of each candidate lambda (selection seeds and attributes only); dashed: the chosen lambda.", "name": "fig-fairclip-lambda"}}
 if lam_grid:
@@ -228,9 +228,9 @@ fb.runs.save_metrics({
 
 # %%
 verdicts = fb.tables.claims(paired)
-print(f"{len(verdicts)} comparisons "
-      f"(4 metrics x {len(attributes)} attributes):",
-      verdicts["verdict"].value_counts().to_dict())
+fb.plots.say(f"{len(verdicts)} comparisons "
+             f"(4 metrics x {len(attributes)} attributes):",
+             verdicts["verdict"].value_counts().to_dict())
 verdicts.loc[verdicts["verdict"] != "no clear difference",
              ["attribute", "metric", "diff", "boot_lo", "boot_hi",
               "verdict"]].round(4)

@@ -112,11 +112,11 @@ net, preprocess_train, preprocess_val, tokenizer = (
     fb.protocol.build_model(fair_moe, setup, seeds[0]))
 clip_params, moe_params = (sum(p.numel() for p in m.parameters())
                            for m in (clip, net))
-print(f"{model}: {clip_params:,} parameters as CLIP, "
-      f"{moe_params:,} as Fair-MoE "
-      f"({moe_params / clip_params:.2f}x)")
-{name: type(layer).__name__
- for name, layer in fb.methods.fair_moe.routers(net).items()}
+fb.plots.say(f"{model}: {clip_params:,} parameters as CLIP, "
+             f"{moe_params:,} as Fair-MoE "
+             f"({moe_params / clip_params:.2f}x)")
+fb.plots.say({name: type(layer).__name__ for name, layer
+              in fb.methods.fair_moe.routers(net).items()})
 
 # %% [markdown]
 # ## Choosing the weights
@@ -157,8 +157,9 @@ if fol_weight_grid:
         out / "selection", candidates, setup, selection_seeds,
         selection_attributes, name="Fair-MoE")
     display(weight_curve.round(4))
-print(f"FOL weight = {fair_moe.fol['weight']:g}, chosen "
-      f"{'on validation' if fol_weight_grid else 'a priori'}")
+fb.plots.say(
+    f"FOL weight = {fair_moe.fol['weight']:g}, chosen "
+    f"{'on validation' if fol_weight_grid else 'a priori'}")
 
 # %% mystnb={"figure": {"caption": "Validation AUC and ES-AUC of each candidate FOL weight (selection seeds and attributes only); dashed: the chosen weight.", "name": "fig-fair-moe-weight"}}
 if fol_weight_grid:
@@ -287,11 +288,13 @@ verdicts.pivot_table(
 loads = (routing[routing["group"] == "all"]
          .groupby("router", sort=False)["load"])
 used = loads.apply(lambda load: int((load > 0.01).sum()))
-print("FOL / contrastive loss at the start (a priori weight):",
-      scale.set_index("name")["share"].round(4).to_dict())
-print("experts with more than 1% of the load:", used.to_dict(),
-      f"(of {layers['n_experts']} patch, "
-      f"{layers['feature_experts']} feature)")
+fb.plots.say("FOL / contrastive loss at the start "
+             "(a priori weight):",
+             scale.set_index("name")["share"].round(4).to_dict())
+fb.plots.say("experts with more than 1% of the load:",
+             used.to_dict(),
+             f"(of {layers['n_experts']} patch, "
+             f"{layers['feature_experts']} feature)")
 
 # %% [markdown]
 # - The paper reports Fair-MoE above CLIP and FairCLIP in ES-AUC and AUC for every attribute. On this benchmark each

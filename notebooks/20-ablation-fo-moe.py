@@ -61,7 +61,7 @@ fairclip_moe = fb.methods.FairMoE(
     "FairCLIP w. FO-MoE", layers=fair_moe.layers, fol=None,
     fairclip={k: v for k, v in fairclip.settings().items()
               if k != "name"})
-print(fairclip_moe.describe())
+fb.plots.say(fairclip_moe.describe())
 setup = fb.protocol.Setup(data_root, config, model, pretrained,
                           n_train)
 out = fb.runs.output_dir()
@@ -116,7 +116,7 @@ fb.runs.save_metrics({
 # Computed:
 
 # %%
-print(verdicts["verdict"].value_counts().to_dict())
+fb.plots.say(verdicts["verdict"].value_counts().to_dict())
 
 # %% [markdown]
 # - A "better" verdict supports the paper's Table 2 claim for that metric on this benchmark; "no clear difference"

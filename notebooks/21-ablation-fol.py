@@ -113,10 +113,10 @@ fb.runs.save_metrics({
 # ## Takeaways
 
 # %%
-print("FOL on top of the architecture:",
-      with_fol["verdict"].value_counts().to_dict())
-print("architecture alone against CLIP:",
-      alone["verdict"].value_counts().to_dict())
+fb.plots.say("FOL on top of the architecture:",
+             with_fol["verdict"].value_counts().to_dict())
+fb.plots.say("architecture alone against CLIP:",
+             alone["verdict"].value_counts().to_dict())
 
 # %% [markdown]
 # - The paper's Table 3 claim is the first line: Fair-MoE should beat its FOL-free twin. The second line says how

@@ -79,7 +79,7 @@ ablations = [
         layers={**fair_moe.layers, **TABLE4[name][0]},
         fol={**fair_moe.fol, "keep": TABLE4[name][1]})
     for name in variants]
-print(fair_moe.describe())
+fb.plots.say(fair_moe.describe())
 setup = fb.protocol.Setup(data_root, config, model, pretrained,
                           n_train)
 out = fb.runs.output_dir()
@@ -143,10 +143,11 @@ fb.runs.save_metrics({
 
 # %%
 helps = verdicts[verdicts["verdict"] == "worse"]
-print(f"{len(verdicts)} comparisons; removing a component made "
-      f"Fair-MoE clearly worse in {len(helps)}:",
-      ", ".join(f"{r.method.removeprefix('Fair-MoE ')} ({r.metric})"
-                for r in helps.itertuples()) or "none")
+fb.plots.say(f"{len(verdicts)} comparisons; removing a component "
+             f"made Fair-MoE clearly worse in {len(helps)}:",
+             ", ".join(f"{r.method.removeprefix('Fair-MoE ')} "
+                       f"({r.metric})"
+                       for r in helps.itertuples()) or "none")
 
 # %% [markdown]
 # - A component whose removal changes nothing clearly is not shown to matter on this benchmark; with three seeds

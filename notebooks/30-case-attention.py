@@ -79,9 +79,9 @@ cases.groupby(["group", "glaucoma"]).size().unstack()
 # %%
 images = fb.explain.case_images(test, rows)
 masks = fb.explain.region_masks(test, rows, mask_key)
-print(f"{len(rows)} cases, images {tuple(images.shape)}, "
-      f"patch grid {fb.explain.patch_grid(net)}, "
-      f"masks {masks.shape[1:]} at the raw resolution")
+fb.plots.say(f"{len(rows)} cases, images {tuple(images.shape)}, "
+             f"patch grid {fb.explain.patch_grid(net)}, "
+             f"masks {masks.shape[1:]} at the raw resolution")
 
 # %% [markdown]
 # ## Disc shares for every model and seed
@@ -91,10 +91,10 @@ shares = fb.explain.model_shares(models, seeds, images, masks,
                                  ["uniform", *methods], prompts)
 shares["case"] = rows[shares["item"]]
 shares["group"] = cases["group"].to_numpy()[shares["item"]]
-print(f"{len(shares):,} shares: "
-      f"{shares['model'].nunique()} models x {len(seeds)} seeds x "
-      f"{shares['method'].nunique()} maps (with the flat map) x "
-      f"{len(rows)} cases")
+fb.plots.say(f"{len(shares):,} shares: "
+             f"{shares['model'].nunique()} models x {len(seeds)} "
+             f"seeds x {shares['method'].nunique()} maps (with the "
+             f"flat map) x {len(rows)} cases")
 
 # %% [markdown]
 # ## Share of the map inside the disc, per group
@@ -112,9 +112,9 @@ flat = fb.explain.share_table(
 summary = pd.concat(
     {**tables, "uniform": flat.assign(model="flat map")},
     names=["method"]).reset_index(level=0)
-cell = summary.apply(
-    lambda r: f"{100 * r['share']:.1f} ± {100 * r['std']:.1f} "
-              f"[{100 * r['lo']:.1f}, {100 * r['hi']:.1f}]", axis=1)
+cell = [fb.stats.estimate(100 * r.share, 100 * r.std, 100 * r.lo,
+                          100 * r.hi, decimals=1)
+        for r in summary.itertuples()]
 summary.assign(cell=cell).pivot_table(
     index=["method", "model"], columns="group", values="cell",
     aggfunc="first")
@@ -287,14 +287,14 @@ lift = pd.concat(
     {m: fb.explain.share_table(relative[relative["method"] == m],
                                n_boot=n_boot) for m in methods},
     names=["method"]).reset_index(level=0)
-print(fb.cases.interval_table(lift, ["method", "model"], "group",
-                              "share", scale=1, decimals=2))
+display(fb.cases.interval_table(lift, ["method", "model"], "group",
+                                "share", scale=1, decimals=2))
 clear = paired[((paired["lo"] > 0) | (paired["hi"] < 0))
                & (paired["diff"].abs() > 2 * paired["std"])]
-print(f"{len(clear)} of {len(paired)} paired differences from CLIP "
-      "exclude 0 over cases and exceed twice their seed std; the "
-      f"largest of all is {100 * paired['diff'].abs().max():.1f} "
-      "points:")
+fb.plots.say(f"{len(clear)} of {len(paired)} paired differences "
+             "from CLIP exclude 0 over cases and exceed twice "
+             "their seed std; the largest of all is "
+             f"{100 * paired['diff'].abs().max():.1f} points:")
 on_marker_relative = fb.explain.relative_shares(on_marker)
 on_marker_relative = on_marker_relative[
     on_marker_relative["group"] == "marked"]
@@ -302,15 +302,15 @@ marker_lift = pd.concat(
     {m: fb.explain.share_table(
         on_marker_relative[on_marker_relative["method"] == m],
         n_boot=n_boot) for m in methods}, names=["method"])
-print("map on the marker in marked images, as a multiple of the "
-      "square's share of the image:",
-      {f"{m} {r['model']}": f"{r['share']:.2f} "
-                            f"[{r['lo']:.2f}, {r['hi']:.2f}]"
-       for (m, _), r in marker_lift.iterrows()})
-print("score gap marked - unmarked with its interval:",
-      {r["model"]: f"{r['gap']:+.4f} "
-                   f"[{r['lo']:+.4f}, {r['hi']:+.4f}]"
-       for r in shift.to_dict("records")})
+fb.plots.say("map on the marker in marked images, as a multiple "
+             "of the square's share of the image:",
+             {f"{m} {r['model']}": f"{r['share']:.2f} "
+                                   f"[{r['lo']:.2f}, {r['hi']:.2f}]"
+              for (m, _), r in marker_lift.iterrows()})
+fb.plots.say("score gap marked - unmarked with its interval:",
+             {r["model"]: f"{r['gap']:+.4f} "
+                          f"[{r['lo']:+.4f}, {r['hi']:+.4f}]"
+              for r in shift.to_dict("records")})
 clear[["method", "model", "group",
        "diff", "std", "lo", "hi"]].round(4)
 

@@ -69,7 +69,7 @@ source = fb.data.describe(data_root)
 models = {"CLIP": (clip_run, fb.results.ALL),
           "FairCLIP": (fairclip_run, attribute),
           "Fair-MoE": (fair_moe_run, attribute)}
-print(source)
+fb.plots.say(source)
 
 # %% [markdown]
 # ## The models
@@ -86,7 +86,7 @@ chosen = fb.cases.select_models(runs, attribute, list(models),
 architecture = sorted(
     {json.loads((f / "info.json").read_text())["model"]
      for f in chosen["folder"]})
-print("architecture:", ", ".join(architecture))
+fb.plots.say("architecture:", ", ".join(architecture))
 (chosen.groupby(["method", "attribute"], sort=False)["seed"]
  .apply(list).to_frame("seeds"))
 
@@ -122,8 +122,8 @@ for method, (run_dir, trained_on) in models.items():
                 net, preprocess, batches, attribute)
             for split, batches in images.items()}
 test = features["CLIP", seeds[0]]["test"]
-print({split: f.X.shape
-       for split, f in features["CLIP", seeds[0]].items()})
+fb.plots.say({split: f.X.shape
+              for split, f in features["CLIP", seeds[0]].items()})
 pd.Series(test.group).value_counts().to_frame(
     f"test images per {attribute} group")
 
@@ -281,23 +281,26 @@ def verdict(r):
 for r in probe_summary.to_dict("records"):
     readable = ("readable" if r["ci_lo"] > 0.5
                 else "not distinguishable from chance")
-    print(f"{r['method']}: {attribute} probe AUC {r['mean']:.3f} "
-          f"[{r['ci_lo']:.3f}, {r['ci_hi']:.3f}]: {readable}")
+    fb.plots.say(f"{r['method']}: {attribute} probe AUC "
+                 f"{r['mean']:.3f} [{r['ci_lo']:.3f}, "
+                 f"{r['ci_hi']:.3f}]: {readable}")
 for r in probe_vs_clip.to_dict("records"):
-    print(f"{r['method']} − CLIP probe AUC: {r['diff']:+.3f} "
-          f"[{r['ci_lo']:+.3f}, {r['ci_hi']:+.3f}] over test "
-          f"images, [{r['seed_ci_lo']:+.3f}, "
-          f"{r['seed_ci_hi']:+.3f}] over seeds: {verdict(r)}")
+    fb.plots.say(f"{r['method']} − CLIP probe AUC: "
+                 f"{r['diff']:+.3f} [{r['ci_lo']:+.3f}, "
+                 f"{r['ci_hi']:+.3f}] over test images, "
+                 f"[{r['seed_ci_lo']:+.3f}, {r['seed_ci_hi']:+.3f}]"
+                 f" over seeds: {verdict(r)}")
 for method, rows in distance_summary.groupby("method", sort=False):
     top = rows.loc[rows["mean"].idxmax()]
-    print(f"{method}: {int((rows['p_perm'] < 0.05).sum())} of "
-          f"{len(rows)} group-vs-rest distances with permutation "
-          f"p < 0.05; largest MMD² {top['mean']:.4f} "
-          f"[{top['ci_lo']:.4f}, {top['ci_hi']:.4f}] "
-          f"({top['comparison']})")
+    fb.plots.say(f"{method}: {int((rows['p_perm'] < 0.05).sum())} "
+                 f"of {len(rows)} group-vs-rest distances with "
+                 "permutation p < 0.05; largest MMD² "
+                 f"{top['mean']:.4f} [{top['ci_lo']:.4f}, "
+                 f"{top['ci_hi']:.4f}] ({top['comparison']})")
 verdicts = distance_vs_clip.apply(verdict, axis=1)
-print(f"distances vs CLIP's: {verdicts.value_counts().to_dict()} "
-      f"of {len(verdicts)}")
+fb.plots.say("distances vs CLIP's: "
+             f"{verdicts.value_counts().to_dict()} "
+             f"of {len(verdicts)}")
 
 # %% [markdown]
 # - The question this chapter answers is narrower than "is the model fair": whether the fairness methods make the

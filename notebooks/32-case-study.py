@@ -59,7 +59,7 @@ gallery_seed = 0
 # %%
 methods = ["CLIP", "FairCLIP", "Fair-MoE"]
 source = fb.data.describe(data_root)
-print(source)
+fb.plots.say(source)
 
 # %% [markdown]
 # ## The per-case frame
@@ -183,9 +183,9 @@ fb.runs.save_metrics({
 for row in agreement.to_dict("records"):
     if row["pattern"] in ("all right", "all wrong",
                           "models disagree"):
-        print(f"{row['group']} (n={row['n']}): {row['pattern']} "
-              f"{row['share']:.1%} "
-              f"[{row['lo']:.1%}, {row['hi']:.1%}]")
+        fb.plots.say(f"{row['group']} (n={row['n']}): "
+                     f"{row['pattern']} {row['share']:.1%} "
+                     f"[{row['lo']:.1%}, {row['hi']:.1%}]")
 
 # %%
 bound = 0.05 / len(mcnemar)
@@ -197,36 +197,37 @@ for row in mcnemar[mcnemar["p"] < 0.05].to_dict("records"):
         (row["a_wins"], row["a_wins_lo"], row["a_wins_hi"]) if first
         else (1 - row["a_wins"], 1 - row["a_wins_hi"],
               1 - row["a_wins_lo"]))
-    print(f"{row['group']}: {winner} is right on {wins:.0%} "
-          f"[{lo:.0%}, {hi:.0%}] of the {row['discordant']} cases "
-          f"it splits with {loser}; accuracy {row['pair']} "
-          f"{row['diff']:+.3f} [{row['diff_lo']:+.3f}, "
-          f"{row['diff_hi']:+.3f}], p = {row['p']:.2g} "
-          f"({'below' if row['p'] < bound else 'above'} the "
-          f"Bonferroni bound {bound:.4f})")
-print(f"{int((mcnemar['p'] >= 0.05).sum())} of {len(mcnemar)} "
-      "pair × group tests have p ≥ 0.05")
+    fb.plots.say(f"{row['group']}: {winner} is right on {wins:.0%} "
+                 f"[{lo:.0%}, {hi:.0%}] of the "
+                 f"{row['discordant']} cases it splits with "
+                 f"{loser}; accuracy {row['pair']} "
+                 f"{row['diff']:+.3f} [{row['diff_lo']:+.3f}, "
+                 f"{row['diff_hi']:+.3f}], p = {row['p']:.2g} "
+                 f"({'below' if row['p'] < bound else 'above'} the "
+                 f"Bonferroni bound {bound:.4f})")
+fb.plots.say(f"{int((mcnemar['p'] >= 0.05).sum())} of "
+             f"{len(mcnemar)} pair × group tests have p ≥ 0.05")
 split = (agreement.set_index(["group", "pattern"])
          .loc[("all", "models disagree")])
-print(f"The models split on {split['share']:.1%} "
-      f"[{split['lo']:.1%}, {split['hi']:.1%}] of all cases.",
-      end=" ")
-if (mcnemar["p"] >= bound).all():
-    print("No pair differs beyond the Bonferroni bound in any "
-          "group: the split cases do not clearly favour a model.")
-else:
-    print("Differences marked 'below the Bonferroni bound' above "
-          "survive the number of tests.")
+fb.plots.say(f"The models split on {split['share']:.1%} "
+             f"[{split['lo']:.1%}, {split['hi']:.1%}] of all "
+             "cases.",
+             "No pair differs beyond the Bonferroni bound in any "
+             "group: the split cases do not clearly favour a model."
+             if (mcnemar["p"] >= bound).all() else
+             "Differences marked 'below the Bonferroni bound' "
+             "above survive the number of tests.")
 
 # %% [markdown]
 # How much the majority verdict moves accuracy away from the seeds' own accuracy (all cases):
 
 # %%
 for row in accuracy[accuracy["group"] == "all"].to_dict("records"):
-    print(f"{row['model']}: verdict accuracy {row['accuracy']:.1%} "
-          f"[{row['lo']:.1%}, {row['hi']:.1%}], mean of the seeds' "
-          f"accuracies {row['seed_accuracy']:.1%} "
-          f"[{row['seed_lo']:.1%}, {row['seed_hi']:.1%}]")
+    fb.plots.say(f"{row['model']}: verdict accuracy "
+                 f"{row['accuracy']:.1%} [{row['lo']:.1%}, "
+                 f"{row['hi']:.1%}], mean of the seeds' accuracies "
+                 f"{row['seed_accuracy']:.1%} "
+                 f"[{row['seed_lo']:.1%}, {row['seed_hi']:.1%}]")
 
 # %% [markdown]
 # - Accuracy differences between models are made of discordant cases only; the pattern table shows how many there

@@ -57,7 +57,7 @@ folders = [fb.files.resolve(runs_dir) / chapter / config
 runs = fb.results.collect(*folders)
 source = runs["data"].iloc[0]
 fb.results.same_data(runs, source)
-print(f"data: {source}; configuration: {config}")
+fb.plots.say(f"data: {source}; configuration: {config}")
 (runs.groupby(["chapter", "method", "attribute"])["seed"]
  .apply(lambda s: ", ".join(map(str, sorted(s)))))
 

@@ -29,7 +29,7 @@ def test_code_lines_fit_the_book_column():
     markdown cells are prose and wrap by themselves."""
     import jupytext
 
-    from fairbook.book import CODE_COLUMN
+    from fairbook.plots import CODE_COLUMN
 
     too_long = [f"{nb.name}: {line}" for nb in NOTEBOOKS for cell in jupytext.read(nb).cells
                 if cell.cell_type == "code" for line in cell.source.splitlines() if len(line) > CODE_COLUMN]

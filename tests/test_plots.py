@@ -65,3 +65,17 @@ def test_validation_curve_marks_the_chosen_setting():
     assert left.get_xscale() == "log" and right.get_ylabel() == "validation ES-AUC"
     assert [line.get_xdata()[0] for line in left.lines if line.get_linestyle() == "--"] == [10]
     plt.close(fig)
+
+
+def test_say_wraps_printed_summaries_at_the_book_column_and_keeps_line_breaks(capsys):
+    plots.say("zero-shot test AUC 0.481 [0.396, 0.581] with the fairmedfm prompts;",
+              {"worst race group": "Black", "race AUC gap": 0.14}, "\nsecond paragraph")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["zero-shot test AUC 0.481 [0.396, 0.581] with the fairmedfm prompts;",
+                     "  {'worst race group': 'Black', 'race AUC gap': 0.14}",
+                     "second paragraph"]
+    plots.say("word " * 40, "x" * 100)
+    wrapped = capsys.readouterr().out.splitlines()
+    assert max(map(len, wrapped)) == plots.CODE_COLUMN  # a token longer than the column is cut, not left to spill
+    assert all(line.startswith("  ") for line in wrapped[1:])
+    assert "".join(line.strip() for line in wrapped[-3:]).endswith("x" * 100)

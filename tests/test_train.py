@@ -313,3 +313,13 @@ def test_a_checkpoint_file_is_a_valid_pretrained_argument(model, tmp_path):
     reloaded, *_ = create_clip("fairbook-tiny", pretrained=str(path), device="cpu")
     for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_a_random_start_asked_for_is_not_warned_about_but_other_warnings_still_show(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        create_clip("fairbook-tiny", device="cpu")
+        logging.warning("another warning")
+    assert [r.getMessage() for r in caplog.records] == ["another warning"]
+    assert logging.getLogger().filters == []  # the filter is removed again

@@ -7,6 +7,8 @@ the FairCLIP paper (Luo et al., CVPR 2024, which fine-tunes CLIP ViT-B/16). Both
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 from pathlib import Path
 
@@ -38,8 +40,9 @@ def create_clip(name: str = "fairbook-tiny", pretrained: str | None = None, devi
     pretrained = _pretrained(name, pretrained)
     device = torch.device(device) if device is not None else pick_device()
     try:
-        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, device=device, output_dict=True)
+        with _quiet_random_initialisation():
+            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, device=device, output_dict=True)
     except Exception as exc:  # hub download errors (no network) or an unreadable file
         if pretrained is None:
             raise
@@ -64,6 +67,21 @@ def _checkpoint_problem(name: str, path: str, exc: Exception) -> str:
                 "architecture the checkpoint was trained with")
     return (f"cannot read checkpoint {path} ({type(exc).__name__}): the file is corrupt, truncated or not a torch "
             "checkpoint; give a checkpoint written by fairbook (chapter 10's clip.pt) or by open_clip")
+
+
+@contextlib.contextmanager
+def _quiet_random_initialisation():
+    """Drop open_clip's root-logger warning "No pretrained weights loaded ... initialized randomly": with
+    ``pretrained=None`` a random start is what was asked for (chapter 10 pretrains from one)."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def _pretrained(name: str, pretrained: str | None) -> str | None:
