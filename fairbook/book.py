@@ -207,11 +207,15 @@ def _run_outputs(stem: str, config: str, runs_dir) -> tuple[dict, dict] | None:
     return (json.loads(metrics.read_text()) if metrics.is_file() else {}), json.loads((folder / "run.json").read_text())
 
 
+#: Marks of the glance page's verdict cells, each followed by the difference and its interval, unbreakable.
+HELD, NOT_HELD = "✓", "✗"
+
+
 def _verdict_cell(row: dict) -> str:
     if row["verdict"] == "not run":
         return "not run"
     numbers = estimate(100 * row["diff"], lo=100 * row["boot_lo"], hi=100 * row["boot_hi"], signed=True)
-    return NBSP.join([numbers, "held" if row["held"] else "did not hold"])
+    return NBSP.join([HELD if row["held"] else NOT_HELD, numbers])
 
 
 def _markdown_table(frame: pd.DataFrame) -> list[str]:
@@ -235,8 +239,9 @@ def at_a_glance(config: str = "default", runs_dir: str | Path = "runs", book_dir
              f"Which of the papers' claims held in this book's runs (configuration `{config}`), computed from the "
              "runs when the book was built. A claim *held* under an attribute when the paired bootstrap interval of "
              "the difference (method − baseline, percentage points, mean over seeds) excludes zero in the paper's "
-             "direction; *not worse* holds unless the interval lies wholly on the wrong side. The data each number "
-             "comes from is listed at the end.", ""]
+             f"direction; *not worse* holds unless the interval lies wholly on the wrong side. {HELD} held, {NOT_HELD} "
+             "did not hold, each with the difference and its 95% interval. The data each number comes from is "
+             "listed at the end.", ""]
     for paper, rows in verdicts.groupby("paper", sort=False):
         attributes = attribute_order(rows["attribute"])
         table = []
