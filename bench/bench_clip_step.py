@@ -2,7 +2,7 @@
 
     python bench/bench_clip_step.py [--batch 32] [--steps 20] [--warmup 3] [--threads N] [--json OUT]
 
-One step is what :func:`fairbook.train.fit_clip` does per batch: forward of both towers, the loss, backward,
+One step is what :func:`fairbook.train.fit` does per batch: forward of both towers, the loss, backward,
 gradient clipping (norm 1) and an AdamW update with the default :class:`fairbook.train.TrainConfig` settings.
 Variants, all with the same batch size and the same sequence of batches, each from the same initial weights:
 

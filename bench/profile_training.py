@@ -9,7 +9,7 @@ what a step and an epoch do, each timed on its own:
 * preprocessing: the training transform (PIL image, resize, crop, tensor) and tokenising the notes;
 * forward/backward: optimizer steps on batches already in memory;
 * evaluation: the per-epoch zero-shot scoring of the validation split (its own reading, preprocessing and
-  forward passes), as :func:`fairbook.train.fit_clip` does after every epoch.
+  forward passes), as :func:`fairbook.train.fit` does after every epoch.
 
 Prints seconds per epoch and shares. The numbers describe this machine at this moment; compare before and after a
 change in one sitting.

@@ -170,7 +170,7 @@ def threshold_curve(curve):
 
 def training_curve(history, best_epoch: int | None = None):
     """Training loss (left) and validation AUC (right) per epoch, from the ``history`` of
-    :func:`fairbook.train.fit_clip` (a list of ``{"epoch", "train_loss", "val_auc", ...}``).
+    :func:`fairbook.train.fit` (a list of ``{"epoch", "train_loss", "val_auc", ...}``).
 
     ``best_epoch`` (the epoch chosen on validation) is marked by a dashed vertical line on both panels.
     """

@@ -6,8 +6,10 @@ One seed of one method (:func:`train_one`):
    method's own change (:meth:`fairbook.methods.Method.adapt`);
 2. the data: ``n_train`` training pairs drawn with ``seed`` (:meth:`fairbook.data.FairVLMed.subset`; the same draw
    for every method at the same seed, so methods are paired on seed), the whole validation and test splits;
-3. training: :func:`fairbook.train.fit_clip` with the shared recipe and ``seed``, plus the method's loss term
-   (:meth:`fairbook.methods.Method.regulariser`) for the training attribute; the epoch is chosen on validation AUC;
+3. training: the one loop, :func:`fairbook.train.fit`, with the shared recipe and ``seed``, the method's objective
+   (:meth:`fairbook.methods.Method.objective`: the contrastive loss plus the method's term for the training
+   attribute, or a classifier's cross-entropy with a mitigation) and its sampler; the epoch is chosen on
+   validation AUC;
 4. scoring: validation and test predictions of the kept epoch, saved in the results store
    (:func:`fairbook.results.save`) with a record that rebuilds the model (:func:`load_model`). The test split is
    read once, after training.
@@ -74,8 +76,7 @@ def build_model(method: Method, setup: Setup, seed: int):
     layers, whose gates are initialised from the seeded generator). Returns ``create_clip``'s 4-tuple."""
     torch.manual_seed(seed)
     net, preprocess_train, preprocess_val, tokenizer = create_clip(setup.model, setup.pretrained)
-    method.adapt(net)
-    return net, preprocess_train, preprocess_val, tokenizer
+    return method.adapt(net, tokenizer), preprocess_train, preprocess_val, tokenizer
 
 
 def train_one(run_dir: str | os.PathLike, method: Method, setup: Setup, seed: int, attribute: str = ALL,
@@ -102,9 +103,11 @@ def train_one(run_dir: str | os.PathLike, method: Method, setup: Setup, seed: in
     train = FairVLMed(setup.data_root, "Training", preprocess_train, tokenizer).subset(setup.n_train, seed)
     val, test_ds = (_evaluation_split(setup, split, preprocess_val, tokenizer, eval_splits)
                     for split in ("Validation", "Test" if test else None))
-    hook = method.regulariser(net, train, attribute, seed, setup.config.batch_size)
+    config = setup.config.replace(seed=seed)
+    objective = method.objective(net, train, attribute, seed, config, tokenizer)
+    sampler = method.sampler(train, attribute, seed)
     folder = model_folder(run_dir, method.name, attribute, seed, kind="checkpoints")
-    fit = fit_and_score(net, tokenizer, train, val, test_ds, setup.config.replace(seed=seed), folder, hook, progress)
+    fit = fit_and_score(net, train, val, test_ds, config, folder, objective, sampler, progress)
     record = {"model": setup.model, "pretrained": setup.pretrained, "method": method.record(),
               "checkpoint": str((folder / "best.pt").relative_to(run_dir)), "n_train": len(train)}
     saved = save(run_dir, method.name, seed, fit["scores"], describe(setup.data_root), {**fit, **record}, attribute)
@@ -186,7 +189,7 @@ def load_model(run_dir: str | os.PathLike, method: str, attribute: str, seed: in
         raise ResultsError(f"{info_path} does not record its method (saved by an older fairbook): run that "
                            "chapter again")
     net, _, preprocess_val, tokenizer = create_clip(info["model"], info["pretrained"])
-    method_from_record(info["method"]).adapt(net)
+    net = method_from_record(info["method"]).adapt(net, tokenizer)
     load_checkpoint(model_folder(run_dir, method, attribute, seed, kind="checkpoints") / "best.pt", net)
     return net.eval(), preprocess_val, tokenizer
 

@@ -1,11 +1,13 @@
-"""Contrastive fine-tuning and evaluation of CLIP on (SLO fundus image, clinical note) pairs.
+"""The one training loop (:func:`fit`) and its objectives: contrastive fine-tuning of CLIP on (SLO fundus image,
+clinical note) pairs (:class:`Contrastive`) and cross-entropy on a classifier's logit (:class:`Classification`);
+zero-shot scoring, features and the linear probe.
 
 What the FairCLIP paper and code do (Luo et al., CVPR 2024; official repo Harvard-Ophthalmology-AI-Lab/FairCLIP),
 and where fairbook departs from the code on purpose:
 
 * Objective: the symmetric InfoNCE loss of CLIP (Radford et al., ICML 2021, Fig. 3),
   ``(CE(L_img, arange) + CE(L_txt, arange)) / 2`` with ``L_img = s * I T^T`` on L2-normalised features
-  (:func:`clip_loss`). A fairness term plugs in through the ``regulariser`` hook of :func:`fit_clip`.
+  (:func:`clip_loss`). A fairness term plugs in through the ``regulariser`` hook of :class:`Contrastive`.
 * Upstream recipe (:meth:`TrainConfig.preset` ``"fairclip"``): Adam, lr 1e-5, betas (0.1, 0.1), eps 1e-6,
   weight decay 6e-5, batch 32, 10 epochs, no schedule, only the image and text transformers trained
   (:func:`set_trainable` ``"transformers"``). Upstream keeps fp16 weights with an fp32 optimizer step; fairbook
@@ -43,8 +45,8 @@ from fairbook.models import fit_logistic, pick_device
 __all__ = [
     "CLASSES", "FAIRCLIP_PROMPTS", "FAIRMEDFM_PROMPTS", "FAIRMEDFM_TEMPLATE", "PROMPT_SETS", "TRAINABLE_PARTS",
     "CheckpointError", "TrainConfig", "TrainError", "class_embeddings", "clip_loss", "extract_features",
-    "fit_and_score", "fit_clip", "linear_probe", "load_checkpoint", "lr_factor", "regulariser_scale", "set_trainable",
-    "validation_auc", "validation_scores", "zero_shot_scores",
+    "Classification", "Contrastive", "Objective", "fit", "fit_and_score", "linear_probe", "load_checkpoint",
+    "lr_factor", "regulariser_scale", "set_trainable", "validation_auc", "validation_criterion", "zero_shot_scores",
 ]
 
 #: Class order of every prompt set and of the two-way softmax: index 1 is glaucoma.
@@ -73,6 +75,7 @@ _TEXT_TOWER = ("token_embedding.", "positional_embedding", "transformer.", "ln_f
 #: ``model.transformer`` and ``model.visual`` only, so the token embedding, the text positional embedding,
 #: ``ln_final``, the text projection and the logit scale stay at their pretrained values.
 TRAINABLE_PARTS: dict[str, tuple[str, ...] | None] = {
+    "as built": (),  # leave requires_grad as the method's model set it (a probe's frozen encoder, LoRA adapters)
     "all": None,
     "visual": ("visual.",),
     "text": _TEXT_TOWER,
@@ -113,16 +116,18 @@ def set_trainable(model: nn.Module, parts: str = "all") -> int:
     """Set ``requires_grad`` so that only ``parts`` (a key of :data:`TRAINABLE_PARTS`) train; return how many
     parameters (elements) are trainable.
 
-    ``"all"``: everything, logit scale included. ``"visual"``: the image tower. ``"text"``: the text tower
-    (token and positional embeddings, transformer, ``ln_final``, projection). ``"transformers"``: the upstream
-    FairCLIP choice, the whole image tower plus the text transformer.
+    ``"as built"``: the flags as the model was built with them (a method that freezes parts itself, e.g. a
+    linear probe or LoRA). ``"all"``: everything, logit scale included. ``"visual"``: the image tower.
+    ``"text"``: the text tower (token and positional embeddings, transformer, ``ln_final``, projection).
+    ``"transformers"``: the upstream FairCLIP choice, the whole image tower plus the text transformer.
     """
     if parts not in TRAINABLE_PARTS:
         raise TrainError(f"unknown trainable parts {parts!r}: choose one of {', '.join(TRAINABLE_PARTS)}")
     prefixes = TRAINABLE_PARTS[parts]
     count = 0
     for name, param in model.named_parameters():
-        param.requires_grad_(prefixes is None or name.startswith(prefixes))
+        if parts != "as built":
+            param.requires_grad_(prefixes is None or name.startswith(prefixes))
         count += param.numel() if param.requires_grad else 0
     if count == 0:
         raise TrainError(f"trainable parts {parts!r} match no parameter of {type(model).__name__}: "
@@ -133,7 +138,7 @@ def set_trainable(model: nn.Module, parts: str = "all") -> int:
 # ----------------------------------------------------------------------------------------------------------- config
 @dataclass
 class TrainConfig:
-    """Settings of :func:`fit_clip`. The defaults suit the randomly initialised ``fairbook-tiny`` CLIP (AdamW with
+    """Settings of :func:`fit`. The defaults suit the randomly initialised ``fairbook-tiny`` CLIP (AdamW with
     a cosine schedule, the usual recipe for training CLIP from scratch); :meth:`preset` ``"fairclip"`` gives the
     upstream FairCLIP fine-tuning recipe.
 
@@ -187,13 +192,19 @@ class TrainConfig:
 
         ``"default"``: the class defaults (tiny CLIP from scratch). ``"fairclip"``: the official FairCLIP
         fine-tuning script (Adam, lr 1e-5, betas (0.1, 0.1), eps 1e-6, weight decay 6e-5, batch 32, 10 epochs,
-        no scheduler, no gradient clipping, only the two transformers trained, FairCLIP prompts).
+        no scheduler, no gradient clipping, only the two transformers trained, FairCLIP prompts). ``"fairmedfm"``:
+        FairMedFM's paper recipe (Jin et al., NeurIPS 2024 D&B, appendix D: AdamW with torch's betas and eps,
+        cosine schedule, weight decay 0.05, lr 2.5e-4 for the linear probe, CLIP-Adapt, resampling and GroupDRO),
+        with the parts each usage trains left as the method built them.
         """
         presets = {
             "default": {},
             "fairclip": dict(epochs=10, batch_size=32, lr=1e-5, weight_decay=6e-5, betas=(0.1, 0.1), eps=1e-6,
                              optimizer="adam", schedule="none", warmup_steps=0, grad_clip=None,
                              trainable="transformers", prompts="fairclip"),
+            "fairmedfm": dict(optimizer="adamw", lr=2.5e-4, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8,
+                              schedule="cosine", warmup_steps=0, grad_clip=None, trainable="as built",
+                              prompts="fairmedfm"),
         }
         if name not in presets:
             raise TrainError(f"unknown TrainConfig preset {name!r}: choose one of {', '.join(presets)}")
@@ -287,21 +298,16 @@ def zero_shot_scores(model: nn.Module, tokenizer, loader, prompts: Mapping[str, 
 
 def validation_auc(model: nn.Module, tokenizer, loader, prompts: Mapping[str, Sequence[str]],
                    device: str | torch.device | None = None) -> float:
-    """Zero-shot ROC AUC on a validation loader (the model-selection criterion of :func:`fit_clip`).
+    """Zero-shot ROC AUC on a validation loader (:func:`validation_criterion` of :func:`zero_shot_scores`).
 
     Not finite (NaN) when the scores are not, e.g. after a diverged update.
     """
-    return validation_scores(model, tokenizer, loader, prompts, device)[0]
+    return validation_criterion(*zero_shot_scores(model, tokenizer, loader, prompts, device)[:2])
 
 
-def validation_scores(model: nn.Module, tokenizer, loader, prompts: Mapping[str, Sequence[str]],
-                      device: str | torch.device | None = None) -> tuple[float, tuple]:
-    """``(AUC, (y, p, codes))``: :func:`validation_auc` together with the :func:`zero_shot_scores` it came from."""
-    scores = zero_shot_scores(model, tokenizer, loader, prompts, device)
-    return _validation_auc(*scores[:2]), scores
-
-
-def _validation_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+def validation_criterion(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """What :func:`fit` keeps the epoch on: the ROC AUC of the validation scores; NaN when a score is not finite
+    (a diverged update), so that such an epoch is never kept."""
     from sklearn.metrics import roc_auc_score
 
     if len(np.unique(y_true)) < 2:
@@ -331,41 +337,140 @@ def _save_checkpoint(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def fit_clip(model: nn.Module, tokenizer, train_ds, val_ds, config: TrainConfig, out_dir: str | os.PathLike,
-             regulariser: Callable[..., torch.Tensor] | None = None, progress: bool = True) -> dict:
-    """Fine-tune CLIP contrastively on (image, note) pairs, keeping the epoch with the best VALIDATION AUC.
+class Objective:
+    """What the one training loop (:func:`fit`) minimises and how it scores a split. Every method trains through
+    one of these, so the loop, the epoch choice and the checkpointing are the same for all.
 
-    Each step minimises :func:`clip_loss` on a shuffled batch of ``train_ds`` items (FairVLMed dicts whose
-    ``text`` are token ids or raw strings), plus ``regulariser(image_features, text_features, logit_scale,
-    batch)`` when given (a scalar tensor, e.g. FairCLIP's Sinkhorn term; ``batch`` is the item dict on the
-    device, with ``label`` and ``attributes``). After each epoch (numbered from 1) the zero-shot AUC on
-    ``val_ds`` with the ``config.prompts`` prompts is computed (:func:`validation_auc`); when it beats every
-    earlier epoch (ties keep the earlier one) the model is saved atomically to ``out_dir/best.pt``
-    (``state_dict``, ``config``, ``epoch``, ``val_auc``), which is loaded back into ``model`` at the end.
+    ``loss(model, batch)`` returns ``(objective, extra)``: the scalar to minimise and the part of it that a method
+    term or a mitigation added (None when nothing is added), kept in the training record as ``reg_loss``.
+    ``scores(model, loader)`` returns ``(y, p, codes)`` for a loader of FairVLMed items: labels, glaucoma
+    probabilities and the ``n x 4`` attribute codes; the epoch is kept on their validation AUC. ``parts()`` lists
+    modules the objective owns (GroupDRO's group weights, a LAFTR adversary): :func:`fit` moves them to the device
+    and trains their parameters with the model's.
+    """
 
-    Unlike the official FairCLIP script, which keeps the epoch with the best TEST AUC, the test split is never
-    used here. Runs on :func:`fairbook.models.pick_device`; fp16 autocast + GradScaler only on CUDA. With a
-    trainable logit scale it is clamped to at most 100 after each step, as in CLIP. The ``requires_grad`` flags
-    are left as ``config.trainable`` set them.
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def scores(self, model: nn.Module, loader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def parts(self) -> list[nn.Module]:
+        return []
+
+
+class Contrastive(Objective):
+    """CLIP's symmetric InfoNCE on (image, note) pairs (:func:`clip_loss`), plus a method's term
+    ``regulariser(image_features, text_features, logit_scale, batch)`` when given (FairCLIP's Sinkhorn distance,
+    Fair-MoE's FOL); scored zero-shot with the class ``prompts`` (:func:`zero_shot_scores`). Batch ``text`` holds
+    token ids or raw strings (tokenised here)."""
+
+    def __init__(self, tokenizer, prompts: Mapping[str, Sequence[str]],
+                 regulariser: Callable[..., torch.Tensor] | None = None):
+        self.tokenizer, self.prompts, self.regulariser = tokenizer, prompts, regulariser
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokens = _tokens(self.tokenizer, batch["text"], batch["image"].device)
+        image, text, scale = _features(model(batch["image"], tokens))
+        loss = clip_loss(image, text, scale)
+        if self.regulariser is None:
+            return loss, None
+        reg = self.regulariser(image, text, scale, batch)
+        return loss + reg, reg
+
+    def scores(self, model: nn.Module, loader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return zero_shot_scores(model, self.tokenizer, loader, self.prompts)
+
+
+class Classification(Objective):
+    """Binary cross-entropy on a classifier's glaucoma logit (``model(images)`` gives one logit per image, e.g.
+    :class:`fairbook.models.ImageClassifier`), scored with its sigmoid.
+
+    The per-sample losses are averaged (ERM), or reduced by ``reduce(losses, groups)`` when given, with ``groups``
+    the batch's codes of the attribute in column ``column`` of ``batch["attributes"]``: a mitigation of
+    :mod:`fairbook.mitigations` such as :class:`~fairbook.mitigations.GroupDRO`. A ``reduce`` that is an
+    ``nn.Module`` is moved and trained with the model (:meth:`Objective.parts`).
+    """
+
+    def __init__(self, reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 column: int | None = None):
+        if reduce is not None and column is None:
+            raise TrainError("Classification(reduce=...) needs column=, the attribute column whose groups it "
+                             "reduces over (fairbook.data.FILTER_ATTRIBUTES.index(attribute))")
+        self.reduce, self.column = reduce, column
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = model(batch["image"])
+        losses = F.binary_cross_entropy_with_logits(logits.float(), batch["label"].float(), reduction="none")
+        if self.reduce is None:
+            return losses.mean(), None
+        return self.reduce(losses, batch["attributes"][:, self.column]), None
+
+    @torch.no_grad()
+    def scores(self, model: nn.Module, loader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        device = _device_of(model, None)
+        was_training = model.training
+        model.eval()
+        probabilities, labels, attributes = [], [], []
+        try:
+            for batch in loader:
+                with _autocast(device):
+                    logits = model(batch["image"].to(device, non_blocking=True))
+                probabilities.append(torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64))
+                labels.append(np.asarray(batch["label"]))
+                attributes.append(np.asarray(batch["attributes"]))
+        finally:
+            model.train(was_training)
+        if not labels:
+            raise TrainError("Classification.scores got an empty loader: give a DataLoader over a non-empty split")
+        return np.concatenate(labels), np.concatenate(probabilities), np.concatenate(attributes)
+
+    def parts(self) -> list[nn.Module]:
+        return [self.reduce] if isinstance(self.reduce, nn.Module) else []
+
+
+def fit(model: nn.Module, train_ds, val_ds, config: TrainConfig, out_dir: str | os.PathLike,
+        objective: Objective, sampler: torch.utils.data.Sampler | None = None, progress: bool = True) -> dict:
+    """The one training loop: minimise ``objective`` on ``train_ds``, keeping the epoch with the best VALIDATION
+    AUC of ``objective.scores`` on ``val_ds``.
+
+    Batches come from a shuffled loader seeded with ``config.seed``, or from ``sampler`` when given (e.g. the
+    group-balanced resampler of :mod:`fairbook.mitigations`). ``config`` sets the optimiser, schedule, gradient
+    clipping, mixed precision and which parameters train (:func:`set_trainable`); the objective's own modules
+    (:meth:`Objective.parts`) train too. After each epoch (numbered from 1) the validation split is scored; when
+    its AUC beats every earlier epoch (ties keep the earlier one) the model is saved atomically to
+    ``out_dir/best.pt`` (``state_dict``, ``config``, ``epoch``, ``val_auc``), which is loaded back into ``model``
+    at the end.
+
+    Unlike the official FairCLIP script, which keeps the epoch with the best TEST AUC (and FairMedFM's, which
+    reports the last epoch), the test split is never used here. Runs on :func:`fairbook.models.pick_device`;
+    fp16 autocast + GradScaler only on CUDA. A trainable ``logit_scale`` is clamped to at most 100 after each
+    step, as in CLIP. The ``requires_grad`` flags are left as ``config.trainable`` set them.
 
     Returns ``{"history": [{"epoch", "train_loss", "reg_loss", "val_auc", "seconds"}], "best_epoch",
     "best_val_auc", "checkpoint", "trainable_params", "steps", "device", "val_scores"}`` (``val_scores``: the
-    kept epoch's validation ``(y, p, codes)`` from :func:`zero_shot_scores`); ``train_loss`` is the mean
-    objective (contrastive + regulariser), ``reg_loss`` the regulariser's mean alone (0 without one).
+    kept epoch's validation ``(y, p, codes)``); ``train_loss`` is the mean objective, ``reg_loss`` the mean of
+    the part a method term or mitigation added (0 without one).
     """
     from tqdm.auto import tqdm
 
     device = pick_device()
     model.to(device)
+    for part in objective.parts():
+        part.to(device)
     torch.manual_seed(config.seed)
     n_trainable = set_trainable(model, config.trainable)
     params = [p for p in model.parameters() if p.requires_grad]
+    params += [p for part in objective.parts() for p in part.parameters() if p.requires_grad]
     optimizer = _optimizer(params, config)
     cuda = device.type == "cuda"
     amp = cuda and config.amp is not False
     loader_args = dict(batch_size=config.batch_size, num_workers=config.num_workers, pin_memory=cuda)
-    train_loader = DataLoader(train_ds, shuffle=True, generator=torch.Generator().manual_seed(config.seed),
-                              **loader_args)
+    if sampler is None:
+        train_loader = DataLoader(train_ds, shuffle=True, generator=torch.Generator().manual_seed(config.seed),
+                                  **loader_args)
+    else:
+        train_loader = DataLoader(train_ds, sampler=sampler, **loader_args)
     val_loader = DataLoader(val_ds, shuffle=False, **loader_args)
     total_steps = config.epochs * len(train_loader)
     scheduler = None
@@ -373,7 +478,6 @@ def fit_clip(model: nn.Module, tokenizer, train_ds, val_ds, config: TrainConfig,
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, total_steps, config.warmup_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    prompts = PROMPT_SETS[config.prompts]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir / "best.pt"
@@ -390,12 +494,9 @@ def fit_clip(model: nn.Module, tokenizer, train_ds, val_ds, config: TrainConfig,
         for batch in bar:
             batch = _to(batch, device)
             with _autocast(device, amp):
-                image, text, scale = _features(model(batch["image"], _tokens(tokenizer, batch["text"], device)))
-                loss = clip_loss(image, text, scale)
-                if regulariser is not None:
-                    reg = regulariser(image, text, scale, batch)
-                    loss = loss + reg
-                    reg_sum += float(reg.detach())
+                loss, extra = objective.loss(model, batch)
+                if extra is not None:
+                    reg_sum += float(extra.detach())
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if config.grad_clip is not None:
@@ -411,7 +512,8 @@ def fit_clip(model: nn.Module, tokenizer, train_ds, val_ds, config: TrainConfig,
             value = float(loss.detach())
             loss_sum += value
             bar.set_postfix(loss=f"{value:.4f}")
-        val, val_scores = validation_scores(model, tokenizer, val_loader, prompts, device)
+        val_scores = objective.scores(model, val_loader)
+        val = validation_criterion(*val_scores[:2])
         n_batches = max(1, len(train_loader))
         history.append({"epoch": epoch, "train_loss": loss_sum / n_batches, "reg_loss": reg_sum / n_batches,
                         "val_auc": val, "seconds": time.perf_counter() - start})
@@ -427,14 +529,13 @@ def fit_clip(model: nn.Module, tokenizer, train_ds, val_ds, config: TrainConfig,
             "trainable_params": n_trainable, "steps": total_steps, "device": str(device), "val_scores": best_scores}
 
 
-@torch.no_grad()
 def regulariser_scale(model: nn.Module, dataset, hooks: Mapping[str, object], batch_size: int = 32,
                       seed: int = 0) -> pd.DataFrame:
     """Size of each loss hook against the contrastive loss on one shuffled training batch, before training: a check
     of the scale of a regulariser's weight (FairCLIP's lambda, FOL's weights).
 
     ``hooks``: name (e.g. the attribute) -> ``hook(image_features, text_features, logit_scale, batch)`` as
-    :func:`fit_clip` calls it. One row per hook: ``clip_loss``, ``regulariser``, ``share`` =
+    :class:`Contrastive` calls it. One row per hook: ``clip_loss``, ``regulariser``, ``share`` =
     regulariser / clip_loss, plus the hook's ``last_terms`` (e.g. FOL's ``F_EI`` ...) when it records them.
     The model's train/eval mode is left as it is. The batch, its augmentation and any sampling inside the hooks
     draw from generators seeded with ``seed`` (the global torch state is restored afterwards), so the table is
@@ -456,34 +557,33 @@ def regulariser_scale(model: nn.Module, dataset, hooks: Mapping[str, object], ba
     return pd.DataFrame(rows)
 
 
-def fit_and_score(model: nn.Module, tokenizer, train_ds, val_ds, test_ds, config: TrainConfig,
-                  out_dir: str | os.PathLike, regulariser: Callable[..., torch.Tensor] | None = None,
+def fit_and_score(model: nn.Module, train_ds, val_ds, test_ds, config: TrainConfig, out_dir: str | os.PathLike,
+                  objective: Objective, sampler: torch.utils.data.Sampler | None = None,
                   progress: bool = False) -> dict:
-    """:func:`fit_clip`, then zero-shot scores of the kept epoch on the validation and test splits: one seed of
-    one method in every fine-tuning chapter.
+    """:func:`fit`, then the objective's scores of the kept epoch on the validation and test splits: one seed of
+    one method in every chapter that trains.
 
-    Returns :func:`fit_clip`'s dict plus ``scores = {"validation": (y, p, codes), "test": (y, p, codes)}`` with
-    the ``config.prompts`` prompts, ready for :func:`fairbook.results.save` (the validation scores are those the
-    kept epoch was chosen with). The test split is scored once, after training; nothing in the training or the
-    epoch choice reads it. ``test_ds=None`` scores validation only (a model trained to choose a setting).
+    Returns :func:`fit`'s dict plus ``scores = {"validation": (y, p, codes), "test": (y, p, codes)}``, ready for
+    :func:`fairbook.results.save` (the validation scores are those the kept epoch was chosen with). The test split
+    is scored once, after training; nothing in the training or the epoch choice reads it. ``test_ds=None`` scores
+    validation only (a model trained to choose a setting).
     """
-    fit = fit_clip(model, tokenizer, train_ds, val_ds, config, out_dir, regulariser, progress)
-    fit["scores"] = {"validation": fit.pop("val_scores")}
+    fit_result = fit(model, train_ds, val_ds, config, out_dir, objective, sampler, progress)
+    fit_result["scores"] = {"validation": fit_result.pop("val_scores")}
     if test_ds is not None:
-        loader = DataLoader(test_ds, batch_size=64)
-        fit["scores"]["test"] = zero_shot_scores(model, tokenizer, loader, PROMPT_SETS[config.prompts])
-    return fit
+        fit_result["scores"]["test"] = objective.scores(model, DataLoader(test_ds, batch_size=64))
+    return fit_result
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module) -> dict:
-    """Load a :func:`fit_clip` checkpoint into ``model`` (``torch.load(weights_only=True)``, strict key and shape
+    """Load a :func:`fit` checkpoint into ``model`` (``torch.load(weights_only=True)``, strict key and shape
     check) and return its metadata ``{"epoch", "val_auc", "config"}``.
 
     A missing, corrupt or incompatible file raises :class:`CheckpointError` with one line naming it and the fix.
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: train with fairbook.train.fit_clip (it writes "
+        raise CheckpointError(f"no checkpoint at {path}: train with fairbook.train.fit (it writes "
                               "out_dir/best.pt) or give the path of an existing best.pt")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -493,7 +593,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module) -> dict:
     state = payload.get("state_dict") if isinstance(payload, dict) else None
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{path} is not a fairbook checkpoint (no state_dict entry): give a best.pt written "
-                              "by fairbook.train.fit_clip")
+                              "by fairbook.train.fit")
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

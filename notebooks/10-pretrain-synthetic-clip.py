@@ -82,8 +82,9 @@ fb.data.split_table({split: fb.data.load_metadata(corpus, split)
 # %% [markdown]
 # ## Contrastive pretraining
 #
-# The objective is CLIP's symmetric InfoNCE loss over (image, note) pairs (`fb.train.clip_loss`), with the default
-# `fb.train.TrainConfig`: AdamW, linear warm-up then cosine decay, every parameter trained. After each epoch the
+# The objective is CLIP's symmetric InfoNCE loss over (image, note) pairs (`fb.train.Contrastive`), trained by
+# `fb.train.fit`, the loop every chapter trains through, with the default `fb.train.TrainConfig`: AdamW, linear
+# warm-up then cosine decay, every parameter trained. After each epoch the
 # model classifies the corpus' validation images zero-shot with the class prompts; the epoch with the best
 # validation AUC is kept. Neither split of the evaluation data is used here.
 #
@@ -104,8 +105,10 @@ config = fb.train.TrainConfig(epochs=epochs, batch_size=batch_size,
 
 # %%
 out = fb.runs.output_dir()
-result = fb.train.fit_clip(net, tokenizer, train_ds, val_ds, config,
-                           out, progress=False)
+objective = fb.train.Contrastive(tokenizer,
+                                 fb.train.PROMPT_SETS[prompts])
+result = fb.train.fit(net, train_ds, val_ds, config, out, objective,
+                      progress=False)
 checkpoint = (out / "best.pt").replace(out / "clip.pt")
 pd.DataFrame(result["history"]).round(3)
 

@@ -30,7 +30,7 @@ from fairbook.methods.fair_moe import (
     top_r_mask,
 )
 from fairbook.methods.fairclip import FairCLIPRegulariser
-from fairbook.train import TrainConfig, clip_loss, fit_clip
+from fairbook.train import PROMPT_SETS, Contrastive, TrainConfig, clip_loss, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -440,8 +440,8 @@ def test_routing_log_matches_recorded_routing(model, inputs):
     np.testing.assert_allclose(rows["gate_var"], routed.var(0, correction=0).numpy(), rtol=1e-6, atol=1e-12)
 
 
-# ----------------------------------------------------------------------------------------------------- fit_clip
-def test_fit_clip_runs_on_patched_model(tmp_path, clip):
+# ---------------------------------------------------------------------------------------------------------- fit
+def test_fit_runs_on_patched_model(tmp_path, clip):
     model, preprocess_train, preprocess_val, tokenizer = clip
     model = add_fo_moe(copy.deepcopy(model))
     root = tmp_path / "synth"
@@ -451,7 +451,8 @@ def test_fit_clip_runs_on_patched_model(tmp_path, clip):
     gates = {name: r.gate[0].weight.detach().clone() for name, r in routers(model).items()}
     fol = FairnessOrientedLoss(model, "race", distance=FairCLIPRegulariser("race"))
     config = TrainConfig(epochs=1, batch_size=16, warmup_steps=1, trainable="transformers")
-    result = fit_clip(model, tokenizer, train_ds, val_ds, config, tmp_path / "run", regulariser=fol, progress=False)
+    objective = Contrastive(tokenizer, PROMPT_SETS[config.prompts], fol)
+    result = fit(model, train_ds, val_ds, config, tmp_path / "run", objective, progress=False)
     assert result["steps"] == 2 and math.isfinite(result["history"][0]["train_loss"])
     assert result["history"][0]["reg_loss"] > 0
     for name, router in routers(model).items():

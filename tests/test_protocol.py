@@ -30,8 +30,8 @@ class Probe(Method):
     name: str = "Probe"
     uses_attribute = True
 
-    def adapt(self, model):
-        FairMoE(layers=MOE).adapt(model)
+    def adapt(self, model, tokenizer=None):
+        return FairMoE(layers=MOE).adapt(model)
 
     def regulariser(self, model, train, attribute, seed, batch_size):
         CALLS.append((len(routers(model)), len(train), attribute, seed, batch_size))

@@ -15,17 +15,20 @@ from torch.utils.data import DataLoader, Subset
 from fairbook import train
 from fairbook.data.fairvlmed import FairVLMed
 from fairbook.data.synthetic import SynthConfig, generate
-from fairbook.models import create_clip
+from fairbook.models import ImageClassifier, create_clip
 from fairbook.train import (
     FAIRCLIP_PROMPTS,
     FAIRMEDFM_PROMPTS,
+    PROMPT_SETS,
     CheckpointError,
+    Classification,
+    Contrastive,
     TrainConfig,
     TrainError,
     class_embeddings,
     clip_loss,
     extract_features,
-    fit_clip,
+    fit,
     linear_probe,
     load_checkpoint,
     lr_factor,
@@ -97,8 +100,11 @@ def test_set_trainable_parts_partition_the_model(model):
     assert visual == sum(p.numel() for p in model.visual.parameters())
     assert visual + text + 1 == total                                  # + the logit scale
     assert not model.logit_scale.requires_grad and not model.visual.conv1.weight.requires_grad
-    with pytest.raises(TrainError, match="choose one of all, visual, text, transformers"):
+    with pytest.raises(TrainError, match="choose one of as built, all, visual, text, transformers"):
         set_trainable(model, "lora")
+    model.visual.conv1.weight.requires_grad_(True)                     # a method froze all but this
+    assert set_trainable(model, "as built") == model.visual.conv1.weight.numel() + text
+    assert model.visual.conv1.weight.requires_grad and not model.visual.proj.requires_grad
 
 
 # ---------------------------------------------------------------------------------------------------------- config
@@ -122,17 +128,31 @@ def test_cosine_schedule_factor():
 
 
 # ------------------------------------------------------------------------------------------------------- fine-tuning
-def test_fit_clip_picks_the_best_validation_epoch_and_reloads_it(model, clip, data, tmp_path, monkeypatch):
+def contrastive(tokenizer, config: TrainConfig, regulariser=None) -> Contrastive:
+    """The objective the protocol gives plain CLIP: contrastive loss, zero-shot scores with the recipe's prompts."""
+    return Contrastive(tokenizer, PROMPT_SETS[config.prompts], regulariser)
+
+
+def skip_scoring(monkeypatch, auc: float = 0.5) -> None:
+    """Validation scoring replaced by a constant AUC, for tests about the training steps only."""
+    monkeypatch.setattr(Contrastive, "scores", lambda self, model, loader: (None, None, None))
+    monkeypatch.setattr(train, "validation_criterion", lambda y, p: auc)
+
+
+def test_fit_picks_the_best_validation_epoch_and_reloads_it(model, clip, data, tmp_path, monkeypatch):
     scripted = iter([0.6, 0.8, 0.7])
     snapshots = []
 
-    def fake_auc(m, tokenizer, loader, prompts, device=None):
-        assert loader.dataset is data["val"]                                     # selection on VALIDATION
-        snapshots.append({k: v.clone() for k, v in m.state_dict().items()})
-        return next(scripted), None
+    class Scripted(Contrastive):
+        def scores(self, m, loader):
+            assert loader.dataset is data["val"]                                 # selection on VALIDATION
+            snapshots.append({k: v.clone() for k, v in m.state_dict().items()})
+            return None, None, None
 
-    monkeypatch.setattr(train, "validation_scores", fake_auc)
-    result = fit_clip(model, clip[3], data["train"], data["val"], quick(epochs=3), tmp_path, progress=False)
+    monkeypatch.setattr(train, "validation_criterion", lambda y, p: next(scripted))
+    config = quick(epochs=3)
+    result = fit(model, data["train"], data["val"], config, tmp_path, Scripted(clip[3], FAIRCLIP_PROMPTS),
+                 progress=False)
     assert result["best_epoch"] == 2 and result["best_val_auc"] == 0.8
     assert [h["val_auc"] for h in result["history"]] == [0.6, 0.8, 0.7]
     assert all(h["train_loss"] > 0 and h["seconds"] > 0 for h in result["history"])
@@ -145,10 +165,10 @@ def test_fit_clip_picks_the_best_validation_epoch_and_reloads_it(model, clip, da
     assert not list(tmp_path.glob(".*tmp*"))
 
 
-def test_fit_clip_real_validation_auc_and_upstream_freezing(model, clip, data, tmp_path):
+def test_fit_real_validation_auc_and_upstream_freezing(model, clip, data, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = quick(trainable="transformers", lr=1e-3)
-    result = fit_clip(model, clip[3], data["train"], data["val"], cfg, tmp_path, progress=False)
+    result = fit(model, data["train"], data["val"], cfg, tmp_path, contrastive(clip[3], cfg), progress=False)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in UPSTREAM_FROZEN)      # frozen parts untouched
     assert not torch.equal(before["transformer.resblocks.0.mlp.c_fc.weight"],
@@ -165,19 +185,19 @@ def _constant(value: float, calls: list):
 
 
 def test_regulariser_value_enters_the_loss(clip, data, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "validation_scores", lambda *args, **kwargs: (0.5, None))
+    skip_scoring(monkeypatch)
     runs = {}
     calls: list = []
     for name, reg in (("plain", None), ("constant", _constant(3.0, calls))):
-        runs[name] = fit_clip(copy.deepcopy(clip[0]), clip[3], data["train"], data["val"], quick(),
-                              tmp_path / name, regulariser=reg, progress=False)["history"][0]
+        runs[name] = fit(copy.deepcopy(clip[0]), data["train"], data["val"], quick(), tmp_path / name,
+                         contrastive(clip[3], quick(), reg), progress=False)["history"][0]
     assert len(calls) == 2 and calls[0]["attributes"] == (16, 4) and calls[0]["label"] == (16,)
     assert runs["constant"]["reg_loss"] == pytest.approx(3.0) and runs["plain"]["reg_loss"] == 0.0
     assert runs["constant"]["train_loss"] == pytest.approx(runs["plain"]["train_loss"] + 3.0, abs=1e-5)
 
 
 def test_regulariser_gradient_changes_the_update(clip, data, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "validation_scores", lambda *args, **kwargs: (0.5, None))
+    skip_scoring(monkeypatch)
 
     def pull_apart(image_features, text_features, logit_scale, batch):
         return 10.0 * (image_features * text_features).sum(-1).mean()
@@ -185,8 +205,8 @@ def test_regulariser_gradient_changes_the_update(clip, data, tmp_path, monkeypat
     models = {}
     for name, reg in (("plain", _constant(0.0, [])), ("pull", pull_apart)):
         models[name] = copy.deepcopy(clip[0])
-        fit_clip(models[name], clip[3], data["train"], data["val"], quick(), tmp_path / name, regulariser=reg,
-                 progress=False)
+        fit(models[name], data["train"], data["val"], quick(), tmp_path / name, contrastive(clip[3], quick(), reg),
+            progress=False)
     w = "visual.conv1.weight"
     assert not torch.allclose(models["plain"].state_dict()[w], models["pull"].state_dict()[w])
 
@@ -279,7 +299,8 @@ def test_corrupt_or_incompatible_checkpoint_gives_one_line_error(model, tmp_path
 def test_fit_and_score_scores_validation_and_test_with_the_kept_epoch(model, clip, data, tmp_path):
     tokenizer = clip[3]
     config = quick(epochs=1, prompts="fairmedfm")
-    fit = train.fit_and_score(model, tokenizer, data["train"], data["val"], data["test"], config, tmp_path)
+    fit = train.fit_and_score(model, data["train"], data["val"], data["test"], config, tmp_path,
+                              contrastive(tokenizer, config))
     assert set(fit["scores"]) == {"validation", "test"} and fit["best_epoch"] == 1
     y, p, codes = fit["scores"]["test"]
     assert len(y) == len(p) == len(codes) == len(data["test"])
@@ -323,3 +344,109 @@ def test_a_random_start_asked_for_is_not_warned_about_but_other_warnings_still_s
         logging.warning("another warning")
     assert [r.getMessage() for r in caplog.records] == ["another warning"]
     assert logging.getLogger().filters == []  # the filter is removed again
+
+
+# ------------------------------------------------------------------------------------------------- classification
+class _Logits(nn.Module):
+    """Stub classifier: the logit of an image is its first pixel; one trainable offset."""
+
+    def __init__(self):
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros(()))
+
+    def forward(self, images):
+        return images.flatten(1)[:, 0] + self.offset
+
+
+def test_classification_loss_is_the_mean_bce_or_the_reduction_over_the_batch_groups():
+    images = torch.zeros(3, 1, 2, 2)
+    images[:, 0, 0, 0] = torch.tensor([2.0, -1.0, 0.5])
+    batch = {"image": images, "label": torch.tensor([1, 0, 0]),
+             "attributes": torch.tensor([[0, 1, 0, 0], [1, 1, 0, 0], [1, 0, 0, 0]])}
+    by_hand = [math.log1p(math.exp(-2.0)), math.log1p(math.exp(-1.0)), math.log1p(math.exp(0.5))]
+    loss, extra = Classification().loss(_Logits(), batch)
+    assert extra is None and float(loss.detach()) == pytest.approx(sum(by_hand) / 3, rel=1e-6)
+    seen = {}
+
+    def weighted(losses, groups):
+        seen["groups"] = groups.tolist()
+        return (losses * (groups + 1)).sum()
+
+    loss, _ = Classification(weighted, column=0).loss(_Logits(), batch)
+    assert seen["groups"] == [0, 1, 1]
+    assert float(loss.detach()) == pytest.approx(by_hand[0] + 2 * by_hand[1] + 2 * by_hand[2], rel=1e-6)
+    with pytest.raises(TrainError, match="needs column="):
+        Classification(weighted)
+
+
+def probe_on(clip_model: nn.Module) -> ImageClassifier:
+    """A linear head on a frozen copy of the image tower."""
+    net = ImageClassifier(copy.deepcopy(clip_model.visual))
+    net.visual.requires_grad_(False)
+    return net
+
+
+def test_fit_trains_a_head_on_a_frozen_encoder_and_scores_with_its_sigmoid(clip, data, tmp_path):
+    net = probe_on(clip[0])
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    config = quick(epochs=2, lr=1e-2, trainable="as built")
+    result = fit(net, data["train"], data["val"], config, tmp_path, Classification(), progress=False)
+    after = net.state_dict()
+    assert {k for k in before if not torch.equal(before[k], after[k])} == {"head.weight", "head.bias"}
+    assert result["trainable_params"] == net.head.weight.numel() + 1
+    y, p, _ = result["val_scores"]
+    with torch.no_grad():
+        logits = torch.cat([net.eval()(b["image"]) for b in DataLoader(data["val"], batch_size=7)])
+    np.testing.assert_allclose(p, torch.sigmoid(logits).double().numpy(), rtol=1e-5, atol=1e-7)
+    assert result["best_val_auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+
+
+def test_fit_draws_its_batches_from_the_sampler_when_given(clip, data, tmp_path, monkeypatch):
+    from fairbook.mitigations import balanced_sampler
+
+    skip_classification_scoring(monkeypatch)
+    drawn = []
+
+    class Recording(Classification):
+        def loss(self, model, batch):
+            drawn.extend(batch["label"].tolist())
+            return super().loss(model, batch)
+
+    race = [int(data["train"][i]["attributes"][0]) for i in range(len(data["train"]))]
+    config = quick(epochs=1, trainable="as built")
+    fit(probe_on(clip[0]), data["train"], data["val"], config, tmp_path, Recording(),
+        sampler=balanced_sampler(race, seed=3), progress=False)
+    expected = [int(data["train"][i]["label"]) for i in balanced_sampler(race, seed=3)]
+    assert drawn == expected and len(drawn) == len(data["train"])
+
+
+def test_group_dro_reduces_the_loss_inside_the_loop_as_computed_by_hand(clip, data, tmp_path, monkeypatch):
+    from fairbook.mitigations import GroupDRO
+
+    skip_classification_scoring(monkeypatch)
+    calls = []
+
+    class Logged(GroupDRO):
+        def forward(self, losses, groups):
+            q_before = self.q.clone()
+            out = super().forward(losses, groups)
+            calls.append((losses.detach().clone(), groups.clone(), q_before, float(out)))
+            return out
+
+    dro = Logged(4, eta=0.5)
+    config = quick(epochs=1, trainable="as built")
+    fit(probe_on(clip[0]), data["train"], data["val"], config, tmp_path, Classification(dro, column=0),
+        progress=False)
+    assert len(calls) == 2                                                    # 32 samples, batches of 16
+    for losses, groups, q_before, out in calls:
+        group_loss = np.array([losses[groups == g].mean().item() if (groups == g).any() else 0.0
+                               for g in range(4)])
+        q = q_before.numpy() * np.exp(0.5 * group_loss)
+        q /= q.sum()
+        assert out == pytest.approx(float(q @ group_loss), rel=1e-5)
+    assert not torch.allclose(dro.q, torch.full((4,), 0.25))
+
+
+def skip_classification_scoring(monkeypatch, auc: float = 0.5) -> None:
+    monkeypatch.setattr(Classification, "scores", lambda self, model, loader: (None, None, None))
+    monkeypatch.setattr(train, "validation_criterion", lambda y, p: auc)

@@ -17,6 +17,9 @@ from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 from torch import nn
+from torch.utils.data import Sampler
+
+from fairbook.train import PROMPT_SETS, Contrastive, Objective, TrainConfig
 
 __all__ = ["Claim", "Method", "MethodError", "method_from_record"]
 
@@ -30,23 +33,39 @@ class Method:
     """Base of every method: plain contrastive fine-tuning of the model as it is built (see
     :class:`fairbook.methods.clip.CLIP`).
 
-    Subclasses add fields for their settings and override :meth:`adapt` (change the freshly built model in place,
-    e.g. add layers) and :meth:`regulariser` (a loss term for the training attribute). ``uses_attribute`` says
-    whether the method trains one model per sensitive attribute (FairCLIP) or one model for all (CLIP).
+    Subclasses add fields for their settings and override what differs from plain CLIP fine-tuning:
+    :meth:`adapt` (the network to train, built from the freshly created CLIP: add layers, or put a head on the
+    image tower), :meth:`objective` (what the one loop minimises and how it scores; by default the contrastive
+    loss plus :meth:`regulariser`, a term for the training attribute) and :meth:`sampler` (how training batches
+    are drawn). ``uses_attribute`` says whether the method trains one model per sensitive attribute (FairCLIP)
+    or one model for all (CLIP).
     """
 
     name: str = "method"
 
     uses_attribute: ClassVar[bool] = False
 
-    def adapt(self, model: nn.Module) -> None:
-        """Change the model built for one seed in place, before training (nothing for plain CLIP)."""
+    def adapt(self, model: nn.Module, tokenizer=None) -> nn.Module:
+        """The network to train at one seed, from the freshly built CLIP ``model`` and its ``tokenizer`` (changed
+        in place or wrapped; plain CLIP returns it as it is). It is also replayed to rebuild a saved model."""
+        return model
 
     def regulariser(self, model: nn.Module, train, attribute: str, seed: int, batch_size: int
                     ) -> Callable | None:
         """The term added to the contrastive loss at each step,
-        ``hook(image_features, text_features, logit_scale, batch)`` as :func:`fairbook.train.fit_clip` calls it,
-        for the training ``attribute`` and ``seed``; None adds nothing."""
+        ``hook(image_features, text_features, logit_scale, batch)`` as :class:`fairbook.train.Contrastive` calls
+        it, for the training ``attribute`` and ``seed``; None adds nothing."""
+        return None
+
+    def objective(self, model: nn.Module, train, attribute: str, seed: int, config: TrainConfig, tokenizer
+                  ) -> Objective:
+        """What :func:`fairbook.train.fit` minimises for this method, and how it scores: by default CLIP's
+        contrastive loss plus :meth:`regulariser`, scored zero-shot with the recipe's prompts."""
+        hook = self.regulariser(model, train, attribute, seed, config.batch_size)
+        return Contrastive(tokenizer, PROMPT_SETS[config.prompts], hook)
+
+    def sampler(self, train, attribute: str, seed: int) -> Sampler | None:
+        """How training batches are drawn (e.g. group-balanced resampling); None: shuffled, seeded with ``seed``."""
         return None
 
     def replace(self, **changes) -> Method:

@@ -425,7 +425,7 @@ def add_fo_moe(model: nn.Module, *, image: bool = True, text: bool = True, patch
     fairbook option for parameter budgets, None in paper and code).
 
     Nothing fairbook's training loop sees changes: ``model(image, tokens)`` still returns open_clip's dict and
-    ``encode_image`` / ``encode_text`` include the MoEs, so :func:`fairbook.train.fit_clip`,
+    ``encode_image`` / ``encode_text`` include the MoEs, so :func:`fairbook.train.fit`,
     ``zero_shot_scores`` and ``extract_features`` work unchanged. State-dict names other than the replaced MLPs
     stay valid: ``...resblocks.<last>.mlp.c_fc.weight`` becomes ``...mlp.experts.<j>.c_fc.weight`` (+ ``mlp.gate``),
     the feature MoEs are ``visual.feature_moe`` and ``transformer.feature_moe``. Patch AFTER loading pretrained
@@ -524,7 +524,7 @@ def _attribute_column(attribute: str) -> int:
 
 class FairnessOrientedLoss:
     """FOL (Sec. 2.2): ``sum_r w_r F_r [- dispersion * sum_r mean_j Var(O_j)] [+ L_distance]``, a
-    :func:`fairbook.train.fit_clip` regulariser ``(image_features, text_features, logit_scale, batch) -> scalar``.
+    :func:`fairbook.train.fit` regulariser ``(image_features, text_features, logit_scale, batch) -> scalar``.
 
     ``F_r`` is :func:`group_variance_gap` for router ``r`` of ``model`` (``EI``, ``ET``: rows are every token of every
     sample; ``FI``, ``FT``: one row per sample), with ``O`` = the routed weights the model recorded on ``batch``,
@@ -745,8 +745,9 @@ class FairMoE(Method):
     def uses_attribute(self) -> bool:
         return self.fol is not None or self.fairclip is not None
 
-    def adapt(self, model: nn.Module) -> None:
+    def adapt(self, model: nn.Module, tokenizer=None) -> nn.Module:
         add_fo_moe(model, **self.layers)
+        return model
 
     def regulariser(self, model: nn.Module, train, attribute: str, seed: int, batch_size: int):
         if self.fairclip is not None:

@@ -146,7 +146,7 @@ class FairCLIPRegulariser:
         return self._code(image_features, text_features, logit_scale, group_features)
 
     def hook(self, model: nn.Module | None = None, dataset=None, batch_size: int = 32, seed: int = 0):
-        """The regulariser as :func:`fairbook.train.fit_clip` calls it, ``hook(image, text, logit_scale, batch)``.
+        """The regulariser as :func:`fairbook.train.fit` calls it, ``hook(image, text, logit_scale, batch)``.
 
         The paper form needs nothing else. The code form draws one group-only batch per group of ``dataset``
         (the training set) at every step, as the official per-group loaders do (:class:`GroupBatches`), and
