@@ -7,6 +7,8 @@ method         class                            chapter    paper
 CLIP           :class:`clip.CLIP`               11         Radford et al., ICML 2021 (the FairCLIP paper's baseline)
 FairCLIP       :class:`fairclip.FairCLIP`       12         Luo et al., "FairCLIP", CVPR 2024
 Fair-MoE       :class:`fair_moe.FairMoE`        13, 20-22  Wang et al., "Fair-MoE", Tables 1-4
+FairMedFM      :class:`fairmedfm.FairMedFM`     14, 23     Jin et al., "FairMedFM", NeurIPS 2024 D&B, Table 2
+               (usages x mitigations)                      (chapters to come)
 =============  ===============================  =========  ============================================================
 
 Mitigations that apply to any method (resampling, GroupDRO) are in :mod:`fairbook.mitigations`. Each paper's main
@@ -18,8 +20,10 @@ from fairbook.methods.base import Claim, Method, MethodError, method_from_record
 from fairbook.methods.clip import CLIP
 from fairbook.methods.fair_moe import FairMoE
 from fairbook.methods.fairclip import FairCLIP
+from fairbook.methods.fairmedfm import FairMedFM
 
 #: Every paper's claims, in the book's order.
 CLAIMS: list[Claim] = [*fairclip.CLAIMS, *fair_moe.CLAIMS]
 
-__all__ = ["CLAIMS", "CLIP", "Claim", "FairCLIP", "FairMoE", "Method", "MethodError", "method_from_record"]
+__all__ = ["CLAIMS", "CLIP", "Claim", "FairCLIP", "FairMedFM", "FairMoE", "Method", "MethodError",
+           "method_from_record"]

@@ -1,11 +1,15 @@
-"""Heads on top of an image encoder: a linear classifier for supervised fine-tuning, and a logistic regression on
-frozen features whose regularisation is chosen on validation (the linear probe)."""
+"""Heads on top of an image encoder: a linear classifier for supervised fine-tuning and the linear probe, CLIP-Adapt's
+trainable class prototypes, and a logistic regression on frozen features whose regularisation is chosen on
+validation (the scikit-learn linear probe)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ImageClassifier", "fit_logistic"]
+from fairbook.models.clip import ModelError
+
+__all__ = ["ImageClassifier", "PromptClassifier", "fit_logistic"]
 
 
 class ImageClassifier(nn.Module):
@@ -22,6 +26,32 @@ class ImageClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.head(self.visual(images))
         return logits.squeeze(-1) if logits.shape[-1] == 1 else logits
+
+
+class PromptClassifier(nn.Module):
+    """CLIP-Adapt as FairMedFM uses it (Jin et al., FairMedFM, NeurIPS 2024 Datasets and Benchmarks, Sec. 3.2):
+    the class-text embeddings become trainable prototypes, the CLIP model stays frozen, and cross-entropy runs on
+    the scaled cosine logits ``s * cos(f(x), t_c)`` with CLIP's logit scale ``s``.
+
+    ``prototypes``: the ``2 x D`` starting class embeddings, rows (negative, positive), e.g.
+    :func:`fairbook.train.class_embeddings` of a prompt set. The forward returns one logit per image, the
+    difference ``s cos(f, t_+) - s cos(f, t_-)``: its sigmoid is the positive class's softmax probability over
+    the two classes, so binary cross-entropy on it equals the two-class cross-entropy.
+    """
+
+    def __init__(self, clip: nn.Module, prototypes: torch.Tensor):
+        super().__init__()
+        if prototypes.ndim != 2 or prototypes.shape[0] != 2:
+            raise ModelError(f"PromptClassifier needs 2 x D class prototypes (negative, positive), got shape "
+                             f"{tuple(prototypes.shape)}")
+        self.clip = clip
+        self.clip.requires_grad_(False)
+        self.prototypes = nn.Parameter(prototypes.detach().clone().float())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = F.normalize(self.clip.encode_image(images).float(), dim=-1)
+        logits = self.clip.logit_scale.exp().float() * features @ F.normalize(self.prototypes, dim=-1).T
+        return logits[:, 1] - logits[:, 0]
 
 
 def fit_logistic(X_train, y_train, X_val, y_val, Cs=(1e-4, 1e-3, 1e-2, 1e-1, 1.0)):

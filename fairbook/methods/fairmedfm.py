@@ -1,0 +1,135 @@
+"""FairMedFM (Jin et al., "FairMedFM: Fairness Benchmarking for Medical Imaging Foundation Models", NeurIPS 2024
+Datasets and Benchmarks): how a foundation model is *used* (Sec. 3.2) and how it is *debiased* (Sec. 3.3, Table
+2), declared once and trained through the one loop (:func:`fairbook.train.fit`).
+
+Usages (``usage``), all on the CLIP image tower:
+
+* ``"lp"``, linear probe: the encoder is frozen and a linear head is trained by the loop (fairbook's
+  scikit-learn probe, :func:`fairbook.train.linear_probe`, is the closed-form counterpart);
+* ``"clip-adapt"``, CLIP-Adapt: the class-text prototypes are trainable, the whole CLIP is frozen, and the
+  cross-entropy runs on the scaled cosine logits (:class:`fairbook.models.PromptClassifier`);
+* ``"lora"``: LoRA on the attention of every image-tower block (peft, :func:`fairbook.models.add_lora`;
+  ``lora_mlp`` adds the MLP linears) plus a linear head. FairMedFM's released LoRA wrapper cannot run; this is
+  the paper's description;
+* ``"ft"``: full fine-tuning of the image tower plus a linear head.
+
+Zero-shot use needs no training (:func:`fairbook.train.zero_shot_scores`, with FairMedFM's prompt set
+``"fairmedfm"``).
+
+Mitigations (``mitigation``), for the training attribute:
+
+* ``"erm"``: the mean loss, one model for every attribute;
+* ``"resampling"``: batches drawn by :func:`fairbook.mitigations.balanced_sampler` over the attribute x label
+  cells (``resample_by="attribute x label"``) or the attribute's groups only (``"attribute"``). FairMedFM's
+  released code only turns shuffling off; this is the resampling its paper and MEDFAIR describe;
+* ``"groupdro"``: :class:`fairbook.mitigations.GroupDRO` over the attribute's groups, step size ``dro_eta`` and
+  generalisation adjustment ``C = dro_adjustment`` (FairMedFM uses C = 1), over the groups present in the
+  training draw. Training samples whose attribute is unknown (code -1) form a group of their own, so that no
+  sample leaves the objective.
+
+The recipe is the shared :class:`fairbook.train.TrainConfig` (:meth:`~fairbook.train.TrainConfig.preset`
+``"fairmedfm"`` is the paper's: AdamW, cosine schedule, weight decay 0.05, lr 2.5e-4); every usage leaves its
+frozen parts frozen (``trainable="as built"``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fairbook.data.attributes import ATTRIBUTES, FILTER_ATTRIBUTES, UNKNOWN
+from fairbook.methods.base import Method, MethodError
+from fairbook.mitigations import GroupDRO, balanced_sampler
+from fairbook.models import ImageClassifier, PromptClassifier, add_lora
+from fairbook.train import PROMPT_SETS, Classification, TrainConfig, class_embeddings
+
+__all__ = ["MITIGATIONS", "USAGES", "FairMedFM"]
+
+#: Usage -> what trains.
+USAGES = {"lp": "a linear head on the frozen image encoder", "clip-adapt": "the class prototypes of a frozen CLIP",
+          "lora": "LoRA adapters on the image tower's attention, and a linear head",
+          "ft": "the whole image tower and a linear head"}
+#: Mitigation -> what it changes.
+MITIGATIONS = {"erm": "nothing (mean loss)", "resampling": "the draw of training batches",
+               "groupdro": "the loss: the worst groups weigh more"}
+RESAMPLE_BY = ("attribute x label", "attribute")
+
+
+@dataclass(frozen=True)
+class FairMedFM(Method):
+    """One cell of FairMedFM's grid: a ``usage`` of the foundation model (module docstring) with a
+    ``mitigation``, e.g. ``FairMedFM("LoRA + GroupDRO", usage="lora", mitigation="groupdro")``."""
+
+    name: str = "LP"
+    usage: str = "lp"
+    mitigation: str = "erm"
+    prompts: str = "fairmedfm"
+    resample_by: str = "attribute x label"
+    dro_eta: float = 0.01
+    dro_adjustment: float = 1.0
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_mlp: bool = False
+
+    def __post_init__(self) -> None:
+        for field, value, allowed in (("usage", self.usage, USAGES), ("mitigation", self.mitigation, MITIGATIONS),
+                                      ("resample_by", self.resample_by, RESAMPLE_BY), ("prompts", self.prompts,
+                                                                                      PROMPT_SETS)):
+            if value not in allowed:
+                raise MethodError(f"{self.name}: {field}={value!r} is not known; choose one of {', '.join(allowed)}")
+
+    @property
+    def uses_attribute(self) -> bool:
+        return self.mitigation != "erm"
+
+    def adapt(self, model: nn.Module, tokenizer=None) -> nn.Module:
+        if self.usage == "clip-adapt":
+            if tokenizer is None:
+                raise MethodError(f"{self.name}: CLIP-Adapt starts its prototypes from the class prompts and needs "
+                                  "the tokenizer: adapt(model, tokenizer)")
+            return PromptClassifier(model, class_embeddings(model, tokenizer, PROMPT_SETS[self.prompts]))
+        visual = model.visual
+        if self.usage == "lp":
+            visual.requires_grad_(False)
+        elif self.usage == "lora":
+            visual = add_lora(visual, self.lora_rank, self.lora_alpha, mlp=self.lora_mlp)
+        else:
+            visual.requires_grad_(True)
+        return ImageClassifier(visual)
+
+    def objective(self, model: nn.Module, train, attribute: str, seed: int, config: TrainConfig, tokenizer
+                  ) -> Classification:
+        if self.mitigation != "groupdro":
+            return Classification()
+        codes = train.metadata[attribute].to_numpy()
+        known = len([code for code in ATTRIBUTES[attribute] if code != UNKNOWN])
+        codes = np.where(codes == UNKNOWN, known, codes)           # unknown: one more group
+        present, counts = np.unique(codes, return_counts=True)     # only groups the training draw has
+        lookup = np.full(known + 1, -1)
+        lookup[present] = np.arange(len(present))
+        dro = GroupDRO(len(present), eta=self.dro_eta, adjustment=self.dro_adjustment, group_counts=counts)
+        return Classification(_TrainingGroups(dro, lookup), column=FILTER_ATTRIBUTES.index(attribute))
+
+    def sampler(self, train, attribute: str, seed: int):
+        if self.mitigation != "resampling":
+            return None
+        cells = train.metadata[attribute].astype(str)
+        if self.resample_by == "attribute x label":
+            cells = cells + " x " + train.metadata["glaucoma"].astype(str)
+        return balanced_sampler(cells.to_numpy(), seed=seed)
+
+
+class _TrainingGroups(nn.Module):
+    """GroupDRO over the groups present in the training draw: attribute codes (unknown, -1, as the last code)
+    mapped to 0..G-1 through ``lookup`` before the reduction."""
+
+    def __init__(self, dro: GroupDRO, lookup: np.ndarray):
+        super().__init__()
+        self.dro = dro
+        self.register_buffer("lookup", torch.as_tensor(lookup, dtype=torch.long))
+
+    def forward(self, losses: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        groups = torch.where(groups == UNKNOWN, torch.full_like(groups, len(self.lookup) - 1), groups)
+        return self.dro(losses, self.lookup[groups])

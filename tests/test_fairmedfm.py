@@ -1,0 +1,156 @@
+"""FairMedFM on the harness: the usages (linear probe, CLIP-Adapt, LoRA, full fine-tuning) and the mitigations
+(resampling, GroupDRO), each trained through the one loop and checked against hand or library values."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+from torch.utils.data import DataLoader
+
+from fairbook import protocol
+from fairbook.data.fairvlmed import FairVLMed
+from fairbook.data.synthetic import SynthConfig, generate
+from fairbook.methods import FairMedFM, MethodError
+from fairbook.models import ImageClassifier, PromptClassifier, add_lora, lora_parameters
+from fairbook.train import FAIRMEDFM_PROMPTS, Classification, TrainConfig, fit, zero_shot_scores
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, clip):
+    _, preprocess_train, preprocess_val, tokenizer = clip
+    root = tmp_path_factory.mktemp("fairmedfm") / "data"
+    generate(root, SynthConfig.preset("default", n_train=96, n_val=32, n_test=32), progress=False)
+    return {"root": str(root), "train": FairVLMed(root, "Training", preprocess_train, tokenizer).subset(32, 0),
+            "val": FairVLMed(root, "Validation", preprocess_val, tokenizer),
+            "full_train": FairVLMed(root, "Training", preprocess_train, tokenizer)}
+
+
+def recipe(**changes) -> TrainConfig:
+    return TrainConfig.preset("fairmedfm", epochs=1, batch_size=16, **changes)
+
+
+def changed(before: dict, model: torch.nn.Module) -> set[str]:
+    return {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+
+
+def test_lora_gives_every_adapter_tensor_a_gradient_and_freezes_the_rest(clip):
+    visual = add_lora(copy.deepcopy(clip[0].visual), rank=4, alpha=8, mlp=True)
+    adapters = lora_parameters(visual)
+    blocks = len(visual.transformer.resblocks)
+    # per block: attention (in and out projections, A and B each) and the two MLP linears (A and B each)
+    assert len(adapters) == blocks * (4 + 4)
+    assert {n for n, p in visual.named_parameters() if p.requires_grad} == set(adapters)
+    optimizer = torch.optim.SGD(list(adapters.values()), lr=0.1)
+    images = torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    for _ in range(2):  # B starts at zero, so A's gradient is zero until B has moved once
+        optimizer.zero_grad()
+        visual(images).pow(2).sum().backward()
+        optimizer.step()
+    zero = [name for name, p in adapters.items() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
+    assert zero == []
+
+
+def test_lora_on_out_proj_alone_trains_nothing_which_is_why_add_lora_targets_the_attention(clip):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    visual = copy.deepcopy(clip[0].visual)
+    targets = [f"transformer.resblocks.{i}.attn.out_proj" for i in range(len(visual.transformer.resblocks))]
+    visual = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=targets), visual)
+    for name, param in visual.named_parameters():
+        param.requires_grad_("lora_" in name)
+        if "lora_B" in name:
+            torch.nn.init.normal_(param)  # even with B non-zero no gradient arrives
+    assert lora_parameters(visual)  # the adapters exist and are trainable ...
+    assert not visual(torch.randn(2, 3, 96, 96)).requires_grad  # ... but no path leads from them to the output
+
+
+def test_clip_adapt_starts_as_zero_shot_and_trains_only_the_prototypes(clip, data, tmp_path):
+    model, _, _, tokenizer = clip
+    net = FairMedFM("CLIP-Adapt", usage="clip-adapt").adapt(copy.deepcopy(model), tokenizer)
+    assert isinstance(net, PromptClassifier)
+    loader = DataLoader(data["val"], batch_size=16)
+    y, p_zero_shot, _ = zero_shot_scores(net.clip, tokenizer, loader, FAIRMEDFM_PROMPTS)
+    y_start, p_start, _ = Classification().scores(net, loader)
+    np.testing.assert_allclose(p_start, p_zero_shot, rtol=1e-5, atol=1e-6)  # sigmoid of the logit difference
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fit(net, data["train"], data["val"], recipe(), tmp_path, Classification(), progress=False)
+    assert changed(before, net) == {"prototypes"}
+
+
+@pytest.mark.parametrize("usage, trains", [("lp", {"head.weight", "head.bias"}),
+                                           ("ft", None),  # the head and every image-tower tensor
+                                           ("lora", "lora")])
+def test_each_usage_trains_what_it_says(clip, data, tmp_path, usage, trains):
+    net = FairMedFM(usage=usage).adapt(copy.deepcopy(clip[0]), clip[3])
+    assert isinstance(net, ImageClassifier)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fit(net, data["train"], data["val"], recipe(), tmp_path, Classification(), progress=False)
+    moved = changed(before, net)
+    if usage == "lp":
+        assert moved == trains
+    elif usage == "ft":
+        assert {"head.weight", "head.bias", "visual.conv1.weight", "visual.proj"} <= moved
+    else:
+        assert {"head.weight", "head.bias"} <= moved and any("lora_" in k for k in moved)
+        state = net.state_dict()
+        frozen = {k for k in moved if not k.startswith("head.") and "lora_" not in k}
+        # peft merges the adapters into nn.MultiheadAttention's weights for each forward and subtracts them
+        # again: the frozen weights come back up to float rounding, they are not trained
+        assert frozen and all(k.endswith(("in_proj_weight", "out_proj.base_layer.weight")) for k in frozen)
+        assert max(float((state[k] - before[k]).abs().max()) for k in frozen) < 1e-6
+
+
+def test_resampling_draws_attribute_by_label_cells_equally_often(data):
+    train = data["full_train"]
+    method = FairMedFM("LP + resampling", mitigation="resampling")
+    cells = train.metadata["race"].astype(str) + " x " + train.metadata["glaucoma"].astype(str)
+    draws = np.concatenate([cells.to_numpy()[list(method.sampler(train, "race", seed))] for seed in range(200)])
+    counts = draws_by_cell = np.unique(draws, return_counts=True)[1]
+    assert len(draws_by_cell) == cells.nunique()
+    assert chisquare(counts).pvalue > 1e-3                                 # balanced: uniform over the cells
+    assert chisquare(np.unique(cells, return_counts=True)[1]).pvalue < 1e-6  # the data itself is not
+    by_attribute = FairMedFM(mitigation="resampling", resample_by="attribute").sampler(train, "race", 0)
+    race = train.metadata["race"].to_numpy()
+    drawn = np.concatenate([race[list(by_attribute)] for _ in range(50)])
+    assert chisquare(np.bincount(drawn)).pvalue > 1e-3
+    assert FairMedFM().sampler(train, "race", 0) is None
+
+
+def test_group_dro_uses_the_training_groups_with_unknown_as_its_own(data):
+    train = data["full_train"].subset(40, 0)
+    train.metadata.loc[train.metadata.index[:3], "ethnicity"] = -1  # at least three unknowns
+    objective = FairMedFM("LP + GroupDRO", mitigation="groupdro", dro_adjustment=1.0).objective(
+        None, train, "ethnicity", 0, recipe(), None)
+    dro = objective.reduce.dro
+    codes = train.metadata["ethnicity"].to_numpy()
+    expected = [int((codes == 0).sum()), int((codes == 1).sum()), int((codes == -1).sum())]
+    expected = [n for n in expected if n > 0]
+    assert dro.n_groups == len(expected)
+    np.testing.assert_allclose(dro.adjust.numpy(), 1.0 / np.sqrt(expected), rtol=1e-6)
+    assert objective.column == 2
+    losses = torch.tensor([1.0, 2.0, 4.0])
+    groups = torch.tensor([0, -1, 0])
+    out = objective.reduce(losses, groups)
+    group_loss = np.zeros(dro.n_groups)
+    group_loss[0], group_loss[-1] = 2.5, 2.0
+    q = np.exp(0.01 * (group_loss + 1.0 / np.sqrt(expected)))
+    q /= q.sum()
+    assert float(out) == pytest.approx(float(q @ group_loss), rel=1e-6)
+
+
+def test_a_usage_with_a_mitigation_trains_saves_and_reloads_through_the_protocol(data, tmp_path):
+    setup = protocol.Setup(data["root"], recipe(), n_train=32)
+    method = FairMedFM("LoRA + GroupDRO", usage="lora", mitigation="groupdro")
+    fit_result = protocol.train_one(tmp_path / "run", method, setup, seed=1, attribute="race")
+    y, p, _ = fit_result["scores"]["test"]
+    net, preprocess_val, _ = protocol.load_model(tmp_path / "run", "LoRA + GroupDRO", "race", 1)
+    test = FairVLMed(data["root"], "Test", preprocess_val)
+    _, p_again, _ = Classification().scores(net, DataLoader(test, batch_size=16))
+    np.testing.assert_allclose(p_again, p, rtol=1e-5, atol=1e-6)
+    with pytest.raises(MethodError, match="usage='nope' is not known"):
+        FairMedFM(usage="nope")
