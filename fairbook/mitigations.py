@@ -1,9 +1,12 @@
-"""Mitigations that work with any method: group-balanced resampling and GroupDRO.
+"""Mitigations that work with any method: group-balanced resampling, GroupDRO and LAFTR.
 
 * :func:`group_balanced_weights` / :func:`balanced_sampler`: resampling with per-sample weight 1 / group size, the
   "Resampling" mitigation of MEDFAIR (Zong et al., ICLR 2023) and FairMedFM (Jin et al., NeurIPS 2024 D&B, Tab. 2).
 * :class:`GroupDRO`: the online group DRO algorithm of Sagawa et al. (ICLR 2020, Algorithm 1) with their optional
   group adjustment C / sqrt(n_g) (FairMedFM uses C = 1, appendix D.1.3; MEDFAIR uses step size 0.01).
+* :class:`LAFTR`: an adversary that predicts the group from the representation, trained against the encoder
+  through a reversed gradient, with the group-normalised L1 objective of Madras et al. (ICML 2018) in its
+  demographic-parity and equalised-odds forms.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from numpy.typing import ArrayLike
 from torch import nn
 from torch.utils.data import WeightedRandomSampler
 
-__all__ = ["GroupDRO", "MitigationError", "balanced_sampler", "group_balanced_weights"]
+__all__ = ["LAFTR", "LAFTR_FORMS", "GroupDRO", "MitigationError", "balanced_sampler", "group_balanced_weights",
+           "laftr_adversary_objective", "reverse_gradient"]
 
 
 class MitigationError(ValueError):
@@ -88,3 +92,83 @@ class GroupDRO(nn.Module):
         q = self.q * torch.exp(self.eta * (group_loss.detach().to(self.q) + self.adjust))
         self.q = q / q.sum()
         return (self.q.to(group_loss) * group_loss).sum()
+
+
+# --------------------------------------------------------------------------------------------------------- LAFTR
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward; the gradient times -1 backward (Ganin & Lempitsky, ICML 2015)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return -grad
+
+
+def reverse_gradient(x: torch.Tensor) -> torch.Tensor:
+    """``x`` unchanged, with its gradient reversed on the way back: one backward pass then trains an adversary
+    to maximise what the layers below it minimise."""
+    return _ReverseGradient.apply(x)
+
+
+LAFTR_FORMS = ("dp", "eo")
+
+
+def laftr_adversary_objective(probabilities: torch.Tensor, groups: torch.Tensor, labels: torch.Tensor,
+                              form: str = "dp") -> torch.Tensor:
+    """LAFTR's adversarial objective (Madras et al., ICML 2018), which the adversary maximises and the encoder
+    minimises: one minus the adversary's group-normalised L1 error.
+
+    ``probabilities``: the adversary's ``n x G`` softmax over the ``G`` groups; the L1 error of a sample of group
+    ``a`` is ``1 - p_a`` (for two groups, the paper's ``|h(z) - a|``). ``"dp"`` (demographic parity) averages
+    the errors within each group, weight ``1 / |D_a|``, i.e. ``1 / p(a)``; ``"eo"`` (equalised odds) within each
+    (group, label) cell, weight ``1 / p(a, y)``. The objective is
+    ``K - (2 / G) * sum over cells of the mean error``, ``K`` = 1 for dp and 2 for eo, which is the paper's for
+    ``G = 2``; cells absent from the batch are left out.
+    """
+    if form not in LAFTR_FORMS:
+        raise MitigationError(f"LAFTR form {form!r} is not known: choose dp (demographic parity) or eo "
+                              "(equalised odds)")
+    n_groups = probabilities.shape[1]
+    errors = 1.0 - probabilities.gather(1, groups.long().view(-1, 1)).squeeze(1)
+    cells = groups.long() if form == "dp" else groups.long() * 2 + labels.long()
+    n_cells = n_groups * (1 if form == "dp" else 2)
+    sums = errors.new_zeros(n_cells).index_add(0, cells, errors)
+    counts = torch.bincount(cells, minlength=n_cells)
+    present = counts > 0
+    mean_errors = sums[present] / counts[present].to(errors.dtype)
+    return (1.0 if form == "dp" else 2.0) - 2.0 / n_groups * mean_errors.sum()
+
+
+class LAFTR(nn.Module):
+    """LAFTR (Madras et al., ICML 2018) as a term of the classifier's loss, as FairMedFM runs it (Table 2, LAFTR
+    rows; adversarial coefficient 0.1).
+
+    An adversary (``Linear``, or an MLP with ``hidden`` units) reads the representation ``z`` through
+    :func:`reverse_gradient` (the equalised-odds adversary reads ``[z, y]``, as in the paper) and predicts the
+    group with a softmax; the term added to the classifier's loss is ``-coefficient * L_adv`` with ``L_adv`` =
+    :func:`laftr_adversary_objective`. One backward pass then moves the adversary up ``L_adv`` (it learns to
+    tell the groups apart) and the encoder down it (it hides them): LAFTR's min-max by simultaneous gradient
+    steps, where MEDFAIR's implementation alternates an adversary step and an encoder step.
+    """
+
+    def __init__(self, dim: int, n_groups: int, form: str = "dp", coefficient: float = 0.1,
+                 hidden: int | None = None):
+        super().__init__()
+        if form not in LAFTR_FORMS:
+            raise MitigationError(f"LAFTR form {form!r} is not known: choose dp or eo")
+        if n_groups < 2:
+            raise MitigationError(f"LAFTR needs at least two groups to tell apart, got {n_groups}")
+        self.form, self.coefficient = form, float(coefficient)
+        width = dim + (1 if form == "eo" else 0)
+        self.adversary = (nn.Linear(width, n_groups) if hidden is None else
+                          nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, n_groups)))
+
+    def forward(self, features: torch.Tensor, groups: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        seen = reverse_gradient(features)
+        if self.form == "eo":
+            seen = torch.cat([seen, labels.to(seen.dtype).view(-1, 1)], dim=1)
+        probabilities = self.adversary(seen).float().softmax(-1)
+        return -self.coefficient * laftr_adversary_objective(probabilities, groups, labels, self.form)

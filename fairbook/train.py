@@ -386,25 +386,51 @@ class Classification(Objective):
     """Binary cross-entropy on a classifier's glaucoma logit (``model(images)`` gives one logit per image, e.g.
     :class:`fairbook.models.ImageClassifier`), scored with its sigmoid.
 
-    The per-sample losses are averaged (ERM), or reduced by ``reduce(losses, groups)`` when given, with ``groups``
-    the batch's codes of the attribute in column ``column`` of ``batch["attributes"]``: a mitigation of
-    :mod:`fairbook.mitigations` such as :class:`~fairbook.mitigations.GroupDRO`. A ``reduce`` that is an
-    ``nn.Module`` is moved and trained with the model (:meth:`Objective.parts`).
+    A mitigation sees the batch's groups: the codes of the attribute in column ``column`` of
+    ``batch["attributes"]``, mapped through ``lookup`` when given (``lookup[code]``, the unknown code -1 read as
+    the last entry), e.g. to number only the groups a training draw has.
+
+    * ``reduce(losses, groups)`` replaces the mean of the per-sample losses (ERM), e.g.
+      :class:`~fairbook.mitigations.GroupDRO`;
+    * ``adversary(features, groups, labels)`` adds a term computed from the model's representation
+      (``model.features``, classified by ``model.classify``), e.g. :class:`~fairbook.mitigations.LAFTR`.
+
+    Mitigations that are ``nn.Module`` s are moved and trained with the model (:meth:`Objective.parts`); the
+    adversary's term is the training record's ``reg_loss``.
     """
 
     def __init__(self, reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 column: int | None = None):
-        if reduce is not None and column is None:
-            raise TrainError("Classification(reduce=...) needs column=, the attribute column whose groups it "
-                             "reduces over (fairbook.data.FILTER_ATTRIBUTES.index(attribute))")
-        self.reduce, self.column = reduce, column
+                 column: int | None = None, adversary: Callable[..., torch.Tensor] | None = None,
+                 lookup: Sequence[int] | None = None):
+        if (reduce is not None or adversary is not None) and column is None:
+            raise TrainError("Classification(reduce=... or adversary=...) needs column=, the attribute column "
+                             "whose groups it uses (fairbook.data.FILTER_ATTRIBUTES.index(attribute))")
+        self.reduce, self.column, self.adversary = reduce, column, adversary
+        self.lookup = None if lookup is None else torch.as_tensor(lookup, dtype=torch.long)
+
+    def groups(self, batch: dict) -> torch.Tensor:
+        """The batch's group numbers for the mitigations."""
+        codes = batch["attributes"][:, self.column]
+        if self.lookup is None:
+            return codes
+        lookup = self.lookup.to(codes.device)
+        return lookup[torch.where(codes < 0, torch.full_like(codes, len(lookup) - 1), codes)]
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = model(batch["image"])
+        if self.adversary is None:
+            logits = model(batch["image"])
+        else:
+            features = model.features(batch["image"])
+            logits = model.classify(features)
         losses = F.binary_cross_entropy_with_logits(logits.float(), batch["label"].float(), reduction="none")
-        if self.reduce is None:
+        if self.reduce is None and self.adversary is None:
             return losses.mean(), None
-        return self.reduce(losses, batch["attributes"][:, self.column]), None
+        groups = self.groups(batch)
+        loss = losses.mean() if self.reduce is None else self.reduce(losses, groups)
+        if self.adversary is None:
+            return loss, None
+        term = self.adversary(features.float(), groups, batch["label"])
+        return loss + term, term
 
     @torch.no_grad()
     def scores(self, model: nn.Module, loader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -426,7 +452,7 @@ class Classification(Objective):
         return np.concatenate(labels), np.concatenate(probabilities), np.concatenate(attributes)
 
     def parts(self) -> list[nn.Module]:
-        return [self.reduce] if isinstance(self.reduce, nn.Module) else []
+        return [m for m in (self.reduce, self.adversary) if isinstance(m, nn.Module)]
 
 
 def fit(model: nn.Module, train_ds, val_ds, config: TrainConfig, out_dir: str | os.PathLike,

@@ -14,6 +14,7 @@ from fairbook import protocol
 from fairbook.data.fairvlmed import FairVLMed
 from fairbook.data.synthetic import SynthConfig, generate
 from fairbook.methods import FairMedFM, MethodError
+from fairbook.mitigations import LAFTR, laftr_adversary_objective
 from fairbook.models import ImageClassifier, PromptClassifier, add_lora, lora_parameters
 from fairbook.train import FAIRMEDFM_PROMPTS, Classification, TrainConfig, fit, zero_shot_scores
 
@@ -126,7 +127,7 @@ def test_group_dro_uses_the_training_groups_with_unknown_as_its_own(data):
     train.metadata.loc[train.metadata.index[:3], "ethnicity"] = -1  # at least three unknowns
     objective = FairMedFM("LP + GroupDRO", mitigation="groupdro", dro_adjustment=1.0).objective(
         None, train, "ethnicity", 0, recipe(), None)
-    dro = objective.reduce.dro
+    dro = objective.reduce
     codes = train.metadata["ethnicity"].to_numpy()
     expected = [int((codes == 0).sum()), int((codes == 1).sum()), int((codes == -1).sum())]
     expected = [n for n in expected if n > 0]
@@ -134,7 +135,9 @@ def test_group_dro_uses_the_training_groups_with_unknown_as_its_own(data):
     np.testing.assert_allclose(dro.adjust.numpy(), 1.0 / np.sqrt(expected), rtol=1e-6)
     assert objective.column == 2
     losses = torch.tensor([1.0, 2.0, 4.0])
-    groups = torch.tensor([0, -1, 0])
+    batch = {"attributes": torch.tensor([[0, 0, 0, 0], [0, 0, -1, 0], [0, 0, 0, 0]])}
+    groups = objective.groups(batch)
+    assert groups.tolist() == [0, dro.n_groups - 1, 0]                    # unknown: the last group
     out = objective.reduce(losses, groups)
     group_loss = np.zeros(dro.n_groups)
     group_loss[0], group_loss[-1] = 2.5, 2.0
@@ -154,3 +157,48 @@ def test_a_usage_with_a_mitigation_trains_saves_and_reloads_through_the_protocol
     np.testing.assert_allclose(p_again, p, rtol=1e-5, atol=1e-6)
     with pytest.raises(MethodError, match="usage='nope' is not known"):
         FairMedFM(usage="nope")
+
+
+# ----------------------------------------------------------------------------------------------------------- LAFTR
+def test_laftr_objective_of_each_form_by_hand():
+    # two groups; the adversary's probability of the true group: 0.9, 0.6 (group 0), 0.7, 0.2 (group 1)
+    probabilities = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.8, 0.2]])
+    groups, labels = torch.tensor([0, 0, 1, 1]), torch.tensor([1, 0, 1, 1])
+    errors = [0.1, 0.4, 0.3, 0.8]
+    dp = 1 - ((errors[0] + errors[1]) / 2 + (errors[2] + errors[3]) / 2)      # 1 - sum_a mean_{D_a} |h - a|
+    eo = 2 - (errors[0] + errors[1] + (errors[2] + errors[3]) / 2)           # cells (0,1), (0,0), (1,1)
+    assert float(laftr_adversary_objective(probabilities, groups, labels, "dp")) == pytest.approx(dp)
+    assert float(laftr_adversary_objective(probabilities, groups, labels, "eo")) == pytest.approx(eo)
+
+
+@pytest.mark.parametrize("form", ["dp", "eo"])
+def test_one_laftr_step_moves_the_adversary_up_its_objective_and_the_encoder_down(form):
+    torch.manual_seed(0)
+    features = torch.randn(6, 3, requires_grad=True)
+    groups, labels = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([0, 1, 1, 0, 0, 1])
+    laftr = LAFTR(3, 3, form=form, coefficient=0.1)
+    term = laftr(features, groups, labels)
+    term.backward()
+    # by hand: the same objective without the reversal, differentiated directly
+    seen = features.detach().clone().requires_grad_(True)
+    inputs = seen if form == "dp" else torch.cat([seen, labels.float().view(-1, 1)], 1)
+    objective = laftr_adversary_objective(laftr.adversary(inputs).softmax(-1), groups, labels, form)
+    grad_features, *grad_adversary = torch.autograd.grad(objective, [seen, *laftr.adversary.parameters()])
+    assert float(term.detach()) == pytest.approx(-0.1 * float(objective.detach()), rel=1e-6)
+    for param, grad in zip(laftr.adversary.parameters(), grad_adversary):  # descent on -0.1 L: the adversary
+        torch.testing.assert_close(param.grad, -0.1 * grad)                   # climbs L
+    torch.testing.assert_close(features.grad, 0.1 * grad_features)           # reversed: the encoder descends L
+
+
+def test_laftr_on_a_linear_probe_trains_a_projection_and_leaves_the_encoder_frozen(clip, data, tmp_path):
+    method = FairMedFM("LP + LAFTR", mitigation="laftr", laftr_form="eo")
+    net = method.adapt(copy.deepcopy(clip[0]), clip[3])
+    objective = method.objective(net, data["train"], "race", 0, recipe(), clip[3])
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    adversary = {k: v.clone() for k, v in objective.adversary.state_dict().items()}
+    result = fit(net, data["train"], data["val"], recipe(lr=3e-4), tmp_path, objective, progress=False)
+    assert changed(before, net) == {"projection.weight", "projection.bias", "head.weight", "head.bias"}
+    assert changed(adversary, objective.adversary) == {"adversary.weight", "adversary.bias"}
+    assert result["history"][0]["reg_loss"] != 0.0                           # the adversary's term entered
+    with pytest.raises(MethodError, match="CLIP-Adapt trains only the class prototypes"):
+        FairMedFM(usage="clip-adapt", mitigation="laftr")

@@ -25,7 +25,11 @@ Mitigations (``mitigation``), for the training attribute:
 * ``"groupdro"``: :class:`fairbook.mitigations.GroupDRO` over the attribute's groups, step size ``dro_eta`` and
   generalisation adjustment ``C = dro_adjustment`` (FairMedFM uses C = 1), over the groups present in the
   training draw. Training samples whose attribute is unknown (code -1) form a group of their own, so that no
-  sample leaves the objective.
+  sample leaves the objective;
+* ``"laftr"``: :class:`fairbook.mitigations.LAFTR`, an adversary on the representation the head classifies,
+  in its demographic-parity or equalised-odds form (``laftr_form``), coefficient 0.1 as in FairMedFM. With the
+  linear probe the encoder is frozen and the adversary would have nothing upstream to push on, so fairbook puts
+  a trainable ``Linear(D, D)`` projection before the head (its reading of a point the paper leaves open).
 
 The recipe is the shared :class:`fairbook.train.TrainConfig` (:meth:`~fairbook.train.TrainConfig.preset`
 ``"fairmedfm"`` is the paper's: AdamW, cosine schedule, weight decay 0.05, lr 2.5e-4); every usage leaves its
@@ -36,12 +40,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import nn
 
 from fairbook.data.attributes import ATTRIBUTES, FILTER_ATTRIBUTES, UNKNOWN
 from fairbook.methods.base import Method, MethodError
-from fairbook.mitigations import GroupDRO, balanced_sampler
+from fairbook.mitigations import LAFTR, GroupDRO, balanced_sampler
 from fairbook.models import ImageClassifier, PromptClassifier, add_lora
 from fairbook.train import PROMPT_SETS, Classification, TrainConfig, class_embeddings
 
@@ -53,7 +56,8 @@ USAGES = {"lp": "a linear head on the frozen image encoder", "clip-adapt": "the 
           "ft": "the whole image tower and a linear head"}
 #: Mitigation -> what it changes.
 MITIGATIONS = {"erm": "nothing (mean loss)", "resampling": "the draw of training batches",
-               "groupdro": "the loss: the worst groups weigh more"}
+               "groupdro": "the loss: the worst groups weigh more",
+               "laftr": "the representation: an adversary must not tell the groups apart"}
 RESAMPLE_BY = ("attribute x label", "attribute")
 
 
@@ -72,6 +76,9 @@ class FairMedFM(Method):
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_mlp: bool = False
+    laftr_form: str = "dp"
+    laftr_coefficient: float = 0.1
+    laftr_hidden: int | None = None
 
     def __post_init__(self) -> None:
         for field, value, allowed in (("usage", self.usage, USAGES), ("mitigation", self.mitigation, MITIGATIONS),
@@ -79,6 +86,9 @@ class FairMedFM(Method):
                                                                                       PROMPT_SETS)):
             if value not in allowed:
                 raise MethodError(f"{self.name}: {field}={value!r} is not known; choose one of {', '.join(allowed)}")
+        if self.usage == "clip-adapt" and self.mitigation == "laftr":
+            raise MethodError(f"{self.name}: LAFTR needs a representation that training can change; CLIP-Adapt "
+                              "trains only the class prototypes. Use usage='lp', 'lora' or 'ft'")
 
     @property
     def uses_attribute(self) -> bool:
@@ -97,11 +107,12 @@ class FairMedFM(Method):
             visual = add_lora(visual, self.lora_rank, self.lora_alpha, mlp=self.lora_mlp)
         else:
             visual.requires_grad_(True)
-        return ImageClassifier(visual)
+        # a frozen encoder leaves LAFTR's adversary nothing to push on: a trainable projection before the head
+        return ImageClassifier(visual, projection=self.usage == "lp" and self.mitigation == "laftr")
 
     def objective(self, model: nn.Module, train, attribute: str, seed: int, config: TrainConfig, tokenizer
                   ) -> Classification:
-        if self.mitigation != "groupdro":
+        if self.mitigation not in ("groupdro", "laftr"):
             return Classification()
         codes = train.metadata[attribute].to_numpy()
         known = len([code for code in ATTRIBUTES[attribute] if code != UNKNOWN])
@@ -109,8 +120,13 @@ class FairMedFM(Method):
         present, counts = np.unique(codes, return_counts=True)     # only groups the training draw has
         lookup = np.full(known + 1, -1)
         lookup[present] = np.arange(len(present))
-        dro = GroupDRO(len(present), eta=self.dro_eta, adjustment=self.dro_adjustment, group_counts=counts)
-        return Classification(_TrainingGroups(dro, lookup), column=FILTER_ATTRIBUTES.index(attribute))
+        column = FILTER_ATTRIBUTES.index(attribute)
+        if self.mitigation == "groupdro":
+            dro = GroupDRO(len(present), eta=self.dro_eta, adjustment=self.dro_adjustment, group_counts=counts)
+            return Classification(dro, column=column, lookup=lookup)
+        width = int(model.head.in_features)
+        adversary = LAFTR(width, len(present), self.laftr_form, self.laftr_coefficient, self.laftr_hidden)
+        return Classification(column=column, adversary=adversary, lookup=lookup)
 
     def sampler(self, train, attribute: str, seed: int):
         if self.mitigation != "resampling":
@@ -119,17 +135,3 @@ class FairMedFM(Method):
         if self.resample_by == "attribute x label":
             cells = cells + " x " + train.metadata["glaucoma"].astype(str)
         return balanced_sampler(cells.to_numpy(), seed=seed)
-
-
-class _TrainingGroups(nn.Module):
-    """GroupDRO over the groups present in the training draw: attribute codes (unknown, -1, as the last code)
-    mapped to 0..G-1 through ``lookup`` before the reduction."""
-
-    def __init__(self, dro: GroupDRO, lookup: np.ndarray):
-        super().__init__()
-        self.dro = dro
-        self.register_buffer("lookup", torch.as_tensor(lookup, dtype=torch.long))
-
-    def forward(self, losses: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        groups = torch.where(groups == UNKNOWN, torch.full_like(groups, len(self.lookup) - 1), groups)
-        return self.dro(losses, self.lookup[groups])

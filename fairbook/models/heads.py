@@ -13,19 +13,32 @@ __all__ = ["ImageClassifier", "PromptClassifier", "fit_logistic"]
 
 
 class ImageClassifier(nn.Module):
-    """CLIP image encoder followed by a linear head: logits = W f(x) + b (supervised fine-tuning / linear probe).
+    """CLIP image encoder followed by a linear head: logits = W z + b with the representation z = f(x)
+    (supervised fine-tuning, LoRA, the linear probe).
 
-    ``n_classes=1`` gives one logit for binary cross-entropy (glaucoma yes/no).
+    ``projection=True`` puts a trainable ``Linear(D, D)`` between encoder and head, z = P f(x): with a frozen
+    encoder it gives an adversary on z something upstream to push on (LAFTR on a linear probe, fairbook's reading
+    of a point FairMedFM leaves open). ``n_classes=1`` gives one logit for binary cross-entropy (glaucoma yes/no).
     """
 
-    def __init__(self, visual: nn.Module, n_classes: int = 1):
+    def __init__(self, visual: nn.Module, n_classes: int = 1, projection: bool = False):
         super().__init__()
         self.visual = visual
-        self.head = nn.Linear(int(visual.output_dim), n_classes)
+        width = int(visual.output_dim)
+        self.projection = nn.Linear(width, width) if projection else None
+        self.head = nn.Linear(width, n_classes)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The representation z the head classifies (and an adversary sees)."""
+        z = self.visual(images)
+        return self.projection(z) if self.projection is not None else z
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        logits = self.head(features)
+        return logits.squeeze(-1) if logits.shape[-1] == 1 else logits
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.visual(images))
-        return logits.squeeze(-1) if logits.shape[-1] == 1 else logits
+        return self.classify(self.features(images))
 
 
 class PromptClassifier(nn.Module):
