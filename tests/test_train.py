@@ -430,7 +430,7 @@ def test_group_dro_reduces_the_loss_inside_the_loop_as_computed_by_hand(clip, da
         def forward(self, losses, groups):
             q_before = self.q.clone()
             out = super().forward(losses, groups)
-            calls.append((losses.detach().clone(), groups.clone(), q_before, float(out)))
+            calls.append((losses.detach().clone(), groups.clone(), q_before, float(out.detach())))
             return out
 
     dro = Logged(4, eta=0.5)
