@@ -432,24 +432,11 @@ class Classification(Objective):
         term = self.adversary(features.float(), groups, batch["label"])
         return loss + term, term
 
-    @torch.no_grad()
     def scores(self, model: nn.Module, loader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        device = _device_of(model, None)
-        was_training = model.training
-        model.eval()
-        probabilities, labels, attributes = [], [], []
-        try:
-            for batch in loader:
-                with _autocast(device):
-                    logits = model(batch["image"].to(device, non_blocking=True))
-                probabilities.append(torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64))
-                labels.append(np.asarray(batch["label"]))
-                attributes.append(np.asarray(batch["attributes"]))
-        finally:
-            model.train(was_training)
-        if not labels:
-            raise TrainError("Classification.scores got an empty loader: give a DataLoader over a non-empty split")
-        return np.concatenate(labels), np.concatenate(probabilities), np.concatenate(attributes)
+        probabilities, labels, attributes = _per_image(
+            model, loader, _device_of(model, None),
+            lambda images: torch.sigmoid(model(images).float()).cpu().numpy().astype(np.float64))
+        return labels, probabilities, attributes
 
     def parts(self) -> list[nn.Module]:
         return [m for m in (self.reduce, self.adversary) if isinstance(m, nn.Module)]
@@ -641,21 +628,29 @@ def extract_features(model: nn.Module, loader, device: str | torch.device | None
     """``(X, y, attributes)``: L2-normalised ``model.encode_image`` features (float32, ``n x D``) of a loader of
     FairVLMed items, with their labels and attribute codes. The model's train/eval mode is restored."""
     device = _device_of(model, device)
+    return _per_image(model, loader, device,
+                      lambda images: F.normalize(model.encode_image(images).float(), dim=-1).cpu().numpy())
+
+
+@torch.no_grad()
+def _per_image(model: nn.Module, loader, device: torch.device, compute: Callable[[torch.Tensor], np.ndarray]
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``compute(images)`` on every batch of a loader of FairVLMed items, in eval mode (restored afterwards) and
+    under autocast on CUDA: ``(outputs, labels, attribute codes)`` concatenated over the batches."""
     was_training = model.training
     model.eval()
-    features, labels, attributes = [], [], []
+    outputs, labels, attributes = [], [], []
     try:
         for batch in loader:
             with _autocast(device):
-                image = model.encode_image(batch["image"].to(device, non_blocking=True))
-            features.append(F.normalize(image.float(), dim=-1).cpu().numpy())
+                outputs.append(compute(batch["image"].to(device, non_blocking=True)))
             labels.append(np.asarray(batch["label"]))
             attributes.append(np.asarray(batch["attributes"]))
     finally:
         model.train(was_training)
-    if not features:
-        raise TrainError("extract_features got an empty loader: give a DataLoader over a non-empty split")
-    return np.concatenate(features), np.concatenate(labels), np.concatenate(attributes)
+    if not outputs:
+        raise TrainError("got an empty loader: give a DataLoader over a non-empty split")
+    return np.concatenate(outputs), np.concatenate(labels), np.concatenate(attributes)
 
 
 def linear_probe(model: nn.Module, train_loader, val_loader, test_loader,
