@@ -250,7 +250,7 @@ def at_a_glance(config: str = "default", runs_dir: str | Path = "runs", book_dir
             held = claim_rows["held"].dropna()
             summary = f"{int(held.sum())} of {len(held)}" if len(held) else "not run"
             link = f"{{doc}}`{chapter[:2]} <notebooks/{chapter}>`"
-            table.append({"claim": statement, "paper": source, "chapter": link,
+            table.append({"claim": f"{statement} ({source})", "chapter": link,
                           "held under": summary.replace(" ", NBSP),
                           **{a: _verdict_cell(by_attribute[a]) if a in by_attribute else "–" for a in attributes}})
         lines += [f"## {paper}", "", *_markdown_table(pd.DataFrame(table))]

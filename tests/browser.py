@@ -52,8 +52,14 @@ _SETTLE_JS = """
 """
 _SUMMARY_JS = """
 (() => {
+  // text lines of an element: a rect whose vertical centre lies below the current line starts a new one, so a
+  // glyph from a fallback font (a taller box on the same line, e.g. a check mark) does not count as a line
   const lines = el => { const range = document.createRange(); range.selectNodeContents(el);
-    return new Set([...range.getClientRects()].filter(r => r.width > 0).map(r => Math.round(r.top))).size; };
+    const rects = [...range.getClientRects()].filter(r => r.width > 0).sort((a, b) => a.top - b.top);
+    let count = 0, bottom = -Infinity;
+    for (const r of rects) { if ((r.top + r.bottom) / 2 > bottom) { count += 1; bottom = r.bottom; }
+                             else { bottom = Math.max(bottom, r.bottom); } }
+    return count; };
   const scrolls = el => ['auto', 'scroll'].includes(getComputedStyle(el).overflowX);
   const cells = '.cell_input, .cell_output';
   const scrollsInCell = el => { for (let e = el; e; e = e.parentElement) { if (scrolls(e)) return true;

@@ -172,11 +172,11 @@ def test_at_a_glance_gives_each_claim_its_verdict_the_leaderboard_and_the_data(t
     page = at_a_glance("default", runs, tmp_path / "book")
     nbsp = "\u00a0"
     assert "## FairCLIP (Luo et al., CVPR 2024)" in page
-    assert (f"| FairCLIP raises ES-AUC over CLIP | Sec. 5, results on Harvard-FairVLMed | "
+    assert (f"| FairCLIP raises ES-AUC over CLIP (Sec. 5, results on Harvard-FairVLMed) | "
             f"{{doc}}`12 <notebooks/12-fairclip>` | 0{nbsp}of{nbsp}1 | "
             f"✗{nbsp}-2.00{nbsp}[-3.00,{nbsp}-1.00] |") in page
-    assert "| FairCLIP does not lower AUC |" in page and f"✓{nbsp}+0.10{nbsp}[-0.20,{nbsp}+0.40] |" in page
-    assert (f"| Fair-MoE has a higher ES-AUC than CLIP | Table 1 | {{doc}}`13 <notebooks/13-fair-moe>` | "
+    assert "| FairCLIP does not lower AUC (Sec. 5, results on Harvard-FairVLMed) |" in page and f"✓{nbsp}+0.10{nbsp}[-0.20,{nbsp}+0.40] |" in page
+    assert (f"| Fair-MoE has a higher ES-AUC than CLIP (Table 1) | {{doc}}`13 <notebooks/13-fair-moe>` | "
             f"not{nbsp}run |") in page
     assert "| Fair-MoE | 1.5 | 20 |" in page.split("## Leaderboard")[1]
     assert f"| {{doc}}`12-fairclip <notebooks/12-fairclip>` | {data} | `default` |" in page
@@ -272,6 +272,22 @@ def test_the_check_catches_external_requests_and_broken_images(tmp_path):
     assert set(found["external_requests"]) == {"https://cdn.example.com/x.js", "http://fonts.example.org/a.png"}
     assert [image["width"] for image in found["images"]] == [0, 0]
     assert any(failure.startswith("404 ") and failure.endswith("/missing.png") for failure in found["failed_requests"])
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_the_check_catches_sideways_scrolling_and_wrapped_estimates_but_not_a_check_mark(tmp_path):
+    nbsp = "\u00a0"
+    (tmp_path / "page.html").write_text(
+        "<html><head><meta charset='utf-8'><title>narrow</title></head><body style='width: 600px'>"
+        "<div class='cell_output'><pre style='overflow-x: auto'>" + "x" * 200 + "</pre></div>"
+        "<div class='cell_output'><div style='overflow-x: auto'><table><tr><td>"
+        + "wide table cell " * 30 + "</td></tr></table></div></div>"
+        "<table style='width: 120px'><tr><td>77.17 ± 0.43 [76.10, 78.30]</td>"
+        f"<td>✓{nbsp}+0.84{nbsp}[-3.22,{nbsp}+5.80]</td></tr></table></body></html>")
+    page = check_book_in_browser(tmp_path)["pages"][0]
+    assert len(page["too_wide"]) == 1 and page["too_wide"][0].startswith("output pre.")  # the table box may scroll
+    assert page["wrapped_cells"] == ["77.17 ± 0.43 [76.10, 78.30]"]                    # NBSP-joined: one line
 
 
 @pytest.mark.browser
