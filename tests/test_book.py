@@ -175,7 +175,8 @@ def test_at_a_glance_gives_each_claim_its_verdict_the_leaderboard_and_the_data(t
     assert (f"| FairCLIP raises ES-AUC over CLIP (Sec. 5, results on Harvard-FairVLMed) | "
             f"{{doc}}`12 <notebooks/12-fairclip>` | 0{nbsp}of{nbsp}1 | "
             f"✗{nbsp}-2.00{nbsp}[-3.00,{nbsp}-1.00] |") in page
-    assert "| FairCLIP does not lower AUC (Sec. 5, results on Harvard-FairVLMed) |" in page and f"✓{nbsp}+0.10{nbsp}[-0.20,{nbsp}+0.40] |" in page
+    assert "| FairCLIP does not lower AUC (Sec. 5, results on Harvard-FairVLMed) |" in page
+    assert f"✓{nbsp}+0.10{nbsp}[-0.20,{nbsp}+0.40] |" in page
     assert (f"| Fair-MoE has a higher ES-AUC than CLIP (Table 1) | {{doc}}`13 <notebooks/13-fair-moe>` | "
             f"not{nbsp}run |") in page
     assert "| Fair-MoE | 1.5 | 20 |" in page.split("## Leaderboard")[1]
