@@ -146,8 +146,15 @@ def reader_page(executed: str | os.PathLike) -> nbformat.NotebookNode:
     took = f", executed {run['finished'].replace('T', ' ')} in {run['seconds']:.0f} s" if "seconds" in run else ""
     note = nbformat.v4.new_markdown_cell(f"```{{note}}\n**Data:** {_data_label(params)}. **Configuration:** "
                                          f"{where}{took}.\n```", id="fairbook-data-note")  # a fixed id: same bytes
-    title = 1 if notebook.cells and notebook.cells[0].cell_type == "markdown" else 0
-    notebook.cells.insert(title, note)
+    first = notebook.cells[0] if notebook.cells else None
+    if first is not None and first.cell_type == "markdown" and first.source.startswith("# "):
+        heading, _, rest = first.source.partition("\n")
+        first.source = heading  # the note goes right under the title, before the introduction
+        if rest.strip():
+            notebook.cells.insert(1, nbformat.v4.new_markdown_cell(rest.strip("\n"), id="fairbook-introduction"))
+        notebook.cells.insert(1, note)
+    else:
+        notebook.cells.insert(0, note)
     return notebook
 
 

@@ -141,7 +141,8 @@ def test_reader_page_shows_one_parameter_block_with_the_run_values_and_a_data_no
     page = reader_page(path)
     assert path.read_bytes() == before  # the record under runs/ is untouched
     sources = [cell.source for cell in page.cells]
-    assert sources[0].startswith("# Chapter 01-data-exploration")
+    assert sources[0] == "# Chapter 01-data-exploration"  # the note sits right under the title ...
+    assert sources[2] == "The squared loss of 01-data-exploration is $a^2$."  # ... before the introduction
     assert sources[1] == ("```{note}\n**Data:** `nowhere/at/all` (not on this machine when the book was built). "
                           "**Configuration:** `default` (`params/01-data-exploration/default.yaml`), executed "
                           "2026-12-02 11:00:00 in 12 s.\n```")
