@@ -27,7 +27,7 @@ import pandas as pd
 
 from fairbook.data.attributes import ATTRIBUTES, FILTER_ATTRIBUTES, UNKNOWN
 from fairbook.metrics import bootstrap_indices, resampled_auc
-from fairbook.stats import estimate, interval
+from fairbook.stats import NBSP, estimate, interval
 
 __all__ = ["CS", "Features", "Images", "RepresentationError", "load_images", "image_features", "tsne", "tsne_points",
            "attribute_probe", "median_bandwidth", "gaussian_kernel", "mmd2_unbiased", "group_distances", "over_seeds",
@@ -401,7 +401,7 @@ def format_summary(summary: pd.DataFrame, decimals: int = 3, scale: float = 1.0)
     ids = [c for c in summary.columns if c not in _SUMMARY]
 
     table = pd.DataFrame({
-        "mean ± std": [estimate(scale * m, scale * s, decimals=decimals) for m, s in zip(summary["mean"],
+        f"mean{NBSP}±{NBSP}std": [estimate(scale * m, scale * s, decimals=decimals) for m, s in zip(summary["mean"],
                                                                                        summary["std"])],
         "CI of seed mean": [interval(scale * lo, scale * hi, decimals) for lo, hi in zip(summary["ci_lo"],
                                                                                         summary["ci_hi"])],

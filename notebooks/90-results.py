@@ -59,7 +59,7 @@ source = runs["data"].iloc[0]
 fb.results.same_data(runs, source)
 fb.plots.say(f"data: {source}; configuration: {config}")
 (runs.groupby(["chapter", "method", "attribute"])["seed"]
- .apply(lambda s: ", ".join(map(str, sorted(s)))))
+ .apply(lambda s: ", ".join(map(str, sorted(s)))).to_frame("seeds"))
 
 # %% [markdown]
 # ## The leaderboard

@@ -207,7 +207,7 @@ def test_over_seeds_averages_replicates_and_permutations():
     assert (seed_level["seed_ci_lo"], seed_level["seed_ci_hi"]) == pytest.approx((-0.19 - half, -0.19 + half))
     assert seed_level["p_seeds"] == pytest.approx(st.ttest_rel([0.0, 0.02], [0.1, 0.3]).pvalue)
     table = rep.format_summary(s.reset_index())
-    assert table.loc["A", "mean ± std"] == "0.200\u00a0±\u00a00.141"
+    assert table.loc["A", "mean\u00a0±\u00a0std"] == "0.200\u00a0±\u00a00.141"  # the header never wraps either
     assert table.loc["A", "CI of seed mean"] == "[0.100,\u00a00.500]"
 
 
