@@ -5,8 +5,9 @@ here in the order they build on each other (a module imports only modules above 
 
 - ``fb.files`` (paths, atomic writes, temporary folders), ``fb.data`` (FairVLMed loader, synthetic generator,
   summaries), ``fb.metrics``, ``fb.stats``;
-- ``fb.models`` (the CLIP factory, heads), ``fb.train`` (the training loop, zero-shot scoring, linear probe),
-  ``fb.mitigations`` (resampling, GroupDRO), ``fb.methods`` (one module per paper: CLIP, FairCLIP, Fair-MoE);
+- ``fb.models`` (the CLIP factory, heads, LoRA), ``fb.train`` (the one training loop and its objectives,
+  zero-shot scoring, linear probe), ``fb.mitigations`` (resampling, GroupDRO, LAFTR), ``fb.methods`` (one module
+  per paper: CLIP, FairCLIP, Fair-MoE, FairMedFM);
 - ``fb.results`` (the store of saved predictions), ``fb.protocol`` (train one seed of one method, a grid of
   methods x attributes x seeds, rebuild a saved model), ``fb.tables`` (the papers' comparison tables);
 - ``fb.explain`` (attention and routing maps), ``fb.representation`` (what image features encode about the
