@@ -561,10 +561,10 @@ def regulariser_scale(model: nn.Module, dataset, hooks: Mapping[str, object], ba
                                      generator=torch.Generator().manual_seed(seed))))
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         image, text, scale = _features(model(batch["image"], batch["text"]))
-        contrastive = float(clip_loss(image, text, scale))
+        contrastive = float(clip_loss(image, text, scale).detach())
         rows = []
         for name, hook in hooks.items():
-            value = float(hook(image, text, scale, batch))
+            value = float(hook(image, text, scale, batch).detach())
             rows.append({"name": name, "clip_loss": contrastive, "regulariser": value, "share": value / contrastive,
                          **getattr(hook, "last_terms", {})})
     return pd.DataFrame(rows)
