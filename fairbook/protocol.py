@@ -103,7 +103,7 @@ def train_one(run_dir: str | os.PathLike, method: Method, setup: Setup, seed: in
     train = FairVLMed(setup.data_root, "Training", preprocess_train, tokenizer).subset(setup.n_train, seed)
     val, test_ds = (_evaluation_split(setup, split, preprocess_val, tokenizer, eval_splits)
                     for split in ("Validation", "Test" if test else None))
-    config = setup.config.replace(seed=seed)
+    config = setup.config.replace(seed=seed, **({} if method.trains else {"epochs": 0}))
     objective = method.objective(net, train, attribute, seed, config, tokenizer)
     sampler = method.sampler(train, attribute, seed)
     folder = model_folder(run_dir, method.name, attribute, seed, kind="checkpoints")

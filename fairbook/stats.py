@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -160,12 +160,19 @@ def critical_difference(k: int, n: int, alpha: float = 0.05) -> float:
 
 
 def friedman_nemenyi(scores: pd.DataFrame, higher_is_better: bool = True, alpha: float = 0.05) -> dict[str, Any]:
-    """Friedman test over methods (columns) across datasets (rows) and the Nemenyi critical difference.
+    """Friedman test over methods (columns) across blocks (rows: datasets, or attribute x seed) and the Nemenyi
+    post-hoc test (Demšar 2006), as FairMedFM's Fig. 15 uses them.
 
     Ranks are taken within each row, 1 = best, ties averaged; ``avg_ranks`` is their column mean, sorted.
-    The test statistic and p-value are ``scipy.stats.friedmanchisquare`` (with its tie correction).
-    Returns ``statistic``, ``p``, ``avg_ranks`` (Series), ``k``, ``n``, ``alpha`` and ``cd``.
+    The Friedman statistic and p-value are ``scipy.stats.friedmanchisquare`` (with its tie correction); the
+    pairwise Nemenyi p-values come from scikit-posthocs (``posthoc_nemenyi_friedman``), the maintained
+    replacement of the Orange call MEDFAIR and FairMedFM used. Two methods differ at ``alpha`` exactly when their
+    average ranks differ by more than the critical difference ``cd`` (:func:`critical_difference`).
+    Returns ``statistic``, ``p``, ``avg_ranks`` (Series), ``pairwise_p`` (DataFrame), ``k``, ``n``, ``alpha``
+    and ``cd``.
     """
+    import scikit_posthocs
+
     if scores.shape[1] < 3:
         raise StatsInputError(f"the Friedman test needs at least 3 methods (columns), got {scores.shape[1]}; "
                               "compare two methods with paired_ttest instead")
@@ -175,53 +182,23 @@ def friedman_nemenyi(scores: pd.DataFrame, higher_is_better: bool = True, alpha:
     ranks = st.rankdata(-values if higher_is_better else values, axis=1)
     avg = pd.Series(ranks.mean(axis=0), index=scores.columns, name="avg_rank").sort_values()
     res = st.friedmanchisquare(*values.T)
+    pairwise = scikit_posthocs.posthoc_nemenyi_friedman(pd.DataFrame(ranks, columns=scores.columns))
     k, n = values.shape[1], values.shape[0]
-    return {"statistic": float(res.statistic), "p": float(res.pvalue), "avg_ranks": avg, "k": k, "n": n,
-            "alpha": alpha, "cd": critical_difference(k, n, alpha)}
+    return {"statistic": float(res.statistic), "p": float(res.pvalue), "avg_ranks": avg, "pairwise_p": pairwise,
+            "k": k, "n": n, "alpha": alpha, "cd": critical_difference(k, n, alpha)}
 
 
-def _cliques(ranks: Sequence[float], cd: float) -> list[tuple[int, int]]:
-    """Maximal runs ``(i, j)`` of sorted ranks whose spread is below ``cd`` (not significantly different)."""
-    ranks = list(ranks)
-    runs: list[tuple[int, int]] = []
-    for i in range(len(ranks)):
-        j = max(j for j in range(i, len(ranks)) if ranks[j] - ranks[i] < cd)
-        if j > i and not any(a <= i and j <= b for a, b in runs):
-            runs.append((i, j))
-    return runs
+def cd_diagram(result: Mapping[str, Any], width: float = 6.0) -> Figure:
+    """Critical-difference diagram (Demšar 2006, Fig. 1) of a :func:`friedman_nemenyi` result, drawn by
+    scikit-posthocs: methods on the average-rank axis (1 = best), crossbars joining those the Nemenyi test cannot
+    tell apart at the result's ``alpha``. The title gives the Friedman p-value and the critical difference.
+    Returns a matplotlib Figure (no pyplot state)."""
+    import scikit_posthocs
 
-
-def cd_diagram(avg_ranks: pd.Series, cd: float, width: float = 6.0) -> Figure:
-    """Critical-difference diagram (Demšar 2006, Fig. 1): methods on the average-rank axis (1 = best, left),
-    a bar of length CD, and thick lines joining methods whose ranks differ by less than CD.
-
-    ``avg_ranks`` and ``cd`` come from :func:`friedman_nemenyi`. Returns a matplotlib Figure (no pyplot state).
-    """
-    ranks = avg_ranks.sort_values()
-    k = len(ranks)
-    half = (k + 1) // 2
-    labels = [f"{name} ({r:.2f})" for name, r in ranks.items()]
-    side = min(0.4, (0.07 * max(map(len, labels)) + 0.2) / width)  # figure fraction for the labels (8 pt)
-    fig = Figure(figsize=(width, 1.2 + 0.3 * half))
-    ax = fig.add_axes((side, 0.02, 1 - 2 * side, 0.96))
-    ax.set_axis_off()
-    lo, hi = 1, max(k, 2)
-    ax.set_xlim(lo - 0.1, hi + 0.1)
-    ax.set_ylim(-(half + 1.5), 2.2)
-    ax.hlines(0, lo, hi, color="black", lw=1)
-    for r in range(lo, hi + 1):
-        ax.vlines(r, 0, 0.15, color="black", lw=1)
-        ax.text(r, 0.3, str(r), ha="center", va="bottom", fontsize=8)
-    ax.hlines(1.5, lo, lo + cd, color="black", lw=1)  # the CD bar
-    ax.vlines([lo, lo + cd], 1.4, 1.6, color="black", lw=1)
-    ax.text(lo + cd / 2, 1.65, f"CD = {cd:.2f}", ha="center", va="bottom", fontsize=8)
-    for i, (label, r) in enumerate(zip(labels, ranks)):
-        left = i < half
-        y = -(i + 1) if left else -(k - i)
-        x_text = lo - 0.1 if left else hi + 0.1
-        ax.plot([r, r, x_text], [0, y, y], color="black", lw=0.8)
-        ax.text(x_text, y, label, ha="right" if left else "left", va="center", fontsize=8, clip_on=False)
-    for n_bar, (i, j) in enumerate(_cliques(ranks.to_numpy(), cd)):
-        y = -0.35 - 0.2 * n_bar
-        ax.hlines(y, ranks.iloc[i] - 0.03, ranks.iloc[j] + 0.03, color="black", lw=3)
+    ranks = result["avg_ranks"]
+    fig = Figure(figsize=(width, 1.0 + 0.25 * len(ranks)))
+    ax = fig.add_axes((0.3, 0.1, 0.4, 0.7))
+    scikit_posthocs.critical_difference_diagram(ranks, result["pairwise_p"], alpha=result["alpha"], ax=ax,
+                                               label_props={"fontsize": 8})
+    ax.set_title(f"Friedman p = {result['p']:.3g}, CD = {result['cd']:.2f} (N = {result['n']})", fontsize=8)
     return fig

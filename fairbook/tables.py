@@ -18,16 +18,22 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from fairbook.data.attributes import FILTER_ATTRIBUTES
+from fairbook.data.attributes import BINARY_ATTRIBUTES, FILTER_ATTRIBUTES, binarise, source_attribute
 from fairbook.metrics import fairness_report, intersectional_groups
 from fairbook.results import ALL, ResultsError, read_predictions
 from fairbook.stats import estimate, paired_ttest
 
-__all__ = ["BETTER", "LEADERBOARD", "TABLE1", "attribute_order", "ci_table", "claim_verdicts", "claims", "evaluate",
-           "group_auc_table", "group_differences", "leaderboard", "paired_table", "seed_means", "table"]
+__all__ = ["BETTER", "LEADERBOARD", "TABLE1", "TABLE2", "attribute_order", "ci_table", "claim_verdicts", "claims",
+           "evaluate", "group_auc_table", "group_differences", "leaderboard", "paired_table", "seed_means", "table",
+           "table2"]
 
 #: Column names of Fair-MoE's Table 1, in its order.
 TABLE1 = {"es_auc": "ES-AUC", "auc": "AUC", "dpd": "DPD", "eod": "EOD"}
+
+#: FairMedFM's Table 2 columns after the group AUCs (Jin et al., NeurIPS 2024 D&B): AUC_Δ, EqOdds printed as
+#: 1 - gap (higher is better), ECE_Δ, AUC_ES in FairMedFM's std form; fairbook adds DPD.
+TABLE2 = {"auc_delta": "AUC_Δ ↓", "eq_odds": "EqOdds ↑", "ece_delta": "ECE_Δ ↓", "es_auc_std": "AUC_ES ↑",
+          "dpd": "DPD ↓"}
 
 
 def evaluate(runs: pd.DataFrame, attributes: Sequence[str] = FILTER_ATTRIBUTES, n_boot: int = 1000,
@@ -58,8 +64,11 @@ def evaluate(runs: pd.DataFrame, attributes: Sequence[str] = FILTER_ATTRIBUTES, 
 
 
 def _groups(predictions: pd.DataFrame, attribute: str):
-    """The group label of every row for ``attribute``, or for an intersection such as ``"race&gender"``."""
+    """The group label of every row for ``attribute``, a binary attribute (``"sex"``, :func:`binarise`) or an
+    intersection such as ``"race&gender"``."""
     parts = attribute.split("&")
+    if len(parts) == 1 and attribute in BINARY_ATTRIBUTES:
+        return binarise(attribute, predictions[source_attribute(attribute)])
     if len(parts) == 1:
         return predictions[attribute]
     return intersectional_groups({part: predictions[part] for part in parts})
@@ -68,8 +77,9 @@ def _groups(predictions: pd.DataFrame, attribute: str):
 def _matched(evals: pd.DataFrame) -> pd.DataFrame:
     """Rows where a model is evaluated on the attribute it trained on, or on any attribute when it used none. Under
     an intersection (``"race&gender"``) a method trained per attribute is represented by its model trained on the
-    first attribute of the intersection (race)."""
-    first = evals["eval_attribute"].str.split("&").str[0]
+    first attribute of the intersection (race); under a binary attribute (``"sex"``), by its model trained on the
+    attribute it is made from (gender)."""
+    first = evals["eval_attribute"].str.split("&").str[0].map(source_attribute)
     keep = (evals["attribute"] == ALL) | (evals["attribute"] == first)
     return evals[keep]
 
@@ -174,6 +184,36 @@ def group_auc_table(evals: pd.DataFrame, attribute: str, methods: Sequence[str] 
     table_ = pd.DataFrame.from_dict(out, orient="index")
     table_.index.name = f"{attribute}: Model"
     return table_
+
+
+def table2(evals: pd.DataFrame, attribute: str = "sex", methods: Sequence[str] | None = None,
+           intervals: bool = False, scale: float = 100, decimals: int = 2, level: float = 0.95) -> pd.DataFrame:
+    """FairMedFM's Table 2 for one attribute: a row per model with AUC, the AUC of each group (``AUC_Female``,
+    ``AUC_Male`` for sex), then :data:`TABLE2`'s columns, in percent.
+
+    Cells are ``mean ± std`` over seeds as the paper prints them, or with ``intervals`` the seed mean and its
+    bootstrap interval (``mean [lo, hi]``, :func:`seed_means`). The ``seeds`` column counts the seeds."""
+    frame = _label(_matched(evals[evals["eval_attribute"] == attribute]), methods)
+    if frame.empty:
+        raise ResultsError(f"no evaluation on attribute {attribute!r}; evaluate with attributes including it")
+    rows = {}
+    for method, at in frame.groupby("method", observed=True):
+        columns = {"AUC ↑": (at["auc"].to_numpy(float), "auc", None)}
+        for g in at["groups"].iloc[0]:
+            columns[f"AUC_{g}"] = (np.array([r[g] for r in at["group_auc"]], float), "group_auc", g)
+        columns.update({label: (at[k].to_numpy(float), k, None) for k, label in TABLE2.items()})
+        cells = {}
+        for label, (values, key, group) in columns.items():
+            if intervals:
+                lo, hi = _interval(_replicates(at, key, group), level)
+                cells[label] = estimate(scale * values.mean(), lo=scale * lo, hi=scale * hi, decimals=decimals)
+            else:
+                std = values.std(ddof=1) if len(values) > 1 else float("nan")
+                cells[label] = estimate(scale * values.mean(), scale * std, decimals=decimals)
+        rows[method] = {**cells, "seeds": len(at)}
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    out.index.name = f"{attribute}: Model"
+    return out
 
 
 def paired_table(evals: pd.DataFrame, baseline: str, metrics: Sequence[str] = tuple(TABLE1),

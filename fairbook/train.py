@@ -145,6 +145,7 @@ class TrainConfig:
     ``schedule``: ``"none"`` (constant lr) or ``"cosine"`` (linear warmup over ``warmup_steps`` optimizer steps,
     then cosine decay to 0 at the last step; see :func:`lr_factor`). ``optimizer``: ``"adam"`` (weight decay
     added to the gradient, as ``torch.optim.Adam`` and upstream) or ``"adamw"`` (decoupled decay).
+    ``epochs=0`` trains nothing: the starting model is scored and kept as "epoch 0" (zero-shot use).
     ``grad_clip``: max global gradient norm, or None. ``trainable``: see :func:`set_trainable`. ``prompts``: the
     :data:`PROMPT_SETS` entry used for the validation zero-shot AUC. ``amp``: mixed precision (fp16 autocast +
     GradScaler); ``None`` means on exactly when CUDA is used, and it is never used on CPU.
@@ -174,9 +175,9 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise TrainError(f"TrainConfig.{name}={getattr(self, name)!r} is not valid: "
                                  f"choose one of {', '.join(allowed)}")
-        for name in ("epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise TrainError(f"TrainConfig.{name} must be at least 1 (got {getattr(self, name)})")
+        if int(self.epochs) < 0 or int(self.batch_size) < 1:
+            raise TrainError(f"TrainConfig needs epochs >= 0 and batch_size >= 1 (got {self.epochs} and "
+                             f"{self.batch_size})")
         if self.lr <= 0 or len(self.betas) != 2 or self.warmup_steps < 0 or self.num_workers < 0:
             raise TrainError("TrainConfig needs lr > 0, two betas, warmup_steps >= 0 and num_workers >= 0; "
                              f"got lr={self.lr}, betas={self.betas}, warmup_steps={self.warmup_steps}, "
@@ -453,7 +454,7 @@ def fit(model: nn.Module, train_ds, val_ds, config: TrainConfig, out_dir: str | 
     (:meth:`Objective.parts`) train too. After each epoch (numbered from 1) the validation split is scored; when
     its AUC beats every earlier epoch (ties keep the earlier one) the model is saved atomically to
     ``out_dir/best.pt`` (``state_dict``, ``config``, ``epoch``, ``val_auc``), which is loaded back into ``model``
-    at the end.
+    at the end. With ``config.epochs == 0`` nothing trains: the start is scored and kept as epoch 0.
 
     Unlike the official FairCLIP script, which keeps the epoch with the best TEST AUC (and FairMedFM's, which
     reports the last epoch), the test split is never used here. Runs on :func:`fairbook.models.pick_device`;
@@ -499,36 +500,38 @@ def fit(model: nn.Module, train_ds, val_ds, config: TrainConfig, out_dir: str | 
 
     history: list[dict] = []
     best_epoch, best_auc = None, -math.inf
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(1, config.epochs + 1) if config.epochs else [0]:  # epochs=0: the start, untrained
         start = time.perf_counter()
-        model.train()
         loss_sum = reg_sum = 0.0
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
-        for batch in bar:
-            batch = _to(batch, device)
-            with _autocast(device, amp):
-                loss, extra = objective.loss(model, batch)
-                if extra is not None:
-                    reg_sum += float(extra.detach())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if config.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            if scheduler is not None:
-                scheduler.step()
-            if clamp_scale is not None:
-                with torch.no_grad():
-                    clamp_scale.clamp_(0.0, _MAX_LOGIT_SCALE)
-            value = float(loss.detach())
-            loss_sum += value
-            bar.set_postfix(loss=f"{value:.4f}")
+        if epoch:
+            model.train()
+            bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
+            for batch in bar:
+                batch = _to(batch, device)
+                with _autocast(device, amp):
+                    loss, extra = objective.loss(model, batch)
+                    if extra is not None:
+                        reg_sum += float(extra.detach())
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if config.grad_clip is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                if scheduler is not None:
+                    scheduler.step()
+                if clamp_scale is not None:
+                    with torch.no_grad():
+                        clamp_scale.clamp_(0.0, _MAX_LOGIT_SCALE)
+                value = float(loss.detach())
+                loss_sum += value
+                bar.set_postfix(loss=f"{value:.4f}")
         val_scores = objective.scores(model, val_loader)
         val = validation_criterion(*val_scores[:2])
         n_batches = max(1, len(train_loader))
-        history.append({"epoch": epoch, "train_loss": loss_sum / n_batches, "reg_loss": reg_sum / n_batches,
+        history.append({"epoch": epoch, "train_loss": loss_sum / n_batches if epoch else math.nan,
+                        "reg_loss": reg_sum / n_batches,
                         "val_auc": val, "seconds": time.perf_counter() - start})
         if math.isfinite(val) and val > best_auc:
             best_epoch, best_auc, best_scores = epoch, val, val_scores

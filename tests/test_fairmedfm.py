@@ -32,7 +32,7 @@ def data(tmp_path_factory, clip):
 
 
 def recipe(**changes) -> TrainConfig:
-    return TrainConfig.preset("fairmedfm", epochs=1, batch_size=16, **changes)
+    return TrainConfig.preset("fairmedfm", **{"epochs": 1, "batch_size": 16, **changes})
 
 
 def changed(before: dict, model: torch.nn.Module) -> set[str]:
@@ -202,3 +202,59 @@ def test_laftr_on_a_linear_probe_trains_a_projection_and_leaves_the_encoder_froz
     assert result["history"][0]["reg_loss"] != 0.0                           # the adversary's term entered
     with pytest.raises(MethodError, match="CLIP-Adapt trains only the class prototypes"):
         FairMedFM(usage="clip-adapt", mitigation="laftr")
+
+
+# ------------------------------------------------------------------------------------------- zero-shot and Table 2
+def test_zero_shot_use_scores_the_start_through_the_protocol_without_a_step(clip, data, tmp_path):
+    setup = protocol.Setup(data["root"], recipe(epochs=3), n_train=32)
+    method = FairMedFM("Zero-shot", usage="zero-shot")
+    fit_result = protocol.train_one(tmp_path / "run", method, setup, seed=0)
+    assert [h["epoch"] for h in fit_result["history"]] == [0] and fit_result["steps"] == 0
+    net, _, preprocess_val, tokenizer = protocol.build_model(method, setup, 0)
+    test = FairVLMed(data["root"], "Test", preprocess_val, tokenizer)
+    y, p, _ = zero_shot_scores(net, tokenizer, DataLoader(test, batch_size=16), FAIRMEDFM_PROMPTS)
+    np.testing.assert_allclose(fit_result["scores"]["test"][1], p, rtol=1e-5, atol=1e-6)
+    with pytest.raises(MethodError, match="zero-shot use trains nothing"):
+        FairMedFM(usage="zero-shot", mitigation="groupdro")
+
+
+def test_binary_attributes_are_fairmedfms():
+    from fairbook.data import binarise, source_attribute
+
+    assert binarise("race-binary", ["Asian", "Black", "White"]) == ["non-White", "non-White", "White"]
+    assert binarise("language-binary", ["English", "Spanish", "Unknown"]) == ["English", "non-English", "non-English"]
+    assert binarise("sex", ["Female", "Male"]) == ["Female", "Male"] and source_attribute("sex") == "gender"
+    with pytest.raises(ValueError, match="unknown binary attribute 'age'"):
+        binarise("age", [60])
+
+
+def test_table2_rows_are_the_seed_means_of_the_report(tmp_path):
+    """Table 2 of two seeds of one model on sex, by hand: AUC_ES = AUC / (1 + |AUC_F - AUC_M| / 2)."""
+    import pandas as pd
+
+    from fairbook import results, tables
+
+    rng = np.random.default_rng(0)
+    n = 200
+    frames = {}
+    for seed in (0, 1):
+        y = rng.integers(0, 2, n)
+        p = np.clip(0.3 * y + rng.random(n) * 0.8, 0, 1)
+        codes = np.column_stack([rng.integers(0, 3, n), rng.integers(0, 2, n), np.zeros(n), np.zeros(n)])
+        results.save(tmp_path, "LP", seed, {"validation": (y, p, codes), "test": (y, p, codes)}, "synthetic",
+                     {}, "all")
+        frames[seed] = pd.DataFrame({"y": y, "p": p, "sex": np.where(codes[:, 1] == 0, "Female", "Male"),
+                                     "white": codes[:, 0] == 2})
+    evals = tables.evaluate(results.collect(tmp_path), attributes=["sex", "race-binary"], n_boot=0)
+    row = tables.table2(evals, "sex").loc["LP"]
+    from sklearn.metrics import roc_auc_score
+
+    auc = [roc_auc_score(f["y"], f["p"]) for f in frames.values()]
+    female = [roc_auc_score(f["y"][f["sex"] == "Female"], f["p"][f["sex"] == "Female"]) for f in frames.values()]
+    male = [roc_auc_score(f["y"][f["sex"] == "Male"], f["p"][f["sex"] == "Male"]) for f in frames.values()]
+    es = [a / (1 + abs(f - m) / 2) for a, f, m in zip(auc, female, male)]
+    assert row["AUC ↑"] == f"{100 * np.mean(auc):.2f} ± {100 * np.std(auc, ddof=1):.2f}".replace(" ", "\u00a0")
+    assert row["AUC_Female"].startswith(f"{100 * np.mean(female):.2f}")
+    assert row["AUC_ES ↑"].startswith(f"{100 * np.mean(es):.2f}") and row["seeds"] == 2
+    white = tables.table2(evals, "race-binary")
+    assert list(white.columns[:3]) == ["AUC ↑", "AUC_White", "AUC_non-White"]

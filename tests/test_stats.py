@@ -102,16 +102,22 @@ def test_friedman_ranks_hand():
         S.friedman_nemenyi(scores[["a", "b"]])
 
 
-def test_cliques_and_cd_diagram():
-    # ranks 1.0 1.5 2.8 3.0 with CD 1.25: (1.0, 1.5) and (2.8, 3.0) are joined, 1.5 - 2.8 = 1.3 is significant
-    assert S._cliques([1.0, 1.5, 2.8, 3.0], 1.25) == [(0, 1), (2, 3)]
-    assert S._cliques([1.0, 2.0, 3.0], 5.0) == [(0, 2)]
-    ranks = pd.Series({"CLIP": 2.8, "FairCLIP": 1.0, "BLIP-2": 3.0, "Fair-MoE": 1.5})
-    fig = S.cd_diagram(ranks, 1.25)
+def test_nemenyi_from_the_library_agrees_with_the_critical_difference():
+    """scikit-posthocs' pairwise Nemenyi p-values against Demšar's critical difference: a pair differs at alpha
+    exactly when its average ranks differ by more than CD, and one p-value by the studentized-range formula."""
+    rng = np.random.default_rng(3)
+    scores = pd.DataFrame(rng.random((24, 5)) + np.linspace(0, 0.8, 5), columns=list("abcde"))
+    res = S.friedman_nemenyi(scores)
+    ranks, p = res["avg_ranks"], res["pairwise_p"]
+    pairs = [(i, j) for i in "abcde" for j in "abcde" if i < j]
+    assert {(i, j): p.loc[i, j] < 0.05 for i, j in pairs} == {
+        (i, j): abs(ranks[i] - ranks[j]) > res["cd"] for i, j in pairs}
+    assert any(p.loc[i, j] < 0.05 for i, j in pairs) and any(p.loc[i, j] > 0.05 for i, j in pairs)
+    q = abs(ranks["a"] - ranks["e"]) / math.sqrt(5 * 6 / (6 * 24)) * math.sqrt(2)
+    assert p.loc["a", "e"] == pytest.approx(st.studentized_range.sf(q, 5, np.inf), abs=1e-6)
+    fig = S.cd_diagram(res)
     assert isinstance(fig, Figure)
-    texts = [t.get_text() for t in fig.axes[0].texts]
-    assert "FairCLIP (1.00)" in texts and "CD = 1.25" in texts
-
+    assert f"CD = {res['cd']:.2f}" in fig.axes[0].get_title()
 
 def test_estimate_is_one_unbreakable_cell():
     assert S.estimate(77.1734, 0.4321) == f"77.17{NBSP}±{NBSP}0.43"

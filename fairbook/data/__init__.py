@@ -1,11 +1,14 @@
 """Data: Harvard-FairVLMed attribute codes, the real-data loader, the SynthFairVLMed generator and summaries."""
 from fairbook.data.attributes import (
     ATTRIBUTES,
+    BINARY_ATTRIBUTES,
     FILTER_ATTRIBUTES,
     SPLITS,
     UNKNOWN,
+    binarise,
     check_attribute,
     decode,
+    source_attribute,
 )
 from fairbook.data.fairvlmed import (
     DataError,

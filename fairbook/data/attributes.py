@@ -27,6 +27,14 @@ REQUIRED_NPZ_KEYS = (
     "slo_fundus", "glaucoma", "race", "gender", "ethnicity", "language", "maritalstatus", "age", "md", "tds",
 )
 
+#: FairMedFM's binary attributes (Jin et al., NeurIPS 2024 D&B, Sec. 4 and App. C): name -> (FairVLMed attribute,
+#: the group kept; every other value, unknown included, becomes "non-<group>"). Sex is gender as it is (Female,
+#: Male); race is White / non-White; language is English / non-English, and FairMedFM's code puts an unknown language
+#: in non-English. FairMedFM's age >= 60 needs the age, which saved predictions do not carry (not offered yet).
+BINARY_ATTRIBUTES: dict[str, tuple[str, str | None]] = {
+    "sex": ("gender", None), "race-binary": ("race", "White"), "language-binary": ("language", "English"),
+}
+
 SPLITS = ("Training", "Validation", "Test")
 #: Some upstream scripts call the test folder ``Testing``; both are accepted.
 SPLIT_ALIASES = {"Test": ("Test", "Testing")}
@@ -39,6 +47,21 @@ def check_attribute(name: str) -> str:
     if name not in ATTRIBUTES:
         raise ValueError(f"unknown attribute {name!r}; choose one of: {', '.join(ATTRIBUTES)}")
     return name
+
+
+def source_attribute(name: str) -> str:
+    """The FairVLMed attribute behind ``name``: itself, or the one a binary attribute is made from
+    (``source_attribute("sex") == "gender"``)."""
+    return BINARY_ATTRIBUTES[name][0] if name in BINARY_ATTRIBUTES else name
+
+
+def binarise(name: str, labels) -> list[str]:
+    """Group names of a binary attribute (:data:`BINARY_ATTRIBUTES`) from the names of its source attribute, e.g.
+    ``binarise("race-binary", ["Asian", "White"]) == ["non-White", "White"]``."""
+    if name not in BINARY_ATTRIBUTES:
+        raise ValueError(f"unknown binary attribute {name!r}; choose one of: {', '.join(BINARY_ATTRIBUTES)}")
+    kept = BINARY_ATTRIBUTES[name][1]
+    return [str(v) if kept is None else (kept if v == kept else f"non-{kept}") for v in labels]
 
 
 def decode(attribute: str, code: int) -> str:

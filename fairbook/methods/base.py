@@ -64,6 +64,12 @@ class Method:
         hook = self.regulariser(model, train, attribute, seed, config.batch_size)
         return Contrastive(tokenizer, PROMPT_SETS[config.prompts], hook)
 
+    @property
+    def trains(self) -> bool:
+        """False for a method used as it starts (zero-shot): the protocol then runs the loop with ``epochs=0``,
+        which scores the start without a training step."""
+        return True
+
     def sampler(self, train, attribute: str, seed: int) -> Sampler | None:
         """How training batches are drawn (e.g. group-balanced resampling); None: shuffled, seeded with ``seed``."""
         return None

@@ -4,6 +4,8 @@ Datasets and Benchmarks): how a foundation model is *used* (Sec. 3.2) and how it
 
 Usages (``usage``), all on the CLIP image tower:
 
+* ``"zero-shot"``: CLIP as it starts, scored with the class prompts (``prompts``, FairMedFM's FairVLMed prompt by
+  default; :func:`fairbook.train.zero_shot_scores`). Nothing trains: the protocol runs the loop with ``epochs=0``;
 * ``"lp"``, linear probe: the encoder is frozen and a linear head is trained by the loop (fairbook's
   scikit-learn probe, :func:`fairbook.train.linear_probe`, is the closed-form counterpart);
 * ``"clip-adapt"``, CLIP-Adapt: the class-text prototypes are trainable, the whole CLIP is frozen, and the
@@ -12,9 +14,6 @@ Usages (``usage``), all on the CLIP image tower:
   ``lora_mlp`` adds the MLP linears) plus a linear head. FairMedFM's released LoRA wrapper cannot run; this is
   the paper's description;
 * ``"ft"``: full fine-tuning of the image tower plus a linear head.
-
-Zero-shot use needs no training (:func:`fairbook.train.zero_shot_scores`, with FairMedFM's prompt set
-``"fairmedfm"``).
 
 Mitigations (``mitigation``), for the training attribute:
 
@@ -46,12 +45,13 @@ from fairbook.data.attributes import ATTRIBUTES, FILTER_ATTRIBUTES, UNKNOWN
 from fairbook.methods.base import Method, MethodError
 from fairbook.mitigations import LAFTR, GroupDRO, balanced_sampler
 from fairbook.models import ImageClassifier, PromptClassifier, add_lora
-from fairbook.train import PROMPT_SETS, Classification, TrainConfig, class_embeddings
+from fairbook.train import PROMPT_SETS, Classification, Contrastive, Objective, TrainConfig, class_embeddings
 
 __all__ = ["MITIGATIONS", "USAGES", "FairMedFM"]
 
 #: Usage -> what trains.
-USAGES = {"lp": "a linear head on the frozen image encoder", "clip-adapt": "the class prototypes of a frozen CLIP",
+USAGES = {"zero-shot": "nothing: CLIP answers with its class prompts",
+          "lp": "a linear head on the frozen image encoder", "clip-adapt": "the class prototypes of a frozen CLIP",
           "lora": "LoRA adapters on the image tower's attention, and a linear head",
           "ft": "the whole image tower and a linear head"}
 #: Mitigation -> what it changes.
@@ -86,6 +86,9 @@ class FairMedFM(Method):
                                                                                       PROMPT_SETS)):
             if value not in allowed:
                 raise MethodError(f"{self.name}: {field}={value!r} is not known; choose one of {', '.join(allowed)}")
+        if self.usage == "zero-shot" and self.mitigation != "erm":
+            raise MethodError(f"{self.name}: zero-shot use trains nothing, so no mitigation applies; use "
+                              "mitigation='erm'")
         if self.usage == "clip-adapt" and self.mitigation == "laftr":
             raise MethodError(f"{self.name}: LAFTR needs a representation that training can change; CLIP-Adapt "
                               "trains only the class prototypes. Use usage='lp', 'lora' or 'ft'")
@@ -94,7 +97,13 @@ class FairMedFM(Method):
     def uses_attribute(self) -> bool:
         return self.mitigation != "erm"
 
+    @property
+    def trains(self) -> bool:
+        return self.usage != "zero-shot"
+
     def adapt(self, model: nn.Module, tokenizer=None) -> nn.Module:
+        if self.usage == "zero-shot":
+            return model
         if self.usage == "clip-adapt":
             if tokenizer is None:
                 raise MethodError(f"{self.name}: CLIP-Adapt starts its prototypes from the class prompts and needs "
@@ -111,7 +120,9 @@ class FairMedFM(Method):
         return ImageClassifier(visual, projection=self.usage == "lp" and self.mitigation == "laftr")
 
     def objective(self, model: nn.Module, train, attribute: str, seed: int, config: TrainConfig, tokenizer
-                  ) -> Classification:
+                  ) -> Objective:
+        if self.usage == "zero-shot":
+            return Contrastive(tokenizer, PROMPT_SETS[self.prompts])
         if self.mitigation not in ("groupdro", "laftr"):
             return Classification()
         codes = train.metadata[attribute].to_numpy()
