@@ -237,6 +237,36 @@ def differences(frame, value: str, lo: str, hi: str, label: str, by: str | None 
     return fig
 
 
+def tradeoff(frame, x: str, y: str, label: str, by: str | None = None, diagonal: bool = False,
+             xlabel: str | None = None, ylabel: str | None = None):
+    """Scatter of one point per row of ``frame``: ``x`` against ``y`` with the intervals ``<x>_lo``/``<x>_hi``
+    and ``<y>_lo``/``<y>_hi`` as error bars when those columns exist, labelled by ``label``, one panel per ``by``
+    value. ``diagonal`` draws y = x (e.g. one group's AUC against the other's: points off the line are gaps).
+    A percentile interval of a gap can miss its point (its bootstrap is biased); its bar then stops at the point."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    panels = list(dict.fromkeys(frame[by])) if by else [None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
+    labels = list(dict.fromkeys(frame[label]))
+    colours = dict(zip(labels, sns.color_palette(PALETTE, len(labels))))
+    for ax, panel in zip(axes[0], panels):
+        rows = frame if by is None else frame[frame[by] == panel]
+        for row in rows.to_dict("records"):
+            err = {f"{axis}err": [[max(0, row[v] - row[f"{v}_lo"])], [max(0, row[f"{v}_hi"] - row[v])]]
+                   for axis, v in (("x", x), ("y", y)) if f"{v}_lo" in row}
+            ax.errorbar(row[x], row[y], fmt="o", color=colours[row[label]], ms=5, lw=1, label=row[label], **err)
+        if diagonal:
+            lo, hi = min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])
+            ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--")
+        ax.set(xlabel=xlabel or x, ylabel=ylabel or y, title=panel or "")
+    handles = {h.get_label(): h for h in axes[0][-1].get_legend_handles_labels()[0]}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(labels), 5), frameon=False,
+               bbox_to_anchor=(0.5, -0.12))
+    fig.tight_layout()
+    return fig
+
+
 def routing(frame, value: str = "load", ylabel: str | None = None):
     """Fair-MoE routing diagnostics per group (:func:`fairbook.methods.fair_moe.routing_frame`): one panel per router,
     experts

@@ -46,8 +46,8 @@ from fairbook.models import create_clip
 from fairbook.results import ALL, ResultsError, collect, model_folder, read_predictions, save
 from fairbook.train import TrainConfig, fit_and_score, load_checkpoint
 
-__all__ = ["Setup", "build_model", "choose_on_validation", "histories", "load_model", "saved_method", "train_grid",
-           "train_one", "validation_scores"]
+__all__ = ["Setup", "build_model", "choose_on_validation", "histories", "load_model", "reuse", "saved_method",
+           "train_grid", "train_one", "validation_scores"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +109,7 @@ def train_one(run_dir: str | os.PathLike, method: Method, setup: Setup, seed: in
     folder = model_folder(run_dir, method.name, attribute, seed, kind="checkpoints")
     fit = fit_and_score(net, train, val, test_ds, config, folder, objective, sampler, progress)
     record = {"model": setup.model, "pretrained": setup.pretrained, "method": method.record(),
+              "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "seed"},
               "checkpoint": str((folder / "best.pt").relative_to(run_dir)), "n_train": len(train)}
     saved = save(run_dir, method.name, seed, fit["scores"], describe(setup.data_root), {**fit, **record}, attribute)
     return {**fit, "model": net, "folder": saved}
@@ -145,6 +146,34 @@ def _evaluation_split(setup: Setup, split: str | None, preprocess, tokenizer, ca
     if split not in cache:
         cache[split] = FairVLMed(setup.data_root, split, preprocess, tokenizer, keep_items=True)
     return cache[split]
+
+
+def reuse(run_dir: str | os.PathLike, methods: Sequence[str], setup: Setup, seeds: Sequence[int]) -> pd.DataFrame:
+    """The saved models of ``methods`` x ``seeds`` in another chapter's ``run_dir`` (rows as :func:`train_grid`
+    returns them), after checking that they were trained the way ``setup`` would train them: same data, model,
+    start, recipe and training-draw size. A chapter that compares against models another chapter trained (e.g.
+    the mitigations of chapter 23 against chapter 14's plain usages) reads them this way instead of training them
+    again under the same names. A mismatch or a missing model is a one-line :class:`ResultsError`."""
+    rows = collect(run_dir)
+    rows = rows[rows["method"].isin(methods) & rows["seed"].isin(seeds)]
+    missing = sorted({(m, s) for m in methods for s in seeds} - set(zip(rows["method"], rows["seed"])))
+    if missing:
+        raise ResultsError(f"{run_dir} has no saved {missing[0][0]!r} at seed {missing[0][1]}: run the chapter "
+                           "that trains it with the same configuration first")
+    want = {"data": describe(setup.data_root), "model": setup.model, "pretrained": setup.pretrained,
+            "config": {k: v for k, v in dataclasses.asdict(setup.config).items() if k != "seed"}}
+    for row in rows.to_dict("records"):
+        info = json.loads((row["folder"] / "info.json").read_text())
+        for key, value in want.items():
+            saved = json.loads(json.dumps(info.get(key)))
+            if saved != json.loads(json.dumps(value)):
+                raise ResultsError(f"{row['method']} (seed {row['seed']}) in {run_dir} was trained with {key} "
+                                   f"{saved!r}, not {value!r}: run both chapters with the same parameters")
+        if setup.n_train is not None and info.get("n_train") != setup.n_train:
+            raise ResultsError(f"{row['method']} (seed {row['seed']}) in {run_dir} was trained on "
+                               f"{info.get('n_train')} pairs, not {setup.n_train}: run both chapters with the same "
+                               "n_train")
+    return rows.reset_index(drop=True)
 
 
 def histories(rows: pd.DataFrame) -> pd.DataFrame:

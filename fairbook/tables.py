@@ -24,8 +24,8 @@ from fairbook.results import ALL, ResultsError, read_predictions
 from fairbook.stats import estimate, paired_ttest
 
 __all__ = ["BETTER", "LEADERBOARD", "TABLE1", "TABLE2", "attribute_order", "ci_table", "claim_verdicts", "claims",
-           "evaluate", "group_auc_table", "group_differences", "leaderboard", "paired_table", "seed_means", "table",
-           "table2"]
+           "evaluate", "group_auc_table", "group_differences", "group_means", "leaderboard", "paired_table",
+           "seed_means", "table", "table2"]
 
 #: Column names of Fair-MoE's Table 1, in its order.
 TABLE1 = {"es_auc": "ES-AUC", "auc": "AUC", "dpd": "DPD", "eod": "EOD"}
@@ -216,6 +216,24 @@ def table2(evals: pd.DataFrame, attribute: str = "sex", methods: Sequence[str] |
     return out
 
 
+def group_means(evals: pd.DataFrame, attribute: str, methods: Sequence[str] | None = None,
+                level: float = 0.95) -> pd.DataFrame:
+    """Long table of group AUCs on one attribute: one row per (method, group) with the seed ``mean``, ``std``,
+    the bootstrap interval of the seed mean (``lo``, ``hi``) and ``seeds`` (for plots such as FairMedFM's Fig. 5,
+    one group's AUC against the other's)."""
+    frame = _label(_matched(evals[evals["eval_attribute"] == attribute]), methods)
+    if frame.empty:
+        raise ResultsError(f"no evaluation on attribute {attribute!r}; evaluate with attributes including it")
+    rows = []
+    for method, at in frame.groupby("method", observed=True):
+        for g in at["groups"].iloc[0]:
+            values = np.array([r[g] for r in at["group_auc"]], float)
+            lo, hi = _interval(_replicates(at, "group_auc", g), level)
+            rows.append({"method": method, "group": g, "mean": values.mean(), "lo": lo, "hi": hi,
+                         "std": values.std(ddof=1) if len(values) > 1 else float("nan"), "seeds": len(values)})
+    return pd.DataFrame(rows)
+
+
 def paired_table(evals: pd.DataFrame, baseline: str, metrics: Sequence[str] = tuple(TABLE1),
                  level: float = 0.95) -> pd.DataFrame:
     """Every method against ``baseline``, per evaluated attribute and metric, paired on seed.
@@ -230,7 +248,7 @@ def paired_table(evals: pd.DataFrame, baseline: str, metrics: Sequence[str] = tu
     if baseline not in set(frame["method"]):
         raise ResultsError(f"baseline {baseline!r} has no results; choose one of {sorted(set(frame['method']))}")
     rows = []
-    for attr in [a for a in FILTER_ATTRIBUTES if a in set(frame["eval_attribute"])]:
+    for attr in attribute_order(frame["eval_attribute"]):
         at = frame[frame["eval_attribute"] == attr]
         base = at[at["method"] == baseline].set_index("seed")
         for method in [m for m in dict.fromkeys(at["method"]) if m != baseline]:
@@ -272,7 +290,8 @@ def group_differences(evals: pd.DataFrame, method: str, level: float = 0.95) -> 
 
 
 #: Direction in which each Table 1 metric improves (+1: higher is better).
-BETTER = {"es_auc": 1, "auc": 1, "dpd": -1, "eod": -1, "worst_auc": 1}
+BETTER = {"es_auc": 1, "auc": 1, "dpd": -1, "eod": -1, "worst_auc": 1, "es_auc_std": 1, "auc_delta": -1,
+          "eq_odds": 1, "ece_delta": -1}
 
 #: The leaderboard's metrics, with ↑ (higher is better) or ↓.
 LEADERBOARD = {"es_auc": "ES-AUC ↑", "auc": "AUC ↑", "dpd": "DPD ↓", "eod": "EOD ↓", "worst_auc": "worst AUC ↑"}

@@ -47,7 +47,7 @@ from fairbook.mitigations import LAFTR, GroupDRO, balanced_sampler
 from fairbook.models import ImageClassifier, PromptClassifier, add_lora
 from fairbook.train import PROMPT_SETS, Classification, Contrastive, Objective, TrainConfig, class_embeddings
 
-__all__ = ["MITIGATIONS", "USAGES", "FairMedFM"]
+__all__ = ["MITIGATIONS", "USAGES", "FairMedFM", "grid"]
 
 #: Usage -> what trains.
 USAGES = {"zero-shot": "nothing: CLIP answers with its class prompts",
@@ -59,6 +59,9 @@ MITIGATIONS = {"erm": "nothing (mean loss)", "resampling": "the draw of training
                "groupdro": "the loss: the worst groups weigh more",
                "laftr": "the representation: an adversary must not tell the groups apart"}
 RESAMPLE_BY = ("attribute x label", "attribute")
+#: Names of the usages and mitigations in FairMedFM's tables ("LP", "LoRA+GroupDRO").
+NAMES = {"zero-shot": "Zero-shot", "clip-adapt": "CLIP-Adapt", "lp": "LP", "lora": "LoRA", "ft": "FT",
+         "erm": "", "resampling": "+Resampling", "groupdro": "+GroupDRO", "laftr": "+LAFTR"}
 
 
 @dataclass(frozen=True)
@@ -146,3 +149,9 @@ class FairMedFM(Method):
         if self.resample_by == "attribute x label":
             cells = cells + " x " + train.metadata["glaucoma"].astype(str)
         return balanced_sampler(cells.to_numpy(), seed=seed)
+
+
+def grid(usages=("lp", "lora"), mitigations=("erm",), **settings) -> list[FairMedFM]:
+    """FairMedFM's cells, usage x mitigation, named as its Table 2 names them (``"LP"``, ``"LoRA+GroupDRO"``),
+    every one with the same ``settings`` (fields of :class:`FairMedFM`, e.g. ``laftr_form="eo"``)."""
+    return [FairMedFM(NAMES[u] + NAMES[m], usage=u, mitigation=m, **settings) for u in usages for m in mitigations]
