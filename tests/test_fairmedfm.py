@@ -258,3 +258,19 @@ def test_table2_rows_are_the_seed_means_of_the_report(tmp_path):
     assert row["AUC_ES ↑"].startswith(f"{100 * np.mean(es):.2f}") and row["seeds"] == 2
     white = tables.table2(evals, "race-binary")
     assert list(white.columns[:3]) == ["AUC ↑", "AUC_White", "AUC_non-White"]
+
+
+def test_reuse_reads_another_chapters_models_only_when_trained_the_same_way(data, tmp_path):
+    from fairbook.results import ResultsError
+
+    setup = protocol.Setup(data["root"], recipe(), n_train=32)
+    protocol.train_one(tmp_path / "usages", FairMedFM("LP", usage="lp"), setup, seed=0)
+    rows = protocol.reuse(tmp_path / "usages", ["LP"], setup, [0])
+    assert rows[["method", "attribute", "seed"]].to_dict("records") == [{"method": "LP", "attribute": "all",
+                                                                        "seed": 0}]
+    with pytest.raises(ResultsError, match=r"was trained with config .*not .*'lr': 0.001"):
+        protocol.reuse(tmp_path / "usages", ["LP"], setup.replace(config=recipe(lr=1e-3)), [0])
+    with pytest.raises(ResultsError, match="no saved 'LP' at seed 1"):
+        protocol.reuse(tmp_path / "usages", ["LP"], setup, [0, 1])
+    with pytest.raises(ResultsError, match="trained on 32 pairs, not 16"):
+        protocol.reuse(tmp_path / "usages", ["LP"], setup.replace(n_train=16), [0])

@@ -7,6 +7,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 from fairbook import plots  # noqa: E402
 
@@ -79,3 +80,19 @@ def test_say_wraps_printed_summaries_at_the_book_column_and_keeps_line_breaks(ca
     assert max(map(len, wrapped)) == plots.CODE_COLUMN  # a token longer than the column is cut, not left to spill
     assert all(line.startswith("  ") for line in wrapped[1:])
     assert "".join(line.strip() for line in wrapped[-3:]).endswith("x" * 100)
+
+
+def test_tradeoff_draws_each_point_with_its_interval_and_clips_an_interval_that_misses_its_point():
+    import pandas as pd
+
+    from fairbook import plots
+
+    frame = pd.DataFrame({"method": ["LP", "LoRA"], "x": [2.0, 1.0], "x_lo": [2.5, 0.5], "x_hi": [3.0, 1.5],
+                          "y": [80.0, 82.0]})
+    fig = plots.tradeoff(frame, "x", "y", label="method", diagonal=True)
+    ax = fig.axes[0]
+    bars = [c for c in ax.containers]
+    assert len(bars) == 2  # one errorbar per row
+    segments = bars[0].lines[2][0].get_segments()[0]  # LP's x bar: from its point (the lower end misses it) to 3.0
+    assert segments[0][0] == pytest.approx(2.0) and segments[1][0] == pytest.approx(3.0)
+    assert len(ax.lines) >= 3  # two markers and the diagonal
