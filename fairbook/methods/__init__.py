@@ -15,7 +15,7 @@ Mitigations that apply to any method (resampling, GroupDRO) are in :mod:`fairboo
 claims, phrased as comparisons its chapters test, are its module's ``CLAIMS``; :data:`CLAIMS` gathers them for the
 book's results-at-a-glance page.
 """
-from fairbook.methods import fair_moe, fairclip
+from fairbook.methods import fair_moe, fairclip, fairmedfm
 from fairbook.methods.base import Claim, Method, MethodError, method_from_record
 from fairbook.methods.clip import CLIP
 from fairbook.methods.fair_moe import FairMoE
@@ -23,7 +23,7 @@ from fairbook.methods.fairclip import FairCLIP
 from fairbook.methods.fairmedfm import FairMedFM
 
 #: Every paper's claims, in the book's order.
-CLAIMS: list[Claim] = [*fairclip.CLAIMS, *fair_moe.CLAIMS]
+CLAIMS: list[Claim] = [*fairclip.CLAIMS, *fair_moe.CLAIMS, *fairmedfm.CLAIMS]
 
 __all__ = ["CLAIMS", "CLIP", "Claim", "FairCLIP", "FairMedFM", "FairMoE", "Method", "MethodError",
            "method_from_record"]
