@@ -37,26 +37,36 @@ TABLE2 = {"auc_delta": "AUC_Δ ↓", "eq_odds": "EqOdds ↑", "ece_delta": "ECE_
 
 
 def evaluate(runs: pd.DataFrame, attributes: Sequence[str] = FILTER_ATTRIBUTES, n_boot: int = 1000,
-             threshold: str | float = "youden", boot_seed: int = 0) -> pd.DataFrame:
+             threshold: str | float = "youden", boot_seed: int = 0, threshold_from: str = "validation"
+             ) -> pd.DataFrame:
     """Score every model of ``runs`` (from :func:`collect`) on its test predictions, for each attribute.
 
     An attribute ``"race&gender"`` is the intersection: its groups are the race x gender cells
     (:func:`fairbook.metrics.intersectional_groups`).
 
     The threshold is chosen on the model's own validation predictions (``threshold`` method of
-    :func:`fairbook.metrics.choose_threshold`). One row per (model, evaluated attribute): the identifying columns
-    of ``runs`` plus ``eval_attribute``, every scalar metric of the report, ``group_auc`` ({group: AUC}), ``ci``
-    (the report's intervals for this seed) and ``boot`` (the resampled values, see the module docstring).
+    :func:`fairbook.metrics.choose_threshold`). ``threshold_from="test"`` fits it on the test predictions
+    themselves instead: FairMedFM's evaluation as coded (best F1 on test), offered only to measure how much that
+    flatters the threshold-dependent metrics, never for a reported number.
+
+    One row per (model, evaluated attribute): the identifying columns of ``runs`` plus ``eval_attribute``,
+    ``threshold_from``, every scalar metric of the report, ``group_auc`` ({group: AUC}), ``ci`` (the report's
+    intervals for this seed) and ``boot`` (the resampled values, see the module docstring).
     """
+    if threshold_from not in ("validation", "test"):
+        raise ResultsError(f"threshold_from={threshold_from!r}: fit thresholds on 'validation' (the protocol) or "
+                           "'test' (FairMedFM's as-coded evaluation, to measure its optimism)")
     rows = []
     for run in runs.to_dict("records"):
-        test, val = read_predictions(run["folder"], "test"), read_predictions(run["folder"], "validation")
+        test = read_predictions(run["folder"], "test")
+        fit_on = read_predictions(run["folder"], threshold_from)
         report = fairness_report(test["y_true"], test["y_score"], {a: _groups(test, a) for a in attributes},
-                                 threshold=threshold, validation=(val["y_true"], val["y_score"]),
+                                 threshold=threshold, validation=(fit_on["y_true"], fit_on["y_score"]),
                                  n_boot=n_boot, seed=boot_seed, keep_boot=n_boot > 0)
         for attr, entry in report["attributes"].items():
             scalars = {k: v for k, v in entry.items() if isinstance(v, float)}
-            rows.append({**run, "eval_attribute": attr, "threshold": report["threshold"], **scalars,
+            rows.append({**run, "eval_attribute": attr, "threshold": report["threshold"],
+                         "threshold_from": threshold_from, **scalars,
                          "groups": entry["groups"], "group_auc": entry["group_auc"],
                          "group_count": entry["group_count"], "ci": entry.get("ci", {}),
                          "boot": entry.get("boot", {})})

@@ -274,3 +274,24 @@ def test_reuse_reads_another_chapters_models_only_when_trained_the_same_way(data
         protocol.reuse(tmp_path / "usages", ["LP"], setup, [0, 1])
     with pytest.raises(ResultsError, match="trained on 32 pairs, not 16"):
         protocol.reuse(tmp_path / "usages", ["LP"], setup.replace(n_train=16), [0])
+
+
+def test_the_as_coded_threshold_is_best_f1_on_the_test_predictions(tmp_path):
+    from fairbook import results, tables
+    from fairbook.metrics import choose_threshold
+    from fairbook.results import ResultsError
+
+    rng = np.random.default_rng(1)
+    y_val, y_test = rng.integers(0, 2, 80), rng.integers(0, 2, 80)
+    p_val, p_test = rng.random(80), np.clip(0.4 * y_test + 0.7 * rng.random(80), 0, 1)
+    codes = np.column_stack([np.zeros(80), rng.integers(0, 2, 80), np.zeros(80), np.zeros(80)])
+    results.save(tmp_path, "LP", 0, {"validation": (y_val, p_val, codes), "test": (y_test, p_test, codes)},
+                 "synthetic", {}, "all")
+    runs = results.collect(tmp_path)
+    honest = tables.evaluate(runs, ["sex"], n_boot=0, threshold="f1")
+    as_coded = tables.evaluate(runs, ["sex"], n_boot=0, threshold="f1", threshold_from="test")
+    assert honest["threshold"].iloc[0] == pytest.approx(choose_threshold(y_val, p_val, "f1"))
+    assert as_coded["threshold"].iloc[0] == pytest.approx(choose_threshold(y_test, p_test, "f1"))
+    assert as_coded["threshold_from"].iloc[0] == "test" and as_coded["auc"].iloc[0] == honest["auc"].iloc[0]
+    with pytest.raises(ResultsError, match="threshold_from='train'"):
+        tables.evaluate(runs, ["sex"], n_boot=0, threshold_from="train")
