@@ -82,7 +82,7 @@ TRAINABLE_PARTS: dict[str, tuple[str, ...] | None] = {
     "transformers": ("visual.", "transformer."),
 }
 
-_OPTIMIZERS = ("adam", "adamw")
+_OPTIMIZERS = ("adam", "adamw", "sgd")
 _SCHEDULES = ("none", "cosine")
 _MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the learned temperature at 100 (Radford et al. 2021, Sec. 2.5)
 
@@ -144,7 +144,8 @@ class TrainConfig:
 
     ``schedule``: ``"none"`` (constant lr) or ``"cosine"`` (linear warmup over ``warmup_steps`` optimizer steps,
     then cosine decay to 0 at the last step; see :func:`lr_factor`). ``optimizer``: ``"adam"`` (weight decay
-    added to the gradient, as ``torch.optim.Adam`` and upstream) or ``"adamw"`` (decoupled decay).
+    added to the gradient, as ``torch.optim.Adam`` and upstream), ``"adamw"`` (decoupled decay) or ``"sgd"`` (plain
+    SGD without momentum, as FairMedFM's released code; ``betas`` and ``eps`` are then unused).
     ``epochs=0`` trains nothing: the starting model is scored and kept as "epoch 0" (zero-shot use).
     ``grad_clip``: max global gradient norm, or None. ``trainable``: see :func:`set_trainable`. ``prompts``: the
     :data:`PROMPT_SETS` entry used for the validation zero-shot AUC. ``amp``: mixed precision (fp16 autocast +
@@ -196,7 +197,9 @@ class TrainConfig:
         no scheduler, no gradient clipping, only the two transformers trained, FairCLIP prompts). ``"fairmedfm"``:
         FairMedFM's paper recipe (Jin et al., NeurIPS 2024 D&B, appendix D: AdamW with torch's betas and eps,
         cosine schedule, weight decay 0.05, lr 2.5e-4 for the linear probe, CLIP-Adapt, resampling and GroupDRO),
-        with the parts each usage trains left as the method built them.
+        with the parts each usage trains left as the method built them. ``"fairmedfm-code"``: the same with the
+        optimizer FairMedFM's released code really uses, plain SGD without momentum (its ``--optimizer`` flag is
+        ignored); its class-weighted cross-entropy is :class:`fairbook.methods.FairMedFM`'s ``class_weighted``.
         """
         presets = {
             "default": {},
@@ -206,6 +209,8 @@ class TrainConfig:
             "fairmedfm": dict(optimizer="adamw", lr=2.5e-4, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8,
                               schedule="cosine", warmup_steps=0, grad_clip=None, trainable="as built",
                               prompts="fairmedfm"),
+            "fairmedfm-code": dict(optimizer="sgd", lr=2.5e-4, weight_decay=0.05, schedule="cosine", warmup_steps=0,
+                                   grad_clip=None, trainable="as built", prompts="fairmedfm"),
         }
         if name not in presets:
             raise TrainError(f"unknown TrainConfig preset {name!r}: choose one of {', '.join(presets)}")
@@ -227,6 +232,8 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
 
 
 def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.0, weight_decay=config.weight_decay)
     cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
     return cls(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
 
@@ -393,6 +400,8 @@ class Classification(Objective):
 
     * ``reduce(losses, groups)`` replaces the mean of the per-sample losses (ERM), e.g.
       :class:`~fairbook.mitigations.GroupDRO`;
+    * ``class_weights`` ``(w_0, w_1)`` weigh each sample's loss by its label (FairMedFM's released code uses
+      ``w_c = N / (2 n_c)``, :meth:`fairbook.methods.FairMedFM.objective` with ``class_weighted``);
     * ``adversary(features, groups, labels)`` adds a term computed from the model's representation
       (``model.features``, classified by ``model.classify``), e.g. :class:`~fairbook.mitigations.LAFTR`.
 
@@ -402,11 +411,12 @@ class Classification(Objective):
 
     def __init__(self, reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  column: int | None = None, adversary: Callable[..., torch.Tensor] | None = None,
-                 lookup: Sequence[int] | None = None):
+                 lookup: Sequence[int] | None = None, class_weights: Sequence[float] | None = None):
         if (reduce is not None or adversary is not None) and column is None:
             raise TrainError("Classification(reduce=... or adversary=...) needs column=, the attribute column "
                              "whose groups it uses (fairbook.data.FILTER_ATTRIBUTES.index(attribute))")
         self.reduce, self.column, self.adversary = reduce, column, adversary
+        self.class_weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
         self.lookup = None if lookup is None else torch.as_tensor(lookup, dtype=torch.long)
 
     def groups(self, batch: dict) -> torch.Tensor:
@@ -424,6 +434,8 @@ class Classification(Objective):
             features = model.features(batch["image"])
             logits = model.classify(features)
         losses = F.binary_cross_entropy_with_logits(logits.float(), batch["label"].float(), reduction="none")
+        if self.class_weights is not None:
+            losses = losses * self.class_weights.to(losses.device)[batch["label"]]
         if self.reduce is None and self.adversary is None:
             return losses.mean(), None
         groups = self.groups(batch)

@@ -295,3 +295,25 @@ def test_the_as_coded_threshold_is_best_f1_on_the_test_predictions(tmp_path):
     assert as_coded["threshold_from"].iloc[0] == "test" and as_coded["auc"].iloc[0] == honest["auc"].iloc[0]
     with pytest.raises(ResultsError, match="threshold_from='train'"):
         tables.evaluate(runs, ["sex"], n_boot=0, threshold_from="train")
+
+
+def test_the_released_codes_recipe_plain_sgd_and_class_weighted_loss_by_hand(data):
+    from fairbook.train import _optimizer
+
+    config = TrainConfig.preset("fairmedfm-code")
+    optimizer = _optimizer([torch.nn.Parameter(torch.zeros(2))], config)
+    assert type(optimizer) is torch.optim.SGD and optimizer.defaults["momentum"] == 0.0
+    objective = FairMedFM(class_weighted=True).objective(None, data["train"], "all", 0, config, None)
+    labels = data["train"].metadata["glaucoma"].to_numpy()
+    n1 = labels.sum()
+    assert objective.class_weights.tolist() == pytest.approx([len(labels) / (2 * (len(labels) - n1)),
+                                                              len(labels) / (2 * n1)])
+
+    class Constant(torch.nn.Module):
+        def forward(self, images):
+            return torch.tensor([0.0, 2.0, -1.0])
+
+    batch = {"image": torch.zeros(3, 1), "label": torch.tensor([1, 0, 0])}
+    loss, _ = Classification(class_weights=(0.5, 3.0)).loss(Constant(), batch)
+    hand = (3.0 * np.log(2) + 0.5 * np.log(1 + np.exp(2.0)) + 0.5 * np.log(1 + np.exp(-1.0))) / 3
+    assert float(loss) == pytest.approx(hand, rel=1e-6)
