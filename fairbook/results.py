@@ -20,7 +20,7 @@ from urllib.parse import quote, unquote
 import numpy as np
 import pandas as pd
 
-from fairbook.data.attributes import FILTER_ATTRIBUTES, decode
+from fairbook.data.attributes import FILTER_ATTRIBUTES, ITEM_ATTRIBUTES, decode
 from fairbook.files import atomic_write_text, resolve, to_jsonable
 
 __all__ = ["ALL", "PREDICTIONS", "ResultsError", "collect", "compare_runs", "model_folder", "read_predictions",
@@ -44,16 +44,20 @@ def model_folder(run_dir: str | os.PathLike, method: str, attribute: str, seed: 
 
 
 def save_predictions(path: str | os.PathLike, y_true, y_score, attributes_codes, split: str,
-                     attribute_names: Sequence[str] = FILTER_ATTRIBUTES) -> Path:
-    """Write a predictions CSV atomically: ``y_true, y_score, race, gender, ethnicity, language, split``.
+                     attribute_names: Sequence[str] | None = None) -> Path:
+    """Write a predictions CSV atomically: ``y_true, y_score, race, gender, ethnicity, language, age, split``.
 
-    Attribute codes (``n x 4``, columns in ``attribute_names`` order, as FairVLMed items carry them) are decoded
-    to names with :func:`fairbook.data.attributes.decode`. The file is what ``fairbook metrics`` reads
+    Attribute codes (columns in ``attribute_names`` order; by default the items' own,
+    :data:`~fairbook.data.attributes.ITEM_ATTRIBUTES`: the four codes then the age, or the four codes alone) are
+    decoded to names with :func:`fairbook.data.attributes.decode`. The file is what ``fairbook metrics`` reads
     (:func:`fairbook.metrics.report_from_csv`); scores are written at full precision.
     """
     y_true = np.asarray(y_true).astype(int).ravel()
     y_score = np.asarray(y_score, dtype=np.float64).ravel()
     codes = np.asarray(attributes_codes)
+    if attribute_names is None:
+        width = codes.shape[1] if codes.ndim == 2 else 0
+        attribute_names = ITEM_ATTRIBUTES if width == len(ITEM_ATTRIBUTES) else FILTER_ATTRIBUTES
     if codes.ndim != 2 or codes.shape != (len(y_true), len(attribute_names)) or len(y_score) != len(y_true):
         raise ResultsError(f"save_predictions needs {len(y_true)} labels, as many scores (got {len(y_score)}) and an "
                          f"n x {len(attribute_names)} code matrix (got shape {codes.shape}); pass the arrays of "

@@ -78,6 +78,9 @@ def _groups(predictions: pd.DataFrame, attribute: str):
     intersection such as ``"race&gender"``."""
     parts = attribute.split("&")
     if len(parts) == 1 and attribute in BINARY_ATTRIBUTES:
+        if source_attribute(attribute) not in predictions:
+            raise ResultsError(f"these predictions carry no {source_attribute(attribute)} (saved by an older "
+                               f"fairbook): run the chapter again to evaluate {attribute!r}")
         return binarise(attribute, predictions[source_attribute(attribute)])
     if len(parts) == 1:
         return predictions[attribute]

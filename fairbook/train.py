@@ -288,7 +288,7 @@ def zero_shot_scores(model: nn.Module, tokenizer, loader, prompts: Mapping[str, 
     embeddings of :func:`class_embeddings` (FairMedFM's zero-shot: positive-class probability of a softmax over
     class prompts). ``use_logit_scale=False`` is the official FairCLIP evaluation, a softmax over the raw cosines:
     as cosines differ by at most 2, its scores lie within ``sigmoid(+-2)`` = [0.12, 0.88] and in practice close
-    to 0.5. ``attributes`` is the ``n x 4`` code matrix of the items (race, gender, ethnicity, language).
+    to 0.5. ``attributes`` is the code matrix of the items (race, gender, ethnicity, language, age).
     ``device=None`` uses the model's device. The model's train/eval mode is restored afterwards.
     """
     device = _device_of(model, device)
@@ -352,7 +352,7 @@ class Objective:
     ``loss(model, batch)`` returns ``(objective, extra)``: the scalar to minimise and the part of it that a method
     term or a mitigation added (None when nothing is added), kept in the training record as ``reg_loss``.
     ``scores(model, loader)`` returns ``(y, p, codes)`` for a loader of FairVLMed items: labels, glaucoma
-    probabilities and the ``n x 4`` attribute codes; the epoch is kept on their validation AUC. ``parts()`` lists
+    probabilities and the items' attribute codes; the epoch is kept on their validation AUC. ``parts()`` lists
     modules the objective owns (GroupDRO's group weights, a LAFTR adversary): :func:`fit` moves them to the device
     and trains their parameters with the model's.
     """

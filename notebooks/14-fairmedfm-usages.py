@@ -22,9 +22,8 @@
 #
 # This chapter runs the five usages on one start, one training draw per seed and one protocol: the epoch is chosen
 # on validation AUC, the threshold on validation predictions, and the test split is scored once. The attributes
-# are binarised as FairMedFM binarises them (sex; race White / non-White; language English / non-English), beside
-# the three-group race used in the rest of the handbook. FairMedFM's fourth attribute, age ≥ 60, is not offered
-# yet: the saved predictions do not carry the age.
+# are binarised as FairMedFM binarises them (sex; age ≥ 60; race White / non-White; language English /
+# non-English), beside the three-group race used in the rest of the handbook.
 
 # %%
 import fairbook as fb

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -214,6 +215,8 @@ def test_zero_shot_use_scores_the_start_through_the_protocol_without_a_step(clip
     test = FairVLMed(data["root"], "Test", preprocess_val, tokenizer)
     y, p, _ = zero_shot_scores(net, tokenizer, DataLoader(test, batch_size=16), FAIRMEDFM_PROMPTS)
     np.testing.assert_allclose(fit_result["scores"]["test"][1], p, rtol=1e-5, atol=1e-6)
+    saved = pd.read_csv(fit_result["folder"] / "test.csv")  # the age is saved in whole years, for age >= 60
+    assert saved["age"].tolist() == np.floor(test.metadata["age"]).astype(int).tolist()
     with pytest.raises(MethodError, match="zero-shot use trains nothing"):
         FairMedFM(usage="zero-shot", mitigation="groupdro")
 
@@ -224,14 +227,13 @@ def test_binary_attributes_are_fairmedfms():
     assert binarise("race-binary", ["Asian", "Black", "White"]) == ["non-White", "non-White", "White"]
     assert binarise("language-binary", ["English", "Spanish", "Unknown"]) == ["English", "non-English", "non-English"]
     assert binarise("sex", ["Female", "Male"]) == ["Female", "Male"] and source_attribute("sex") == "gender"
+    assert binarise("age-60", [59, 60, 61.5, "75"]) == ["< 60", ">= 60", ">= 60", ">= 60"]
     with pytest.raises(ValueError, match="unknown binary attribute 'age'"):
         binarise("age", [60])
 
 
 def test_table2_rows_are_the_seed_means_of_the_report(tmp_path):
     """Table 2 of two seeds of one model on sex, by hand: AUC_ES = AUC / (1 + |AUC_F - AUC_M| / 2)."""
-    import pandas as pd
-
     from fairbook import results, tables
 
     rng = np.random.default_rng(0)

@@ -176,12 +176,12 @@ def count_tokenizer(text):
 
 def test_dataset_items_without_preprocess(root):
     data = fv.FairVLMed(root, "train")
-    assert len(data) == 5 and data.attribute_names == ("race", "gender", "ethnicity", "language")
+    assert len(data) == 5 and data.attribute_names == ("race", "gender", "ethnicity", "language", "age")
     item = data[2]
     assert item["image"].dtype == torch.float32 and item["image"].shape == (1, 8, 6)
     assert torch.equal(item["image"], torch.full((1, 8, 6), 30.0))
     assert item["label"].dtype == torch.int64 and item["label"].item() == 1
-    assert item["attributes"].tolist() == [2, 0, -1, 0] and item["attributes"].dtype == torch.int64
+    assert item["attributes"].tolist() == [2, 0, -1, 0, 53] and item["attributes"].dtype == torch.int64
     assert item["index"] == 2 and item["text"] == "summary of data_00003"
     assert data[0]["text"] == LONG_NOTE[:179]
     assert fv.FairVLMed(root, "train", max_note_chars=40)[0]["text"] == "glaucoma suspect with cupping glaucoma"
@@ -197,7 +197,7 @@ def test_dataloader_batches_with_preprocess_and_tokenizer(root, workers):
     assert batch["image"].shape == (2, 1, 4, 4) and batch["image"].dtype == torch.float32
     assert torch.allclose(batch["image"][:, 0].mean((1, 2)), torch.tensor([60.0, 80.0]))  # files 6 and 8
     assert batch["label"].tolist() == [1, 1]
-    assert batch["attributes"].tolist() == [[0, 1, 0, 0], [1, 0, 0, 0]]
+    assert batch["attributes"].tolist() == [[0, 1, 0, 0, 56], [1, 0, 0, 0, 58]]  # the age last, in years
     assert batch["text"].tolist() == [[21, 3], [21, 3]]
     assert batch["index"].tolist() == [0, 1]
 

@@ -3,6 +3,7 @@ from fairbook.data.attributes import (
     ATTRIBUTES,
     BINARY_ATTRIBUTES,
     FILTER_ATTRIBUTES,
+    ITEM_ATTRIBUTES,
     SPLITS,
     UNKNOWN,
     binarise,

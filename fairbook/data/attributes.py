@@ -27,12 +27,18 @@ REQUIRED_NPZ_KEYS = (
     "slo_fundus", "glaucoma", "race", "gender", "ethnicity", "language", "maritalstatus", "age", "md", "tds",
 )
 
+#: What a FairVLMed item's ``attributes`` row holds: the codes of the four attributes, then the age in whole years
+#: (rounded down, so ``age >= 60`` is unchanged).
+ITEM_ATTRIBUTES = (*FILTER_ATTRIBUTES, "age")
+
 #: FairMedFM's binary attributes (Jin et al., NeurIPS 2024 D&B, Sec. 4 and App. C): name -> (FairVLMed attribute,
-#: the group kept; every other value, unknown included, becomes "non-<group>"). Sex is gender as it is (Female,
-#: Male); race is White / non-White; language is English / non-English, and FairMedFM's code puts an unknown language
-#: in non-English. FairMedFM's age >= 60 needs the age, which saved predictions do not carry (not offered yet).
-BINARY_ATTRIBUTES: dict[str, tuple[str, str | None]] = {
-    "sex": ("gender", None), "race-binary": ("race", "White"), "language-binary": ("language", "English"),
+#: the group kept; every other value, unknown included, becomes "non-<group>"; a number is an age cut-off). Sex is
+#: gender as it is (Female, Male); race is White / non-White; language is English / non-English, and FairMedFM's code
+#: puts an unknown language in non-English; age is ">= 60" / "< 60" as the paper states it (the released
+#: preprocessing puts 60 itself in the younger group).
+BINARY_ATTRIBUTES: dict[str, tuple[str, str | int | None]] = {
+    "sex": ("gender", None), "age-60": ("age", 60), "race-binary": ("race", "White"),
+    "language-binary": ("language", "English"),
 }
 
 SPLITS = ("Training", "Validation", "Test")
@@ -61,11 +67,15 @@ def binarise(name: str, labels) -> list[str]:
     if name not in BINARY_ATTRIBUTES:
         raise ValueError(f"unknown binary attribute {name!r}; choose one of: {', '.join(BINARY_ATTRIBUTES)}")
     kept = BINARY_ATTRIBUTES[name][1]
+    if isinstance(kept, int):
+        return [f">= {kept}" if float(v) >= kept else f"< {kept}" for v in labels]
     return [str(v) if kept is None else (kept if v == kept else f"non-{kept}") for v in labels]
 
 
 def decode(attribute: str, code: int) -> str:
-    """Name of an attribute code, e.g. ``decode("race", 1) == "Black"``."""
+    """Name of an attribute code, e.g. ``decode("race", 1) == "Black"``; an age is its number of years."""
+    if attribute == "age":
+        return str(int(code))
     table = ATTRIBUTES[check_attribute(attribute)]
     if int(code) not in table:
         raise ValueError(f"code {code} is not valid for {attribute!r}; valid codes: {sorted(table)}")

@@ -47,6 +47,7 @@ from PIL import Image
 from fairbook.data.attributes import (
     ATTRIBUTES,
     FILTER_ATTRIBUTES,
+    ITEM_ATTRIBUTES,
     NOTES_FILES,
     REQUIRED_NPZ_KEYS,
     SPLIT_ALIASES,
@@ -408,7 +409,8 @@ class FairVLMed(torch.utils.data.Dataset):
     Each item is a dict: ``image`` (float32 ``slo_fundus`` -> PIL mode "F" -> ``preprocess``; without a preprocess a
     float32 tensor of shape (1, H, W) with the raw grey values), ``label`` (glaucoma, int64), ``text`` (the note
     truncated by :func:`truncate_note`, tokenised as ``tokenizer(text)[0]`` when a tokenizer is given), ``attributes``
-    (int64 codes of :attr:`attribute_names`: race, gender, ethnicity, language) and ``index`` (row of
+    (int64 codes of :attr:`attribute_names`: race, gender, ethnicity, language, then the age in whole years) and
+    ``index`` (row of
     :attr:`metadata`). ``drop_unknown`` is the switch of :func:`load_metadata`. Works with the default collate and
     worker processes.
 
@@ -421,7 +423,7 @@ class FairVLMed(torch.utils.data.Dataset):
     an 8 x 8 image upscaled to 224 x 224 carries no anatomy.
     """
 
-    attribute_names: tuple[str, ...] = FILTER_ATTRIBUTES
+    attribute_names: tuple[str, ...] = ITEM_ATTRIBUTES
 
     def __init__(
         self, root: str | os.PathLike, split: str, preprocess=None, tokenizer=None,
@@ -440,7 +442,7 @@ class FairVLMed(torch.utils.data.Dataset):
         self._paths = self.metadata["path"].tolist()
         self._notes = self.metadata["note"].tolist()
         self._labels = self.metadata["glaucoma"].to_numpy(np.int64)
-        self._attributes = self.metadata[list(self.attribute_names)].to_numpy(np.int64)
+        self._attributes = np.floor(self.metadata[list(self.attribute_names)].to_numpy(np.float64)).astype(np.int64)
 
     def __len__(self) -> int:
         return len(self._paths)

@@ -136,8 +136,8 @@ class FairCLIPRegulariser:
         self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, batch: Mapping,
         group_features: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """The regulariser (a scalar tensor) for one batch; ``batch["attributes"]`` is the (N, 4) int64 code tensor
-        (race, gender, ethnicity, language). ``group_features`` is required by, and only used by, the code form."""
+        """The regulariser (a scalar tensor) for one batch; ``batch["attributes"]`` is the (N, 5) int64 code tensor
+        (race, gender, ethnicity, language, age). ``group_features`` is required by, and only used by, the code form."""
         if self.form == "paper":
             return self._paper(image_features, text_features, batch)
         if not group_features:
