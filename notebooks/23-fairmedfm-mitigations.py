@@ -176,8 +176,9 @@ def f1_scores(threshold_from):
 
 honest, as_coded = f1_scores("validation"), f1_scores("test")
 threshold_metrics = ["acc", "eq_odds", "dpd", "eod"]
-optimism = (100 * (as_coded[threshold_metrics]
-                   - honest[threshold_metrics])).agg(["mean", "std"])
+optimism = 100 * (as_coded[threshold_metrics]
+                 - honest[threshold_metrics])
+optimism = optimism.agg(["mean", "std"])
 optimism.round(2)
 
 # %% [markdown]
@@ -214,10 +215,11 @@ fairer = paired[(paired["metric"] == "auc_delta")
 costly = paired[(paired["metric"] == "auc")
                 & (paired["verdict"] == "worse")]["method"]
 significant = [k for k, v in ranked.items() if v["p"] < 0.05]
-fb.plots.say("clearly smaller sex gap:", ", ".join(fairer) or "none",
+fb.plots.say("clearly smaller sex gap:",
+             ", ".join(fairer) or "none",
              "; clearly lower AUC:", ", ".join(costly) or "none",
-             "; metrics where the Friedman test rejects equal ranks:",
-             ", ".join(significant) or "none")
+             "; metrics where the Friedman test rejects equal",
+             "ranks:", ", ".join(significant) or "none")
 
 # %% [markdown]
 # - FairMedFM's finding, that the mitigations do not improve fairness reliably, is tested by the first line above:
