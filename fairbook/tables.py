@@ -25,7 +25,7 @@ from fairbook.stats import estimate, paired_ttest
 
 __all__ = ["BETTER", "LEADERBOARD", "TABLE1", "TABLE2", "attribute_order", "ci_table", "claim_verdicts", "claims",
            "evaluate", "group_auc_table", "group_differences", "group_means", "leaderboard", "paired_table",
-           "seed_means", "table", "table2"]
+           "seed_means", "table", "table2", "wide_points"]
 
 #: Column names of Fair-MoE's Table 1, in its order.
 TABLE1 = {"es_auc": "ES-AUC", "auc": "AUC", "dpd": "DPD", "eod": "EOD"}
@@ -245,6 +245,17 @@ def group_means(evals: pd.DataFrame, attribute: str, methods: Sequence[str] | No
             rows.append({"method": method, "group": g, "mean": values.mean(), "lo": lo, "hi": hi,
                          "std": values.std(ddof=1) if len(values) > 1 else float("nan"), "seeds": len(values)})
     return pd.DataFrame(rows)
+
+
+def wide_points(long: pd.DataFrame, index: str | Sequence[str], columns: str, scale: float = 100) -> pd.DataFrame:
+    """A long table of means with intervals (:func:`seed_means`, :func:`group_means`) as one row per ``index``
+    value, with each value ``v`` of ``columns`` as ``v``, ``v_lo`` and ``v_hi``, times ``scale``: the points of
+    :func:`fairbook.plots.tradeoff` (e.g. AUC against AUC_Δ, or one group's AUC against another's)."""
+    wide = long.pivot_table(index=index, columns=columns, values=["mean", "lo", "hi"], observed=True)
+    out = wide.index.to_frame(index=False)
+    for stat, key in wide.columns:
+        out[key if stat == "mean" else f"{key}_{stat}"] = scale * wide[(stat, key)].to_numpy()
+    return out
 
 
 def paired_table(evals: pd.DataFrame, baseline: str, metrics: Sequence[str] = tuple(TABLE1),

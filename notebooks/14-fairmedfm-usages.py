@@ -130,14 +130,8 @@ fb.plots.savefig(fig, "auc-gap-by-usage")
 # Each usage's AUC against its AUC_Δ, per attribute. Up and to the left is better on both.
 
 # %% mystnb={"figure": {"caption": "AUC against AUC gap of each usage (seed means, 95% bootstrap intervals), one panel per attribute.", "name": "fig-fairmedfm-tradeoff"}}
-wide = means.pivot_table(index=["attribute", "method"],
-                         columns="metric", observed=True,
-                         values=["mean", "lo", "hi"])
-points = {f"{m}_{s}" if s != "mean" else m: 100 * wide[(s, m)]
-          for m in ("auc", "auc_delta")
-          for s in ("mean", "lo", "hi")}
-points = wide.index.to_frame(index=False).assign(
-    **{k: v.to_numpy() for k, v in points.items()})
+points = fb.tables.wide_points(means, ["attribute", "method"],
+                               "metric")
 fig = fb.plots.tradeoff(points, "auc_delta", "auc", label="method",
                         by="attribute", xlabel="AUC_Δ",
                         ylabel="AUC")
@@ -151,12 +145,7 @@ fb.plots.savefig(fig, "utility-fairness")
 
 # %% mystnb={"figure": {"caption": "AUC on female against AUC on male patients of each usage (seed means, 95% bootstrap intervals); the dashed line is equal service.", "name": "fig-fairmedfm-female-male"}}
 groups = fb.tables.group_means(evals, "sex", names)
-sexes = groups.pivot(index="method", columns="group",
-                     values=["mean", "lo", "hi"])
-by_sex = {f"{g}_{s}" if s != "mean" else g: 100 * sexes[(s, g)]
-          for g in ("Female", "Male") for s in ("mean", "lo", "hi")}
-by_sex = sexes.index.to_frame(index=False).assign(
-    **{k: v.to_numpy() for k, v in by_sex.items()})
+by_sex = fb.tables.wide_points(groups, "method", "group")
 fig = fb.plots.tradeoff(by_sex, "Male", "Female", label="method",
                         diagonal=True, xlabel="AUC, male",
                         ylabel="AUC, female")

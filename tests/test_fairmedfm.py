@@ -319,3 +319,13 @@ def test_the_released_codes_recipe_plain_sgd_and_class_weighted_loss_by_hand(dat
     loss, _ = Classification(class_weights=(0.5, 3.0)).loss(Constant(), batch)
     hand = (3.0 * np.log(2) + 0.5 * np.log(1 + np.exp(2.0)) + 0.5 * np.log(1 + np.exp(-1.0))) / 3
     assert float(loss) == pytest.approx(hand, rel=1e-6)
+
+
+def test_wide_points_put_each_mean_and_interval_in_columns():
+    from fairbook.tables import wide_points
+
+    long = pd.DataFrame({"method": ["LP", "LP", "LoRA", "LoRA"], "group": ["Female", "Male"] * 2,
+                         "mean": [0.8, 0.7, 0.9, 0.6], "lo": [0.75, 0.6, 0.85, 0.5], "hi": [0.85, 0.8, 0.95, 0.7]})
+    points = wide_points(long, "method", "group").set_index("method")
+    assert points.loc["LoRA", ["Female", "Female_lo", "Male_hi"]].tolist() == pytest.approx([90.0, 85.0, 70.0])
+    assert points.loc["LP", "Male"] == pytest.approx(70.0)
