@@ -243,14 +243,13 @@ def tradeoff(frame, x: str, y: str, label: str, by: str | None = None, diagonal:
     and ``<y>_lo``/``<y>_hi`` as error bars when those columns exist, labelled by ``label``, one panel per ``by``
     value. ``diagonal`` draws y = x (e.g. one group's AUC against the other's: points off the line are gaps).
     A percentile interval of a gap can miss its point (its bootstrap is biased); its bar then stops at the point."""
-    import matplotlib.pyplot as plt
     import seaborn as sns
 
     panels = list(dict.fromkeys(frame[by])) if by else [None]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
+    fig, axes = _grid(len(panels), ncols=3, size=3.2)
     labels = list(dict.fromkeys(frame[label]))
     colours = dict(zip(labels, sns.color_palette(PALETTE, len(labels))))
-    for ax, panel in zip(axes[0], panels):
+    for ax, panel in zip(axes, panels):
         rows = frame if by is None else frame[frame[by] == panel]
         for row in rows.to_dict("records"):
             err = {f"{axis}err": [[max(0, row[v] - row[f"{v}_lo"])], [max(0, row[f"{v}_hi"] - row[v])]]
@@ -260,7 +259,7 @@ def tradeoff(frame, x: str, y: str, label: str, by: str | None = None, diagonal:
             lo, hi = min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])
             ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--")
         ax.set(xlabel=xlabel or x, ylabel=ylabel or y, title=panel or "")
-    handles = {h.get_label(): h for h in axes[0][-1].get_legend_handles_labels()[0]}
+    handles = {h.get_label(): h for ax in axes[:len(panels)] for h in ax.get_legend_handles_labels()[0]}
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(labels), 5), frameon=False,
                bbox_to_anchor=(0.5, -0.12))
     fig.tight_layout()
