@@ -2,7 +2,7 @@
 Datasets and Benchmarks): how a foundation model is *used* (Sec. 3.2) and how it is *debiased* (Sec. 3.3, Table
 2), declared once and trained through the one loop (:func:`fairbook.train.fit`).
 
-Usages (``usage``), all on the CLIP image tower:
+Usages (``usage``):
 
 * ``"zero-shot"``: CLIP as it starts, scored with the class prompts (``prompts``, FairMedFM's FairVLMed prompt by
   default; :func:`fairbook.train.zero_shot_scores`). Nothing trains: the protocol runs the loop with ``epochs=0``;
@@ -32,7 +32,10 @@ Mitigations (``mitigation``), for the training attribute:
 
 Paper against released code: the paper's recipe is AdamW with a cosine schedule (App. D); the released code runs
 plain SGD (preset ``"fairmedfm-code"``) on a class-weighted cross-entropy, ``w_c = N / (2 n_c)``
-(``class_weighted=True``). Both are offered; the default is the paper's.
+(``class_weighted=True``). Both are offered; the default is the paper's. Images always go through the model's own
+preprocess (open_clip: resized straight to the input size, CLIP statistics), which is the released code's; the
+paper's resize to 256, centre crop to 224 and ImageNet statistics are not offered. The paper trains LAFTR at lr 3e-4;
+fairbook trains every cell at the recipe's one lr, so that the cells differ only by their mitigation.
 
 The recipe is the shared :class:`fairbook.train.TrainConfig` (:meth:`~fairbook.train.TrainConfig.preset`
 ``"fairmedfm"`` is the paper's: AdamW, cosine schedule, weight decay 0.05, lr 2.5e-4); every usage leaves its
