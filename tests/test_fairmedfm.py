@@ -329,3 +329,24 @@ def test_wide_points_put_each_mean_and_interval_in_columns():
     points = wide_points(long, "method", "group").set_index("method")
     assert points.loc["LoRA", ["Female", "Female_lo", "Male_hi"]].tolist() == pytest.approx([90.0, 85.0, 70.0])
     assert points.loc["LP", "Male"] == pytest.approx(70.0)
+
+
+def test_the_head_starts_at_zero_so_adams_first_step_follows_the_class_difference(clip):
+    """Learnability by design: from a zero head, Adam's first step is lr * sign(-dL/dw) for every weight, and
+    at zero logits dL/dw = mean((0.5 - y) z): the step points along the class difference of the features."""
+    from fairbook.train import _optimizer
+
+    model = ImageClassifier(copy.deepcopy(clip[0].visual).requires_grad_(False))
+    assert not model.head.weight.detach().any() and not model.head.bias.detach().any()
+    images = torch.randn(8, 3, 96, 96, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    with torch.no_grad():
+        z = model.visual(images)
+    config = TrainConfig.preset("fairmedfm")
+    optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], config)
+    loss, _ = Classification().loss(model, {"image": images, "label": labels})
+    loss.backward()
+    optimizer.step()
+    direction = ((labels.float() - 0.5)[:, None] * z).mean(0)
+    expected = config.lr * torch.sign(direction)
+    torch.testing.assert_close(model.head.weight[0], expected, rtol=1e-3, atol=1e-9)
