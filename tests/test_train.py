@@ -116,8 +116,10 @@ def test_fairclip_preset_and_config_checks():
     assert TrainConfig.preset("fairclip", epochs=2, betas=[0.9, 0.99]).betas == (0.9, 0.99)   # YAML gives lists
     with pytest.raises(TrainError, match="unknown TrainConfig field"):
         TrainConfig.preset("fairclip", epoch=2)
-    with pytest.raises(TrainError, match="optimizer='sgd'"):
-        TrainConfig(optimizer="sgd")
+    with pytest.raises(TrainError, match="optimizer='lbfgs'"):
+        TrainConfig(optimizer="lbfgs")
+    with pytest.raises(TrainError, match="epochs >= 0 and batch_size >= 1 .got -1 and 32"):
+        TrainConfig(epochs=-1)
 
 
 def test_cosine_schedule_factor():
@@ -191,7 +193,7 @@ def test_regulariser_value_enters_the_loss(clip, data, tmp_path, monkeypatch):
     for name, reg in (("plain", None), ("constant", _constant(3.0, calls))):
         runs[name] = fit(copy.deepcopy(clip[0]), data["train"], data["val"], quick(), tmp_path / name,
                          contrastive(clip[3], quick(), reg), progress=False)["history"][0]
-    assert len(calls) == 2 and calls[0]["attributes"] == (16, 4) and calls[0]["label"] == (16,)
+    assert len(calls) == 2 and calls[0]["attributes"] == (16, 5) and calls[0]["label"] == (16,)
     assert runs["constant"]["reg_loss"] == pytest.approx(3.0) and runs["plain"]["reg_loss"] == 0.0
     assert runs["constant"]["train_loss"] == pytest.approx(runs["plain"]["train_loss"] + 3.0, abs=1e-5)
 
@@ -254,7 +256,7 @@ def test_zero_shot_scores_on_tiny_clip(model, clip, data, prompts):
     y, p, attrs = zero_shot_scores(model, clip[3], loader, prompts)
     _, p_raw, _ = zero_shot_scores(model, clip[3], loader, prompts, use_logit_scale=False)
     assert model.training                                                        # mode restored
-    assert len(y) == len(p) == len(data["test"]) and attrs.shape == (len(data["test"]), 4)
+    assert len(y) == len(p) == len(data["test"]) and attrs.shape == (len(data["test"]), 5)
     assert ((p > 0) & (p < 1)).all() and ((p_raw > 0) & (p_raw < 1)).all()
     assert np.abs(p_raw - 0.5).max() < 0.5 - 1 / (1 + math.e ** 2) + 1e-9     # softmax of cosines stays in sig(+-2)
     assert p.std() > 3 * p_raw.std()                                           # exp(logit scale) = 1 / 0.07
