@@ -109,7 +109,7 @@ def train_one(run_dir: str | os.PathLike, method: Method, setup: Setup, seed: in
     folder = model_folder(run_dir, method.name, attribute, seed, kind="checkpoints")
     fit = fit_and_score(net, train, val, test_ds, config, folder, objective, sampler, progress)
     record = {"model": setup.model, "pretrained": setup.pretrained, "method": method.record(),
-              "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "seed"},
+              "config": _recipe(config),
               "checkpoint": str((folder / "best.pt").relative_to(run_dir)), "n_train": len(train)}
     saved = save(run_dir, method.name, seed, fit["scores"], describe(setup.data_root), {**fit, **record}, attribute)
     return {**fit, "model": net, "folder": saved}
@@ -148,6 +148,11 @@ def _evaluation_split(setup: Setup, split: str | None, preprocess, tokenizer, ca
     return cache[split]
 
 
+def _recipe(config: TrainConfig) -> dict:
+    """The recipe as a model's record keeps it: every :class:`TrainConfig` field but the run's seed."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k != "seed"}
+
+
 def reuse(run_dir: str | os.PathLike, methods: Sequence[str], setup: Setup, seeds: Sequence[int]) -> pd.DataFrame:
     """The saved models of ``methods`` x ``seeds`` in another chapter's ``run_dir`` (rows as :func:`train_grid`
     returns them), after checking that they were trained the way ``setup`` would train them: same data, model,
@@ -161,7 +166,7 @@ def reuse(run_dir: str | os.PathLike, methods: Sequence[str], setup: Setup, seed
         raise ResultsError(f"{run_dir} has no saved {missing[0][0]!r} at seed {missing[0][1]}: run the chapter "
                            "that trains it with the same configuration first")
     want = {"data": describe(setup.data_root), "model": setup.model, "pretrained": setup.pretrained,
-            "config": {k: v for k, v in dataclasses.asdict(setup.config).items() if k != "seed"}}
+            "config": _recipe(setup.config)}
     for row in rows.to_dict("records"):
         info = json.loads((row["folder"] / "info.json").read_text())
         for key, value in want.items():

@@ -181,20 +181,13 @@ def ci_table(evals: pd.DataFrame, metrics: Mapping[str, str] = TABLE1, methods: 
 def group_auc_table(evals: pd.DataFrame, attribute: str, methods: Sequence[str] | None = None,
                     scale: float = 100, decimals: int = 1, level: float = 0.95) -> pd.DataFrame:
     """Group AUCs of each model on one attribute: ``mean ± std`` over seeds and the interval of the seed mean."""
-    frame = _label(_matched(evals[evals["eval_attribute"] == attribute]), methods)
-    if frame.empty:
-        raise ResultsError(f"no evaluation on attribute {attribute!r}; evaluate with attributes including it")
-    out = {}
-    for method, rows_m in frame.groupby("method", observed=True):
-        cells = {}
-        for g in rows_m["groups"].iloc[0]:
-            values = np.array([r[g] for r in rows_m["group_auc"]], dtype=float)
-            lo, hi = _interval(_replicates(rows_m, "group_auc", g), level)
-            n = int(rows_m["group_count"].iloc[0][g])
-            std = values.std(ddof=1) if len(values) > 1 else float("nan")
-            cells[f"{g} (n={n})"] = estimate(scale * values.mean(), scale * std, scale * lo, scale * hi, decimals)
-        out[method] = cells
-    table_ = pd.DataFrame.from_dict(out, orient="index")
+    long = group_means(evals, attribute, methods, level)
+    long["cell"] = [estimate(scale * r["mean"], scale * r["std"], scale * r["lo"], scale * r["hi"], decimals)
+                    for r in long.to_dict("records")]
+    long["column"] = [f"{r['group']} (n={r['n']})" for r in long.to_dict("records")]
+    table_ = long.pivot(index="method", columns="column", values="cell")
+    table_ = table_[list(dict.fromkeys(long["column"]))].reindex(list(dict.fromkeys(long["method"])))
+    table_.columns.name = None
     table_.index.name = f"{attribute}: Model"
     return table_
 
@@ -209,20 +202,22 @@ def table2(evals: pd.DataFrame, attribute: str = "sex", methods: Sequence[str] |
     frame = _label(_matched(evals[evals["eval_attribute"] == attribute]), methods)
     if frame.empty:
         raise ResultsError(f"no evaluation on attribute {attribute!r}; evaluate with attributes including it")
+    groups = group_means(evals, attribute, methods, level, intervals)
+
+    def cell(mean, std, lo, hi):
+        return estimate(scale * mean, lo=scale * lo, hi=scale * hi, decimals=decimals) if intervals else \
+            estimate(scale * mean, scale * std, decimals=decimals)
+
     rows = {}
     for method, at in frame.groupby("method", observed=True):
-        columns = {"AUC ↑": (at["auc"].to_numpy(float), "auc", None)}
-        for g in at["groups"].iloc[0]:
-            columns[f"AUC_{g}"] = (np.array([r[g] for r in at["group_auc"]], float), "group_auc", g)
-        columns.update({label: (at[k].to_numpy(float), k, None) for k, label in TABLE2.items()})
         cells = {}
-        for label, (values, key, group) in columns.items():
-            if intervals:
-                lo, hi = _interval(_replicates(at, key, group), level)
-                cells[label] = estimate(scale * values.mean(), lo=scale * lo, hi=scale * hi, decimals=decimals)
-            else:
-                std = values.std(ddof=1) if len(values) > 1 else float("nan")
-                cells[label] = estimate(scale * values.mean(), scale * std, decimals=decimals)
+        for key, label in {"auc": "AUC ↑", **TABLE2}.items():
+            values = at[key].to_numpy(float)
+            lo, hi = _interval(_replicates(at, key), level) if intervals else (np.nan, np.nan)
+            cells[label] = cell(values.mean(), values.std(ddof=1) if len(values) > 1 else np.nan, lo, hi)
+            if key == "auc":  # the group AUCs follow the overall AUC, as in the paper
+                for r in groups[groups["method"] == method].to_dict("records"):
+                    cells[f"AUC_{r['group']}"] = cell(r["mean"], r["std"], r["lo"], r["hi"])
         rows[method] = {**cells, "seeds": len(at)}
     out = pd.DataFrame.from_dict(rows, orient="index")
     out.index.name = f"{attribute}: Model"
@@ -230,10 +225,11 @@ def table2(evals: pd.DataFrame, attribute: str = "sex", methods: Sequence[str] |
 
 
 def group_means(evals: pd.DataFrame, attribute: str, methods: Sequence[str] | None = None,
-                level: float = 0.95) -> pd.DataFrame:
-    """Long table of group AUCs on one attribute: one row per (method, group) with the seed ``mean``, ``std``,
-    the bootstrap interval of the seed mean (``lo``, ``hi``) and ``seeds`` (for plots such as FairMedFM's Fig. 5,
-    one group's AUC against the other's)."""
+                level: float = 0.95, intervals: bool = True) -> pd.DataFrame:
+    """Long table of group AUCs on one attribute: one row per (method, group) with the group's size ``n``, the
+    seed ``mean``, ``std``, the bootstrap interval of the seed mean (``lo``, ``hi``; NaN without ``intervals``,
+    e.g. for an evaluation without resamples) and ``seeds``. Behind :func:`group_auc_table`, :func:`table2` and
+    plots such as FairMedFM's Fig. 5 (one group's AUC against the other's)."""
     frame = _label(_matched(evals[evals["eval_attribute"] == attribute]), methods)
     if frame.empty:
         raise ResultsError(f"no evaluation on attribute {attribute!r}; evaluate with attributes including it")
@@ -241,8 +237,9 @@ def group_means(evals: pd.DataFrame, attribute: str, methods: Sequence[str] | No
     for method, at in frame.groupby("method", observed=True):
         for g in at["groups"].iloc[0]:
             values = np.array([r[g] for r in at["group_auc"]], float)
-            lo, hi = _interval(_replicates(at, "group_auc", g), level)
-            rows.append({"method": method, "group": g, "mean": values.mean(), "lo": lo, "hi": hi,
+            lo, hi = _interval(_replicates(at, "group_auc", g), level) if intervals else (np.nan, np.nan)
+            rows.append({"method": method, "group": g, "n": int(at["group_count"].iloc[0][g]),
+                         "mean": values.mean(), "lo": lo, "hi": hi,
                          "std": values.std(ddof=1) if len(values) > 1 else float("nan"), "seeds": len(values)})
     return pd.DataFrame(rows)
 
