@@ -16,8 +16,11 @@ from numpy.typing import ArrayLike
 from torch import nn
 from torch.utils.data import WeightedRandomSampler
 
-__all__ = ["LAFTR", "LAFTR_FORMS", "GroupDRO", "MitigationError", "balanced_sampler", "group_balanced_weights",
-           "laftr_adversary_objective", "reverse_gradient"]
+__all__ = ["LAFTR", "LAFTR_FORMS", "RESAMPLE_BY", "GroupDRO", "MitigationError", "balanced_sampler", "cell_sampler",
+           "group_balanced_weights", "laftr_adversary_objective", "reverse_gradient", "training_groups"]
+
+#: What :func:`cell_sampler` balances: the attribute x label cells, or the attribute's groups only.
+RESAMPLE_BY = ("attribute x label", "attribute")
 
 
 class MitigationError(ValueError):
@@ -45,6 +48,34 @@ def balanced_sampler(groups: ArrayLike, num_samples: int | None = None, seed: in
     return WeightedRandomSampler(
         torch.as_tensor(weights, dtype=torch.double), num_samples or len(weights), replacement=True,
         generator=torch.Generator().manual_seed(seed))
+
+
+def cell_sampler(metadata, attribute: str, by: str = "attribute x label", seed: int = 0) -> WeightedRandomSampler:
+    """:func:`balanced_sampler` over a training split's ``metadata`` (a FairVLMed split's table): the cells are the
+    ``attribute``'s groups crossed with the glaucoma label (``by="attribute x label"``, MEDFAIR's and FairMedFM's
+    resampling) or the groups alone (``by="attribute"``); the unknown code is a group of its own."""
+    if by not in RESAMPLE_BY:
+        raise MitigationError(f"resampling by {by!r} is not known: choose one of {', '.join(RESAMPLE_BY)}")
+    cells = metadata[attribute].astype(str)
+    if by == "attribute x label":
+        cells = cells + " x " + metadata["glaucoma"].astype(str)
+    return balanced_sampler(cells.to_numpy(), seed=seed)
+
+
+def training_groups(codes: ArrayLike, n_known: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(lookup, counts)`` numbering the groups that a training draw's attribute ``codes`` hold, for a mitigation
+    that keeps one entry per group (GroupDRO's weights, LAFTR's softmax, MultiFair's group statistics).
+
+    Codes run over ``0 .. n_known - 1`` plus the unknown code -1, which is a group of its own (so that no sample
+    leaves the objective). ``lookup[code]`` is the group number of a code (-1: absent from the draw), the unknown
+    code read as the last entry ``lookup[n_known]`` (what :class:`fairbook.train.Classification` does), and
+    ``counts[k]`` the number of samples of group ``k``."""
+    codes = np.asarray(codes)
+    codes = np.where(codes < 0, n_known, codes)
+    present, counts = np.unique(codes, return_counts=True)
+    lookup = np.full(n_known + 1, -1)
+    lookup[present] = np.arange(len(present))
+    return lookup, counts
 
 
 # ------------------------------------------------------------------------------------------------------ GroupDRO

@@ -47,7 +47,7 @@ from fairbook.results import ALL, ResultsError, collect, model_folder, read_pred
 from fairbook.train import TrainConfig, fit_and_score, load_checkpoint
 
 __all__ = ["Setup", "build_model", "choose_on_validation", "histories", "load_model", "reuse", "saved_method",
-           "train_grid", "train_one", "validation_scores"]
+           "step_records", "train_grid", "train_one", "validation_scores"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +73,11 @@ class Setup:
 def build_model(method: Method, setup: Setup, seed: int):
     """The network ``method`` starts from at ``seed``: ``torch.manual_seed(seed)``, then
     :func:`fairbook.models.create_clip` with the setup's model and weights, then ``method.adapt`` (e.g. Fair-MoE's
-    layers, whose gates are initialised from the seeded generator). Returns ``create_clip``'s 4-tuple."""
+    layers, whose gates are initialised from the seeded generator). Returns ``create_clip``'s 4-tuple, with the
+    tokenizer the method reads notes with (:meth:`fairbook.methods.Method.data_tokenizer`)."""
     torch.manual_seed(seed)
     net, preprocess_train, preprocess_val, tokenizer = create_clip(setup.model, setup.pretrained)
-    return method.adapt(net, tokenizer), preprocess_train, preprocess_val, tokenizer
+    return method.adapt(net, tokenizer), preprocess_train, preprocess_val, method.data_tokenizer(tokenizer)
 
 
 def train_one(run_dir: str | os.PathLike, method: Method, setup: Setup, seed: int, attribute: str = ALL,
@@ -143,9 +144,10 @@ def _evaluation_split(setup: Setup, split: str | None, preprocess, tokenizer, ca
         return None
     if cache is None:
         return FairVLMed(setup.data_root, split, preprocess, tokenizer)
-    if split not in cache:
-        cache[split] = FairVLMed(setup.data_root, split, preprocess, tokenizer, keep_items=True)
-    return cache[split]
+    key = (split, tokenizer is None)  # notes as CLIP tokens, or raw for a model that tokenises them itself
+    if key not in cache:
+        cache[key] = FairVLMed(setup.data_root, split, preprocess, tokenizer, keep_items=True)
+    return cache[key]
 
 
 def _recipe(config: TrainConfig) -> dict:
@@ -193,6 +195,19 @@ def histories(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def step_records(rows: pd.DataFrame) -> pd.DataFrame:
+    """The per-step record an objective kept while training each model of ``rows`` (MultiFair's modulation
+    factors, :meth:`fairbook.methods.multifair.DualModulation.record`): method, attribute, seed, then the record's
+    columns (``step``, ``B_image`` ...); models whose objective kept none contribute no rows."""
+    out = []
+    for row in rows.to_dict("records"):
+        info = json.loads((row["folder"] / "info.json").read_text())
+        steps = (info.get("objective") or {}).get("steps", [])
+        out += [{"method": row["method"], "attribute": row["attribute"], "seed": row["seed"], **step}
+                for step in steps]
+    return pd.DataFrame(out)
+
+
 def saved_method(run_dir: str | os.PathLike, name: str) -> Method:
     """The method ``name`` as a run folder trained it (its settings as recorded, e.g. a weight chosen on
     validation), so that another chapter can build on exactly that method, e.g. ablate one of its components."""
@@ -223,9 +238,10 @@ def load_model(run_dir: str | os.PathLike, method: str, attribute: str, seed: in
         raise ResultsError(f"{info_path} does not record its method (saved by an older fairbook): run that "
                            "chapter again")
     net, _, preprocess_val, tokenizer = create_clip(info["model"], info["pretrained"])
-    net = method_from_record(info["method"]).adapt(net, tokenizer)
+    saved = method_from_record(info["method"])
+    net = saved.adapt(net, tokenizer)
     load_checkpoint(model_folder(run_dir, method, attribute, seed, kind="checkpoints") / "best.pt", net)
-    return net.eval(), preprocess_val, tokenizer
+    return net.eval(), preprocess_val, saved.data_tokenizer(tokenizer)
 
 
 def validation_scores(rows: pd.DataFrame) -> pd.DataFrame:

@@ -200,6 +200,9 @@ class TrainConfig:
         with the parts each usage trains left as the method built them. ``"fairmedfm-code"``: the same with the
         optimizer FairMedFM's released code really uses, plain SGD without momentum (its ``--optimizer`` flag is
         ignored); its class-weighted cross-entropy is :class:`fairbook.methods.FairMedFM`'s ``class_weighted``.
+        ``"multifair"``: MultiFair's released training script (AdamW at torch's betas, lr 3e-5, weight decay 0.01,
+        batch 32, 10 epochs, constant lr, gradient norm clipped at 0.8; its auxiliary heads' own lr is
+        :class:`fairbook.methods.MultiFair`'s ``head_lr``).
         """
         presets = {
             "default": {},
@@ -211,6 +214,9 @@ class TrainConfig:
                               prompts="fairmedfm"),
             "fairmedfm-code": dict(optimizer="sgd", lr=2.5e-4, weight_decay=0.05, schedule="cosine", warmup_steps=0,
                                    grad_clip=None, trainable="as built", prompts="fairmedfm"),
+            "multifair": dict(epochs=10, batch_size=32, optimizer="adamw", lr=3e-5, weight_decay=0.01,
+                              betas=(0.9, 0.999), eps=1e-8, schedule="none", warmup_steps=0, grad_clip=0.8,
+                              trainable="as built"),
         }
         if name not in presets:
             raise TrainError(f"unknown TrainConfig preset {name!r}: choose one of {', '.join(presets)}")
@@ -366,6 +372,11 @@ class Objective:
     def parts(self) -> list[nn.Module]:
         return []
 
+    def record(self) -> dict:
+        """What the objective kept while training, for the model's training record (e.g. MultiFair's per-step
+        modulation factors); JSON-able, empty by default."""
+        return {}
+
 
 class Contrastive(Objective):
     """CLIP's symmetric InfoNCE on (image, note) pairs (:func:`clip_loss`), plus a method's term
@@ -429,7 +440,7 @@ class Classification(Objective):
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.adversary is None:
-            logits = model(batch["image"])
+            logits = _logits(model, batch["image"], batch.get("text"))
         else:
             features = model.features(batch["image"])
             logits = model.classify(features)
@@ -448,11 +459,18 @@ class Classification(Objective):
     def scores(self, model: nn.Module, loader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         probabilities, labels, attributes = _per_image(
             model, loader, _device_of(model, None),
-            lambda images: torch.sigmoid(model(images).float()).cpu().numpy().astype(np.float64))
+            lambda images, text=None: torch.sigmoid(_logits(model, images, text).float()).cpu().numpy().astype(
+                np.float64), with_text=getattr(model, "reads_text", False))
         return labels, probabilities, attributes
 
     def parts(self) -> list[nn.Module]:
         return [m for m in (self.reduce, self.adversary) if isinstance(m, nn.Module)]
+
+
+def _logits(model: nn.Module, images: torch.Tensor, text=None) -> torch.Tensor:
+    """A classifier's glaucoma logits: ``model(images)``, or ``model(images, text)`` for a model that also reads
+    the note (``reads_text``, e.g. :class:`fairbook.models.FusionClassifier`)."""
+    return model(images, text) if getattr(model, "reads_text", False) else model(images)
 
 
 def fit(model: nn.Module, train_ds, val_ds, config: TrainConfig, out_dir: str | os.PathLike,
@@ -554,7 +572,8 @@ def fit(model: nn.Module, train_ds, val_ds, config: TrainConfig, out_dir: str | 
                          "grad_clip, then train again")
     load_checkpoint(checkpoint, model)
     return {"history": history, "best_epoch": best_epoch, "best_val_auc": best_auc, "checkpoint": str(checkpoint),
-            "trainable_params": n_trainable, "steps": total_steps, "device": str(device), "val_scores": best_scores}
+            "trainable_params": n_trainable, "steps": total_steps, "device": str(device), "val_scores": best_scores,
+            **({"objective": objective.record()} if objective.record() else {})}
 
 
 def regulariser_scale(model: nn.Module, dataset, hooks: Mapping[str, object], batch_size: int = 32,
@@ -648,17 +667,22 @@ def extract_features(model: nn.Module, loader, device: str | torch.device | None
 
 
 @torch.no_grad()
-def _per_image(model: nn.Module, loader, device: torch.device, compute: Callable[[torch.Tensor], np.ndarray]
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``compute(images)`` on every batch of a loader of FairVLMed items, in eval mode (restored afterwards) and
-    under autocast on CUDA: ``(outputs, labels, attribute codes)`` concatenated over the batches."""
+def _per_image(model: nn.Module, loader, device: torch.device, compute: Callable[..., np.ndarray],
+               with_text: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``compute(images)`` (``compute(images, text)`` with ``with_text``) on every batch of a loader of FairVLMed
+    items, in eval mode (restored afterwards) and under autocast on CUDA: ``(outputs, labels, attribute codes)``
+    concatenated over the batches."""
     was_training = model.training
     model.eval()
     outputs, labels, attributes = [], [], []
     try:
         for batch in loader:
+            inputs = [batch["image"].to(device, non_blocking=True)]
+            if with_text:
+                text = batch["text"]
+                inputs.append(text.to(device, non_blocking=True) if isinstance(text, torch.Tensor) else text)
             with _autocast(device):
-                outputs.append(compute(batch["image"].to(device, non_blocking=True)))
+                outputs.append(compute(*inputs))
             labels.append(np.asarray(batch["label"]))
             attributes.append(np.asarray(batch["attributes"]))
     finally:

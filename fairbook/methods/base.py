@@ -50,6 +50,11 @@ class Method:
         in place or wrapped; plain CLIP returns it as it is). It is also replayed to rebuild a saved model."""
         return model
 
+    def data_tokenizer(self, tokenizer):
+        """The tokenizer the notes are read with: the CLIP's by default; None hands the model the raw note strings
+        (a model that tokenises them itself, e.g. MultiFair with a ``transformers`` text encoder)."""
+        return tokenizer
+
     def regulariser(self, model: nn.Module, train, attribute: str, seed: int, batch_size: int
                     ) -> Callable | None:
         """The term added to the contrastive loss at each step,

@@ -50,7 +50,7 @@ from torch import nn
 
 from fairbook.data.attributes import ATTRIBUTES, FILTER_ATTRIBUTES, UNKNOWN
 from fairbook.methods.base import Claim, Method, MethodError
-from fairbook.mitigations import LAFTR, GroupDRO, balanced_sampler
+from fairbook.mitigations import LAFTR, RESAMPLE_BY, GroupDRO, cell_sampler, training_groups
 from fairbook.models import ImageClassifier, PromptClassifier, add_lora
 from fairbook.train import PROMPT_SETS, Classification, Contrastive, Objective, TrainConfig, class_embeddings
 
@@ -65,7 +65,6 @@ USAGES = {"zero-shot": "nothing: CLIP answers with its class prompts",
 MITIGATIONS = {"erm": "nothing (mean loss)", "resampling": "the draw of training batches",
                "groupdro": "the loss: the worst groups weigh more",
                "laftr": "the representation: an adversary must not tell the groups apart"}
-RESAMPLE_BY = ("attribute x label", "attribute")
 #: Names of the usages and mitigations in FairMedFM's tables ("LP", "LoRA+GroupDRO").
 NAMES = {"zero-shot": "Zero-shot", "clip-adapt": "CLIP-Adapt", "lp": "LP", "lora": "LoRA", "ft": "FT",
          "erm": "", "resampling": "+Resampling", "groupdro": "+GroupDRO", "laftr": "+LAFTR"}
@@ -140,27 +139,20 @@ class FairMedFM(Method):
             weights = (counts.sum() / (2 * np.maximum(counts, 1))).tolist()
         if self.mitigation not in ("groupdro", "laftr"):
             return Classification(class_weights=weights)
-        codes = train.metadata[attribute].to_numpy()
         known = len([code for code in ATTRIBUTES[attribute] if code != UNKNOWN])
-        codes = np.where(codes == UNKNOWN, known, codes)           # unknown: one more group
-        present, counts = np.unique(codes, return_counts=True)     # only groups the training draw has
-        lookup = np.full(known + 1, -1)
-        lookup[present] = np.arange(len(present))
+        lookup, counts = training_groups(train.metadata[attribute].to_numpy(), known)
         column = FILTER_ATTRIBUTES.index(attribute)
         if self.mitigation == "groupdro":
-            dro = GroupDRO(len(present), eta=self.dro_eta, adjustment=self.dro_adjustment, group_counts=counts)
+            dro = GroupDRO(len(counts), eta=self.dro_eta, adjustment=self.dro_adjustment, group_counts=counts)
             return Classification(dro, column=column, lookup=lookup, class_weights=weights)
         width = int(model.head.in_features)
-        adversary = LAFTR(width, len(present), self.laftr_form, self.laftr_coefficient, self.laftr_hidden)
+        adversary = LAFTR(width, len(counts), self.laftr_form, self.laftr_coefficient, self.laftr_hidden)
         return Classification(column=column, adversary=adversary, lookup=lookup, class_weights=weights)
 
     def sampler(self, train, attribute: str, seed: int):
         if self.mitigation != "resampling":
             return None
-        cells = train.metadata[attribute].astype(str)
-        if self.resample_by == "attribute x label":
-            cells = cells + " x " + train.metadata["glaucoma"].astype(str)
-        return balanced_sampler(cells.to_numpy(), seed=seed)
+        return cell_sampler(train.metadata, attribute, self.resample_by, seed)
 
 
 def grid(usages=("lp", "lora"), mitigations=("erm",), **settings) -> list[FairMedFM]:
