@@ -266,6 +266,25 @@ def tradeoff(frame, x: str, y: str, label: str, by: str | None = None, diagonal:
     return fig
 
 
+def traces(frame, x: str, y: str, hue: str, by: str | None = None, ylabel: str | None = None,
+           reference: float | None = None):
+    """Lines of ``y`` against ``x`` (e.g. a modulation factor over training steps), one colour per ``hue`` value
+    and one panel per ``by`` value: the mean over the other rows (seeds) with a band of one standard deviation.
+    ``reference`` draws a dashed horizontal line (e.g. 1, no modulation)."""
+    import seaborn as sns
+
+    panels = list(dict.fromkeys(frame[by])) if by else [None]
+    fig, axes = _grid(len(panels), ncols=3, size=3.2)
+    for ax, panel in zip(axes, panels):
+        rows = frame if by is None else frame[frame[by] == panel]
+        sns.lineplot(rows, x=x, y=y, hue=hue, errorbar="sd", ax=ax, palette=PALETTE, lw=1)
+        if reference is not None:
+            ax.axhline(reference, color="grey", lw=1, ls="--")
+        ax.set(ylabel=ylabel or y, title=panel or "")
+    fig.tight_layout()
+    return fig
+
+
 def routing(frame, value: str = "load", ylabel: str | None = None):
     """Fair-MoE routing diagnostics per group (:func:`fairbook.methods.fair_moe.routing_frame`): one panel per router,
     experts

@@ -172,7 +172,8 @@ def ci_table(evals: pd.DataFrame, metrics: Mapping[str, str] = TABLE1, methods: 
     long["cell"] = [_cell(row, scale, decimals) for row in long.to_dict("records")]
     out = long.pivot_table(index=["attribute", "method"], columns="metric", values="cell", aggfunc="first",
                            observed=True)
-    out = out[list(metrics)].rename(columns=metrics)
+    rows = pd.MultiIndex.from_frame(long[["attribute", "method"]].drop_duplicates())  # the methods' order
+    out = out.reindex(rows)[list(metrics)].rename(columns=metrics)
     out.columns.name = None
     out.index.names = ["Attr.", "Model"]
     return out

@@ -17,8 +17,17 @@ from fairbook.data.fairvlmed import FairVLMed
 from fairbook.data.synthetic import SynthConfig, generate
 from fairbook.methods import MethodError
 from fairbook.methods.multifair import (
-    MultiFair, batch_auc, direction_term, fairness_gap, group_auc_gap, group_factors, modality_balance,
-    surrogate_auc, variants)
+    MultiFair,
+    batch_auc,
+    direction_term,
+    fairness_gap,
+    group_auc_gap,
+    group_factors,
+    modality_balance,
+    surrogate_auc,
+    variants,
+)
+from fairbook.models import ModelError
 from fairbook.results import collect
 from fairbook.train import Classification, TrainConfig
 
@@ -223,3 +232,32 @@ def test_multifair_trains_saves_its_trace_and_reloads_through_the_protocol(data,
     test = FairVLMed(data["root"], "Test", preprocess_val, tokenizer)
     _, p_again, _ = Classification().scores(net, DataLoader(test, batch_size=16))
     np.testing.assert_allclose(p_again, p, rtol=1e-5, atol=1e-6)
+
+
+def test_paper_scale_encoders_load_with_from_pretrained_and_bert_reads_raw_notes(clip, data, tmp_path):
+    """MultiFair's released encoders are transformers checkpoints (a ViT and BERT); tiny ones saved here load
+    offline through the same from_pretrained path, the BERT encoder tokenises the raw notes itself, and the model
+    trains, saves and reloads through the protocol."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast, ViTConfig, ViTModel
+
+    vit, bert = tmp_path / "vit", tmp_path / "bert"
+    ViTModel(ViTConfig(image_size=96, patch_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64)).save_pretrained(vit)
+    words = sorted({w.strip(".,;:()").lower() for note in data["train"].metadata["note"] for w in note.split()})
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast(str(tmp_path / "vocab.txt")).save_pretrained(bert)
+    BertModel(BertConfig(vocab_size=5 + len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(bert)
+    method = MultiFair("MultiFair (transformers)", image_encoder=str(vit), text_encoder=str(bert), head_lr=1e-3)
+    assert method.data_tokenizer(object()) is None                         # the notes reach the model raw
+    setup = protocol.Setup(data["root"], TrainConfig.preset("multifair", epochs=1, lr=1e-4), n_train=32)
+    fit = protocol.train_one(tmp_path / "run", method, setup, seed=0, attribute="gender")
+    encoders = fit["model"].encoders
+    assert isinstance(encoders["image"].model, ViTModel) and isinstance(encoders["text"].model, BertModel)
+    net, preprocess_val, tokenizer = protocol.load_model(tmp_path / "run", method.name, "gender", 0)
+    assert tokenizer is None
+    test = FairVLMed(data["root"], "Test", preprocess_val, tokenizer)
+    _, p_again, _ = Classification().scores(net, DataLoader(test, batch_size=16))
+    np.testing.assert_allclose(p_again, fit["scores"]["test"][1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ModelError, match="cannot load the image encoder"):
+        MultiFair(image_encoder=str(tmp_path / "missing")).adapt(copy.deepcopy(clip[0]))

@@ -8,22 +8,25 @@ CLIP           :class:`clip.CLIP`               11         Radford et al., ICML 
 FairCLIP       :class:`fairclip.FairCLIP`       12         Luo et al., "FairCLIP", CVPR 2024
 Fair-MoE       :class:`fair_moe.FairMoE`        13, 20-22  Wang et al., "Fair-MoE", Tables 1-4
 FairMedFM      :class:`fairmedfm.FairMedFM`     14, 23     Jin et al., "FairMedFM", NeurIPS 2024 D&B, Table 2
-               (usages x mitigations)                      (chapters to come)
+               (usages x mitigations)
+MultiFair      :class:`multifair.MultiFair`     16         Zubair et al., "MultiFair", arXiv 2510.07328
+               (fundus + notes fusion)
 =============  ===============================  =========  ============================================================
 
 Mitigations that apply to any method (resampling, GroupDRO) are in :mod:`fairbook.mitigations`. Each paper's main
 claims, phrased as comparisons its chapters test, are its module's ``CLAIMS``; :data:`CLAIMS` gathers them for the
 book's results-at-a-glance page.
 """
-from fairbook.methods import fair_moe, fairclip, fairmedfm
+from fairbook.methods import fair_moe, fairclip, fairmedfm, multifair
 from fairbook.methods.base import Claim, Method, MethodError, method_from_record
 from fairbook.methods.clip import CLIP
 from fairbook.methods.fair_moe import FairMoE
 from fairbook.methods.fairclip import FairCLIP
 from fairbook.methods.fairmedfm import FairMedFM
+from fairbook.methods.multifair import MultiFair
 
 #: Every paper's claims, in the book's order.
-CLAIMS: list[Claim] = [*fairclip.CLAIMS, *fair_moe.CLAIMS, *fairmedfm.CLAIMS]
+CLAIMS: list[Claim] = [*fairclip.CLAIMS, *fair_moe.CLAIMS, *fairmedfm.CLAIMS, *multifair.CLAIMS]
 
-__all__ = ["CLAIMS", "CLIP", "Claim", "FairCLIP", "FairMedFM", "FairMoE", "Method", "MethodError",
+__all__ = ["CLAIMS", "CLIP", "Claim", "FairCLIP", "FairMedFM", "FairMoE", "Method", "MethodError", "MultiFair",
            "method_from_record"]

@@ -45,18 +45,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fairbook.data.attributes import ATTRIBUTES, FILTER_ATTRIBUTES, UNKNOWN
+from fairbook.data.attributes import ATTRIBUTES, FILTER_ATTRIBUTES, UNKNOWN, decode
 from fairbook.methods.base import Claim, Method, MethodError
 from fairbook.mitigations import RESAMPLE_BY, GroupDRO, cell_sampler, training_groups
 from fairbook.models.fusion import MODALITIES, FusionClassifier, clip_encoders, pretrained_encoders
 from fairbook.train import Classification, Objective, TrainConfig
 
 __all__ = ["CLAIMS", "BALANCE_METRICS", "DualModulation", "MultiFair", "batch_auc", "direction_term",
-           "fairness_gap", "group_auc_gap", "group_factors", "modality_balance", "surrogate_auc", "variants"]
+           "factor_table", "fairness_gap", "group_auc_gap", "group_factors", "group_table", "modality_balance",
+           "surrogate_auc", "variants"]
 
 BALANCE_METRICS = ("auc", "accuracy")
 MITIGATIONS = ("erm", "resampling", "groupdro")
@@ -345,6 +347,33 @@ class MultiFair(Method):
         if self.mitigation != "resampling":
             return None
         return cell_sampler(train.metadata, attribute, self.resample_by, seed)
+
+
+def factor_table(steps: pd.DataFrame) -> pd.DataFrame:
+    """Long table of the modulation factors in per-step records (:func:`fairbook.protocol.step_records` of
+    MultiFair models): method, attribute, seed, step, ``factor`` (B or F), ``modality``, ``value`` and ``panel``
+    (``"B: MultiFair"``, with the training attribute when there are several)."""
+    columns = [c for c in steps.columns if c.split("_")[0] in ("B", "F") and c.count("_") == 1]
+    long = steps.melt(["method", "attribute", "seed", "step"], columns, "column").dropna(subset=["value"])
+    long[["factor", "modality"]] = long["column"].str.split("_", expand=True)
+    return long.drop(columns="column").assign(panel=_panels(long, long["factor"]))
+
+
+def group_table(steps: pd.DataFrame) -> pd.DataFrame:
+    """Long table of the per-group EMAs of the surrogate AUC in per-step records: method, attribute, seed, step,
+    ``modality``, ``group`` (the group's name under the training attribute), ``value`` and ``panel`` (the
+    modality, with the training attribute when there are several)."""
+    columns = [c for c in steps.columns if c.startswith("E_")]
+    long = steps.melt(["method", "attribute", "seed", "step"], columns, "column").dropna(subset=["value"])
+    parts = long["column"].str.split("_", expand=True)
+    long["modality"] = parts[1]
+    long["group"] = [decode(a, int(c)) for a, c in zip(long["attribute"], parts[2])]
+    return long.drop(columns="column").assign(panel=_panels(long, long["modality"]))
+
+
+def _panels(long: pd.DataFrame, first: pd.Series) -> pd.Series:
+    panel = first + ": " + long["method"] if long["method"].nunique() > 1 else first
+    return panel + " (" + long["attribute"] + ")" if long["attribute"].nunique() > 1 else panel
 
 
 def variants(**settings) -> list[MultiFair]:
