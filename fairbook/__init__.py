@@ -7,7 +7,8 @@ here in the order they build on each other (a module imports only modules above 
   summaries), ``fb.metrics``, ``fb.stats``;
 - ``fb.models`` (the CLIP factory, heads, LoRA), ``fb.train`` (the one training loop and its objectives,
   zero-shot scoring, linear probe), ``fb.mitigations`` (resampling, GroupDRO, LAFTR), ``fb.methods`` (one module
-  per paper: CLIP, FairCLIP, Fair-MoE, FairMedFM, MultiFair);
+  per paper: CLIP, FairCLIP, Fair-MoE, FairMedFM, MultiFair), ``fb.segmentation`` (prompts from masks, Dice
+  fairness metrics, FEBS);
 - ``fb.results`` (the store of saved predictions), ``fb.protocol`` (train one seed of one method, a grid of
   methods x attributes x seeds, rebuild a saved model), ``fb.tables`` (the papers' comparison tables);
 - ``fb.explain`` (attention and routing maps), ``fb.representation`` (what image features encode about the
@@ -22,7 +23,7 @@ import importlib
 
 __version__ = "0.1.0"
 __all__ = ["book", "cases", "cli", "data", "explain", "files", "methods", "metrics", "mitigations", "models", "plots",
-           "protocol", "representation", "results", "runs", "stats", "tables", "train", "widgets"]
+           "protocol", "representation", "results", "runs", "segmentation", "stats", "tables", "train", "widgets"]
 
 
 def __getattr__(name: str):
