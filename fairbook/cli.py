@@ -42,16 +42,40 @@ _nonnegative_int = _int_at_least(0, "non-negative integer")
 
 
 def _data_synth(args) -> None:
+    import shutil
+
+    from fairbook.data.fairseg import write_fairseg
     from fairbook.data.synthetic import SynthConfig, generate
+    from fairbook.files import resolve, temporary_sibling
 
     config = SynthConfig.preset(args.bias, seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
-    manifest = generate(args.out, config, workers=args.workers)
-    print(f"SynthFairVLMed at {args.out}: {manifest['counts']}")
+    if args.format == "fairvlmed":
+        manifest = generate(args.out, config, workers=args.workers)
+        print(f"SynthFairVLMed at {args.out}: {manifest['counts']}")
+        return
+    staging = temporary_sibling(resolve(args.out).with_name(resolve(args.out).name + "-fairvlmed"))
+    try:
+        manifest = generate(staging, config, workers=args.workers, progress=False)
+        write_fairseg(staging, args.out, args.keys)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"SynthFairVLMed in the FairSeg layout ({args.keys} keys) at {args.out}: {manifest['counts']} "
+          "(train.txt holds Training and Validation)")
 
 
 def _data_check(args) -> None:
+    from pathlib import Path
+
+    from fairbook.data.fairseg import check_fairseg
     from fairbook.data.fairvlmed import check, format_check
 
+    if (Path(args.path) / "train.txt").is_file():  # FairSeg's split lists
+        report = check_fairseg(args.path)
+        print(f"Harvard-FairSeg layout at {report['root']} ({', '.join(report['key_sets'])} keys): "
+              f"{report['splits']}")
+        for attribute, groups in report["groups"].items():
+            print(f"  {attribute}: {groups}")
+        return
     print(format_check(check(args.path, decode=args.decode)))
 
 
@@ -105,8 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-val", type=_positive_int, default=1000)
     s.add_argument("--n-test", type=_positive_int, default=2000)
     s.add_argument("--workers", type=_positive_int, default=2)
+    s.add_argument("--format", choices=("fairvlmed", "fairseg"), default="fairvlmed",
+                   help="on-disk layout: FairVLMed's split folders, or Harvard-FairSeg's flat npz files and lists")
+    s.add_argument("--keys", choices=("released", "readme"), default="released",
+                   help="FairSeg key set: the released files' (fundus_slo, disc_cup) or the README's")
     s.set_defaults(func=_data_synth)
-    c = data.add_parser("check", help="count samples, groups and prevalence; fail on a broken folder")
+    c = data.add_parser("check", help="count samples, groups and prevalence (FairVLMed or FairSeg layout); fail "
+                                      "on a broken folder")
     c.add_argument("path")
     c.add_argument("--decode", action="store_true",
                    help="also decode every image and check its pixels (slower; catches what would fail mid-run)")

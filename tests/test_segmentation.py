@@ -143,3 +143,24 @@ def test_as_released_an_absent_group_silences_the_dice_term():
     (0.2 * F.cross_entropy(logits, target)).backward()
     torch.testing.assert_close(grads[True], logits.grad)      # nothing but the cross-entropy is left
     assert not torch.allclose(grads[False], logits.grad)
+
+
+# ---------------------------------------------------------------------------------------------------- SAM
+def test_tiny_sam_prompts_saves_and_reloads_offline(tmp_path):
+    from fairbook.models import ModelError, create_sam
+
+    torch.manual_seed(0)
+    model = create_sam().eval()
+    images, boxes = torch.randn(2, 3, 128, 128), torch.tensor([[[20.0, 30.0, 90.0, 100.0]]] * 2)
+    with torch.no_grad():
+        boxed = model(pixel_values=images, input_boxes=boxes, multimask_output=False).pred_masks
+        clicked = model(pixel_values=images, input_points=torch.tensor([[[[60.0, 64.0]]]] * 2),
+                        input_labels=torch.ones(2, 1, 1, dtype=torch.long), multimask_output=False).pred_masks
+    assert boxed.shape == clicked.shape == (2, 1, 1, 64, 64)
+    model.save_pretrained(tmp_path / "sam")
+    again = create_sam(pretrained=tmp_path / "sam").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(pixel_values=images, input_boxes=boxes, multimask_output=False).pred_masks,
+                                   boxed)
+    with pytest.raises(ModelError, match="cannot load SAM weights"):
+        create_sam(pretrained=tmp_path / "missing")

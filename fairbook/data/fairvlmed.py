@@ -218,9 +218,9 @@ def check_scalars(path: str | os.PathLike, values: tuple) -> tuple:
     return tuple(int(v) if k in ("glaucoma", *ATTRIBUTES) else float(v) for k, v in row.items())
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """The ``slo_fundus`` image of one npz as a 2-D float32 array of grey levels in [0, 255] (what the official
-    loader feeds to PIL).
+def load_image(path: str | os.PathLike, key: str = "slo_fundus") -> np.ndarray:
+    """The ``slo_fundus`` image (or the image under ``key``, e.g. FairSeg's ``fundus_slo``) of one npz as a 2-D
+    float32 array of grey levels in [0, 255] (what the official loader feeds to PIL).
 
     The rule for pixel values: integer images are taken as they are and must lie in [0, 255]; float images in
     [0, 1] are multiplied by 255, float images in [0, 255] are taken as they are, and any other range is refused.
@@ -229,27 +229,27 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     """
     try:
         with np.load(path, allow_pickle=False) as npz:
-            raw = npz["slo_fundus"]
+            raw = npz[key]
     except Exception as exc:
         raise _unreadable(Path(path), exc) from exc
     fix = "replace the file with a 2-D grayscale image (H x W) of grey levels"
     if raw.dtype.kind not in "uif":
-        raise DataError(f"{path}: slo_fundus has dtype {raw.dtype}, expected a numeric image; {fix}")
+        raise DataError(f"{path}: {key} has dtype {raw.dtype}, expected a numeric image; {fix}")
     if raw.ndim != 2:
-        raise DataError(f"{path}: slo_fundus has shape {raw.shape}, expected a 2-D grayscale image (convert RGB to "
+        raise DataError(f"{path}: {key} has shape {raw.shape}, expected a 2-D grayscale image (convert RGB to "
                         f"grey); {fix}")
     if raw.size == 0:
-        raise DataError(f"{path}: slo_fundus is empty (shape {raw.shape}); {fix}")
+        raise DataError(f"{path}: {key} is empty (shape {raw.shape}); {fix}")
     image = raw.astype(np.float32)
     finite = np.isfinite(image)
     if not finite.all():
-        raise DataError(f"{path}: slo_fundus has {int((~finite).sum()):,} non-finite pixels (NaN or inf); {fix}")
+        raise DataError(f"{path}: {key} has {int((~finite).sum()):,} non-finite pixels (NaN or inf); {fix}")
     lo, hi = float(image.min()), float(image.max())
     if raw.dtype.kind == "f" and lo >= 0 and hi <= 1:
         return image * 255.0
     if lo < 0 or hi > 255:
         scale = " (float images in [0, 1] are scaled by 255)" if raw.dtype.kind == "f" else ""
-        raise DataError(f"{path}: slo_fundus values lie in [{lo:g}, {hi:g}], expected grey levels in [0, 255]"
+        raise DataError(f"{path}: {key} values lie in [{lo:g}, {hi:g}], expected grey levels in [0, 255]"
                         f"{scale}; rescale the image")
     return image
 
