@@ -165,7 +165,7 @@ verdicts[["attribute", "method", "metric", "diff", "boot_lo",
 # released, `B_m` comes from absolute changes, so a modality whose head got worse is treated like one that
 # improved.
 
-# %% mystnb={"figure": {"caption": "MultiFair's modulation factors per training step (mean over seeds, band of one standard deviation): B for each modality (top row) and F for each modality (bottom row), as intended and as released.", "name": "fig-multifair-factors"}}
+# %% mystnb={"figure": {"caption": "MultiFair's modulation factors per training step (mean over seeds, band of one standard deviation), one panel per factor (B: modality level, F: group level) and model, as intended and as released; the dashed line is no modulation.", "name": "fig-multifair-factors"}}
 steps = fb.protocol.step_records(trained)
 modulated = ["MultiFair", "MultiFair (as released)"]
 factors = fb.methods.multifair.factor_table(
