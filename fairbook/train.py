@@ -372,6 +372,12 @@ class Objective:
     def parts(self) -> list[nn.Module]:
         return []
 
+    def criterion(self, scores) -> float:
+        """What the epoch is kept on, from :meth:`scores` of the validation split: the ROC AUC by default
+        (:func:`validation_criterion`); a segmentation objective keeps the mean Dice. Not finite (NaN) marks a
+        diverged epoch, which is never kept."""
+        return validation_criterion(*scores[:2])
+
     def record(self) -> dict:
         """What the objective kept while training, for the model's training record (e.g. MultiFair's per-step
         modulation factors); JSON-able, empty by default."""
@@ -476,7 +482,7 @@ def _logits(model: nn.Module, images: torch.Tensor, text=None) -> torch.Tensor:
 def fit(model: nn.Module, train_ds, val_ds, config: TrainConfig, out_dir: str | os.PathLike,
         objective: Objective, sampler: torch.utils.data.Sampler | None = None, progress: bool = True) -> dict:
     """The one training loop: minimise ``objective`` on ``train_ds``, keeping the epoch with the best VALIDATION
-    AUC of ``objective.scores`` on ``val_ds``.
+    AUC of ``objective.scores`` on ``val_ds`` (:meth:`Objective.criterion`: the mean Dice for segmentation).
 
     Batches come from a shuffled loader seeded with ``config.seed``, or from ``sampler`` when given (e.g. the
     group-balanced resampler of :mod:`fairbook.mitigations`). ``config`` sets the optimiser, schedule, gradient
@@ -558,7 +564,7 @@ def fit(model: nn.Module, train_ds, val_ds, config: TrainConfig, out_dir: str | 
                 loss_sum += value
                 bar.set_postfix(loss=f"{value:.4f}")
         val_scores = objective.scores(model, val_loader)
-        val = validation_criterion(*val_scores[:2])
+        val = objective.criterion(val_scores)
         n_batches = max(1, len(train_loader))
         history.append({"epoch": epoch, "train_loss": loss_sum / n_batches if epoch else math.nan,
                         "reg_loss": reg_sum / n_batches,

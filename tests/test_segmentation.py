@@ -164,3 +164,86 @@ def test_tiny_sam_prompts_saves_and_reloads_offline(tmp_path):
                                    boxed)
     with pytest.raises(ModelError, match="cannot load SAM weights"):
         create_sam(pretrained=tmp_path / "missing")
+
+
+# ------------------------------------------------------------------------------------------ prompted training
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    from fairbook.data.fairseg import FairSeg, write_fairseg
+    from fairbook.data.synthetic import SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("seg")
+    generate(root / "synth", SynthConfig.preset("default", n_train=24, n_val=8, n_test=8), progress=False)
+    return FairSeg(write_fairseg(root / "synth", root / "fairseg"), "Training", size=128)
+
+
+def test_prompted_cases_point_inside_their_target_and_mix_prompt_kinds(cases):
+    from fairbook.segmentation.training import PromptedCases
+
+    kinds = set()
+    for structure in ("disc", "cup", "rim"):
+        data = PromptedCases(cases, structure, "mixed", seed=3)
+        for i in range(8):
+            item = data[i]
+            target = item["target"] > 0
+            if item["use_box"]:
+                x0, y0, x1, y1 = item["box"].long().tolist()
+                rows, cols = torch.nonzero(target, as_tuple=True)
+                assert (rows.min(), rows.max(), cols.min(), cols.max()) == (y0, y1, x0, x1)
+            else:
+                clicks = item["points"][item["point_labels"] == 1].long()
+                assert len(clicks) in (1, 5) and all(target[y, x] for x, y in clicks.tolist())
+                assert set(item["point_labels"].tolist()) <= {1, -10}
+            kinds.add((bool(item["use_box"]), int((item["point_labels"] == 1).sum())))
+        again = PromptedCases(cases, structure, "mixed", seed=3)[5]
+        assert torch.equal(again["points"], data[5]["points"]) and torch.equal(again["box"], data[5]["box"])
+    assert len(kinds) >= 3                                      # boxes, single clicks and five clicks
+
+
+def test_samed_lora_gives_every_adapter_a_gradient_and_ind_routes_each_group_to_its_decoder(cases):
+    from torch.utils.data import DataLoader
+
+    from fairbook.models import create_sam
+    from fairbook.segmentation.training import PromptedCases, PromptedSAM
+
+    torch.manual_seed(0)
+    model = PromptedSAM(create_sam(), lora_rank=4, decoders=2)
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    with torch.no_grad():  # LoRA's B starts at zero, which leaves A without a gradient at the very first step
+        for name, param in lora.items():
+            param.normal_(0, 0.01) if "lora_B" in name else None
+    batch = next(iter(DataLoader(PromptedCases(cases, "disc", "mixed"), batch_size=8)))
+    batch["group"] = torch.tensor([0, 1] * 4)
+    logits = model(batch)
+    assert logits.shape == (8, 128, 128)
+    logits.float().mean().backward()
+    assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
+    frozen = [n for n, p in model.named_parameters() if "vision_encoder" in n and "lora_" not in n]
+    assert frozen and not any(dict(model.named_parameters())[n].requires_grad for n in frozen)
+    assert not any(p.requires_grad for p in model.sam.prompt_encoder.parameters())
+    model.zero_grad(set_to_none=True)
+    only_group_1 = {**batch, "group": torch.ones(8, dtype=torch.long)}
+    model(only_group_1).mean().backward()
+    assert all(p.grad is None for p in model.decoders[0].parameters())
+    assert any(p.grad is not None for p in model.decoders[1].parameters())
+    assert model.sam.mask_decoder is model.decoders[0]
+
+
+def test_the_loop_keeps_the_epoch_with_the_best_validation_dice(cases, tmp_path):
+    from fairbook.models import create_sam
+    from fairbook.segmentation.training import PromptedCases, PromptedSAM, Segmentation
+    from fairbook.train import TrainConfig, fit
+
+    torch.manual_seed(0)
+    model = PromptedSAM(create_sam())
+    data = PromptedCases(cases, "disc", "box")
+    objective = Segmentation()
+    result = fit(model, data, data, TrainConfig(epochs=2, batch_size=12, lr=1e-3, trainable="as built"), tmp_path,
+                 objective, progress=False)
+    history = result["history"]
+    kept = max(history, key=lambda h: h["val_auc"])
+    assert result["best_epoch"] == kept["epoch"]
+    dsc, jaccard, codes = objective.scores(model, torch.utils.data.DataLoader(data, batch_size=12))
+    assert objective.criterion((dsc, jaccard, codes)) == pytest.approx(kept["val_auc"])
+    assert codes.shape == (len(data), 5) and ((0 <= dsc) & (dsc <= 1)).all()
+    np.testing.assert_allclose(jaccard, dsc / (2 - dsc), atol=1e-9)          # IoU = Dice / (2 - Dice), case by case

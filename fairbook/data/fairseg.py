@@ -86,8 +86,9 @@ def read_case(path: str | os.PathLike) -> dict:
     if mask.ndim != 2 or not codes <= set(_MASK_CODES) or (codes & {-1, -2} and codes & {1, 2}):
         raise DataError(f"{path}: {fields['mask']} must be a 2-D mask coded {{0, -1, -2}} or {{0, 1, 2}} "
                         f"(background, rim, cup); got shape {mask.shape} and values {sorted(codes)[:6]}")
-    case = {"image": load_image(path, key=fields["image"]),
-            "mask": np.vectorize(_MASK_CODES.get, otypes=[np.int64])(mask), "key_set": key_set}
+    classes = np.array([_MASK_CODES[c] for c in range(-2, 3)], dtype=np.int64)   # codes -2..2 -> classes
+    case = {"image": load_image(path, key=fields["image"]), "mask": classes[mask.astype(np.int64) + 2],
+            "key_set": key_set}
     if case["image"].shape != mask.shape:
         raise DataError(f"{path}: image {case['image'].shape} and mask {mask.shape} differ in size: the mask must "
                         "label every pixel of the image")

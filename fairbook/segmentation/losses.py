@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["febs_loss", "febs_weights", "group_dice_losses", "soft_dice_loss"]
+__all__ = ["dice_ce_loss", "febs_loss", "febs_weights", "group_dice_losses", "soft_dice_loss"]
 
 _EPS = 1e-5
 
@@ -59,16 +59,29 @@ def febs_weights(group_losses: torch.Tensor, present: torch.Tensor, gamma: float
     return torch.where(present, torch.tanh(ratio ** gamma), torch.zeros_like(ratio))
 
 
+def _probabilities(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    probabilities = logits.float().softmax(1)
+    return probabilities, F.one_hot(target.long(), logits.shape[1]).movedim(-1, 1).to(probabilities)
+
+
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 0.8,
+                 case_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """SAMed's (and FairSeg's) loss ``(1 - dice_weight) * CE + dice_weight * Dice`` for ``N x C x H x W`` logits
+    and ``N x H x W`` class targets; ``case_weights`` (one per case) scale each case's probabilities before the
+    Dice term, as FEBS does."""
+    probabilities, onehot = _probabilities(logits, target)
+    if case_weights is not None:
+        probabilities = probabilities * case_weights.view(-1, *([1] * (logits.ndim - 1)))
+    ce = F.cross_entropy(logits.float(), target.long())
+    return (1 - dice_weight) * ce + dice_weight * soft_dice_loss(probabilities, onehot)
+
+
 def febs_loss(logits: torch.Tensor, target: torch.Tensor, groups: torch.Tensor, n_groups: int,
               gamma: float = 1.0, dice_weight: float = 0.8, faithful_to_code: bool = False) -> torch.Tensor:
-    """FEBS's total loss ``(1 - dice_weight) * CE + dice_weight * Dice(w_a * softmax)`` for ``N x C x H x W``
-    logits, ``N x H x W`` class targets and one group number per case."""
-    n_classes = logits.shape[1]
-    probabilities = logits.float().softmax(1)
-    onehot = F.one_hot(target.long(), n_classes).movedim(-1, 1).to(probabilities)
-    losses = group_dice_losses(probabilities, onehot, groups, n_groups)
+    """FEBS's total loss, :func:`dice_ce_loss` with each case's probabilities scaled by its group's
+    :func:`febs_weights`, for ``N x C x H x W`` logits, ``N x H x W`` class targets and one group number per
+    case."""
+    losses = group_dice_losses(*_probabilities(logits, target), groups, n_groups)
     present = torch.bincount(groups, minlength=n_groups) > 0
     weights = febs_weights(losses, present, gamma, faithful_to_code)
-    scaled = probabilities * weights[groups].view(-1, 1, *([1] * (logits.ndim - 2)))
-    ce = F.cross_entropy(logits.float(), target.long())
-    return (1 - dice_weight) * ce + dice_weight * soft_dice_loss(scaled, onehot)
+    return dice_ce_loss(logits, target, dice_weight, weights[groups])
