@@ -120,7 +120,8 @@ test = fb.data.load_metadata(data_root, "Test")
 truth = fb.data.synthetic.load_truth(data_root)
 test["reveals"] = test["filename"].map(
     truth["note_reveals_diagnosis"])
-design = test.groupby("language_name")["reveals"].agg(["size", "mean"])
+design = (test.groupby("language_name")["reveals"]
+          .agg(["size", "mean"]))
 design.columns = ["n", "share of notes stating the diagnosis"]
 design.round(3)
 
@@ -222,7 +223,8 @@ fb.runs.save_metrics({
              f"text {text_encoder}, width {width}, "
              f"{fusion_layers} fusion layer(s)); recipe {recipe} "
              f"with epochs={epochs}, lr={lr}, head_lr={head_lr}, "
-             f"batch {batch_size}, {n_train} training pairs per seed",
+             f"batch {batch_size}, {n_train} training pairs per "
+             "seed",
     "seeds": seeds,
     "learning": learning.reset_index(),
     "table1": fb.tables.table(evals, methods=names),
@@ -244,11 +246,12 @@ gender = means[means["attribute"] == "gender"].pivot(
     index="method", columns="metric", values="mean")
 image, text = (gender.loc[m, "auc"] for m in ("Image only",
                                                "Text only"))
-fb.plots.say(f"alone, the image reaches AUC {100 * image:.1f} and the "
-             f"note {100 * text:.1f}; fused, "
-             f"{100 * gender.loc['Fusion', 'auc']:.1f}")
-fb.plots.say(f"most accurate under gender: {gender['auc'].idxmax()}; "
-             f"highest ES-AUC: {gender['es_auc'].idxmax()}")
+fused = gender.loc["Fusion", "auc"]
+fb.plots.say(f"alone, the image reaches AUC {100 * image:.1f} and "
+             f"the note {100 * text:.1f}; fused, {100 * fused:.1f}")
+fb.plots.say("most accurate under gender:",
+             f"{gender['auc'].idxmax()}; highest ES-AUC:",
+             gender["es_auc"].idxmax())
 n_held = int(held["held"].fillna(False).sum())
 fb.plots.say(f"MultiFair's claims: {n_held} of {len(held)} "
              "comparisons held; the others are negative results "
