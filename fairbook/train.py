@@ -200,9 +200,9 @@ class TrainConfig:
         with the parts each usage trains left as the method built them. ``"fairmedfm-code"``: the same with the
         optimizer FairMedFM's released code really uses, plain SGD without momentum (its ``--optimizer`` flag is
         ignored); its class-weighted cross-entropy is :class:`fairbook.methods.FairMedFM`'s ``class_weighted``.
-        ``"multifair"``: MultiFair's released training script (AdamW at torch's betas, lr 3e-5, weight decay 0.01,
-        batch 32, 10 epochs, constant lr, gradient norm clipped at 0.8; its auxiliary heads' own lr is
-        :class:`fairbook.methods.MultiFair`'s ``head_lr``).
+        ``"multifair"``: MultiFair's released training settings (AdamW lr 3e-5, batch 32, 10 epochs, constant lr,
+        gradient norm clipped at 0.8; its auxiliary heads' own lr is :class:`fairbook.methods.MultiFair`'s
+        ``head_lr``), with torch's AdamW betas and weight decay 0.01, which the release does not change.
         """
         presets = {
             "default": {},
@@ -500,7 +500,8 @@ def fit(model: nn.Module, train_ds, val_ds, config: TrainConfig, out_dir: str | 
     Returns ``{"history": [{"epoch", "train_loss", "reg_loss", "val_auc", "seconds"}], "best_epoch",
     "best_val_auc", "checkpoint", "trainable_params", "steps", "device", "val_scores"}`` (``val_scores``: the
     kept epoch's validation ``(y, p, codes)``); ``train_loss`` is the mean objective, ``reg_loss`` the mean of
-    the part a method term or mitigation added (0 without one).
+    the part a method term or mitigation added (0 without one); ``val_auc`` holds the objective's criterion (the
+    mean Dice for segmentation); ``objective`` is :meth:`Objective.record` when it kept anything.
     """
     from tqdm.auto import tqdm
 

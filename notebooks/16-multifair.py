@@ -116,14 +116,8 @@ fb.tables.group_auc_table(evals, "language", unimodal)
 # none):
 
 # %%
-test = fb.data.load_metadata(data_root, "Test")
-truth = fb.data.synthetic.load_truth(data_root)
-test["reveals"] = test["filename"].map(
-    truth["note_reveals_diagnosis"])
-design = (test.groupby("language_name")["reveals"]
-          .agg(["size", "mean"]))
-design.columns = ["n", "share of notes stating the diagnosis"]
-design.round(3)
+design = fb.data.synthetic.note_reveal_shares(data_root)
+design.round(3) if design is not None else "no ground truth"
 
 # %% [markdown]
 # ## The comparison

@@ -315,3 +315,19 @@ def test_pretrain_corpus_writes_its_own_folder_once_and_reuses_it(tmp_path):
     assert other.name == "synth-pretrain-8-8"
     with np.load(folder / "Training" / "data_00001.npz") as a, np.load(other / "Training" / "data_00001.npz") as b:
         assert not np.array_equal(a["slo_fundus"], b["slo_fundus"])                    # independent draws
+
+
+def test_note_reveal_shares_count_the_truth_files_flags_per_language(tiny, tmp_path):
+    from fairbook.data.fairvlmed import load_metadata
+    from fairbook.data.synthetic import note_reveal_shares
+
+    tiny = tiny[0]
+    with open(tiny / "synthetic_truth.csv") as f:
+        reveals = {row["filename"]: int(row["note_reveals_diagnosis"]) for row in csv.DictReader(f)}
+    kept = load_metadata(tiny, "Test")                       # what the evaluation keeps (official drop)
+    table = note_reveal_shares(tiny)
+    for language, rows in kept.groupby("language_name"):
+        flags = [reveals[name] for name in rows["filename"]]
+        assert table.loc[language, "n"] == len(flags)
+        assert table.loc[language, "share of notes stating the diagnosis"] == pytest.approx(np.mean(flags))
+    assert note_reveal_shares(tmp_path) is None              # no ground truth: real data

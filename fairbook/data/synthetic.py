@@ -332,6 +332,22 @@ def load_truth(root: str | os.PathLike) -> pd.DataFrame:
     return pd.read_csv(path).set_index("filename")
 
 
+def note_reveal_shares(root: str | os.PathLike, split: str = "Test", attribute: str = "language"
+                       ) -> pd.DataFrame | None:
+    """Per group of ``attribute`` in ``split``: ``n`` and the share of notes that state the diagnosis (the
+    designed signal of the note, mechanism d), from ``synthetic_truth.csv``, over the samples the evaluation keeps
+    (:func:`fairbook.data.load_metadata`'s official drop); None for a folder without one (real data)."""
+    from fairbook.data.fairvlmed import load_metadata
+
+    if not (Path(root) / TRUTH_FILE).is_file():
+        return None
+    metadata = load_metadata(root, split)
+    reveals = metadata["filename"].map(load_truth(root)["note_reveals_diagnosis"])
+    table = reveals.groupby(metadata[f"{attribute}_name"]).agg(["size", "mean"])
+    table.columns = ["n", "share of notes stating the diagnosis"]
+    return table.rename_axis(attribute)
+
+
 # ------------------------------------------------------------------------------------------- visual fields
 
 def _field_points() -> np.ndarray:
@@ -647,5 +663,5 @@ def pretrain_corpus(seed: int, n_train: int, root: str | os.PathLike = "data", w
 
 
 __all__ = ["SynthConfig", "SynthConfigError", "PRESETS", "generate", "sample_records", "render_fundus", "load_manifest",
-           "FIELD_POINTS", "load_truth", "marker_box", "marker_mask", "PRETRAIN_TEST_SIZE", "pretrain_corpus",
-           "pretrain_val_size"]
+           "FIELD_POINTS", "load_truth", "marker_box", "marker_mask", "note_reveal_shares", "PRETRAIN_TEST_SIZE",
+           "pretrain_corpus", "pretrain_val_size"]
