@@ -11,7 +11,8 @@ each case's ground-truth mask, its fine-tuning as SAMed does it, and FairMedFM's
   decoder (``decoders=n_groups``), each started from the same pretrained decoder.
 * :class:`Segmentation` is the objective: SAMed's loss ``0.2 CE + 0.8 Dice`` on the two classes (background,
   structure), or FEBS's (:func:`fairbook.segmentation.losses.febs_loss`), and the epoch kept on the mean
-  validation Dice. Resampling is :func:`fairbook.mitigations.cell_sampler` over the attribute's groups.
+  validation Dice. Resampling is :func:`fairbook.mitigations.cell_sampler` over the attribute's groups
+  (``by="attribute"``: segmentation cases have no class label to cross them with).
 """
 from __future__ import annotations
 
