@@ -45,6 +45,10 @@ def test_centre_is_the_innermost_pixel_and_prompts_are_seeded():
     np.testing.assert_array_equal(a["points"], b["points"])
     with pytest.raises(PromptError, match="the mask is empty"):
         make_prompt("centre", np.zeros((4, 4)))
+    tiny = np.zeros((6, 6), bool)
+    tiny[2, 2:5] = True                                             # three pixels, five clicks asked
+    clicks = make_prompt("5 points", tiny, 0)["points"]
+    assert len(clicks) == 5 and all(tiny[y, x] for x, y in clicks) and len({tuple(p) for p in clicks}) <= 3
 
 
 @pytest.mark.parametrize("name", list(MASKS))

@@ -43,11 +43,10 @@ def centre_point(mask: ArrayLike) -> np.ndarray:
 
 
 def random_points(mask: ArrayLike, n: int = 1, seed: int | np.random.Generator = 0) -> np.ndarray:
-    """``n x 2`` points ``(x, y)`` drawn uniformly without replacement from the mask's pixels."""
+    """``n x 2`` points ``(x, y)`` drawn uniformly without replacement from the mask's pixels (with replacement
+    when the mask has fewer than ``n`` pixels, e.g. a small cup at a low input size)."""
     rows, cols = np.nonzero(_mask(mask))
-    if n > len(rows):
-        raise PromptError(f"{n} distinct points asked from a mask of {len(rows)} pixels")
-    pick = np.random.default_rng(seed).choice(len(rows), size=n, replace=False)
+    pick = np.random.default_rng(seed).choice(len(rows), size=n, replace=n > len(rows))
     return np.stack([cols[pick], rows[pick]], axis=1).astype(np.int64)
 
 
