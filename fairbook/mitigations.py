@@ -16,6 +16,8 @@ from numpy.typing import ArrayLike
 from torch import nn
 from torch.utils.data import WeightedRandomSampler
 
+from fairbook.data.attributes import ATTRIBUTES, UNKNOWN
+
 __all__ = ["LAFTR", "LAFTR_FORMS", "RESAMPLE_BY", "GroupDRO", "MitigationError", "balanced_sampler", "cell_sampler",
            "group_balanced_weights", "laftr_adversary_objective", "reverse_gradient", "training_groups"]
 
@@ -62,14 +64,15 @@ def cell_sampler(metadata, attribute: str, by: str = "attribute x label", seed: 
     return balanced_sampler(cells.to_numpy(), seed=seed)
 
 
-def training_groups(codes: ArrayLike, n_known: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(lookup, counts)`` numbering the groups that a training draw's attribute ``codes`` hold, for a mitigation
-    that keeps one entry per group (GroupDRO's weights, LAFTR's softmax, MultiFair's group statistics).
+def training_groups(codes: ArrayLike, attribute: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(lookup, counts)`` numbering the groups that a training draw's ``attribute`` ``codes`` hold, for a
+    mitigation that keeps one entry per group (GroupDRO's weights, LAFTR's softmax, MultiFair's group statistics).
 
-    Codes run over ``0 .. n_known - 1`` plus the unknown code -1, which is a group of its own (so that no sample
-    leaves the objective). ``lookup[code]`` is the group number of a code (-1: absent from the draw), the unknown
-    code read as the last entry ``lookup[n_known]`` (what :class:`fairbook.train.Classification` does), and
+    Codes run over the attribute's ``n_known`` known codes plus the unknown code -1, which is a group of its own (so
+    that no sample leaves the objective). ``lookup[code]`` is the group number of a code (-1: absent from the
+    draw), the unknown code read as the last entry ``lookup[n_known]`` (:func:`fairbook.train.group_numbers`), and
     ``counts[k]`` the number of samples of group ``k``."""
+    n_known = len([code for code in ATTRIBUTES[attribute] if code != UNKNOWN])
     codes = np.asarray(codes)
     codes = np.where(codes < 0, n_known, codes)
     present, counts = np.unique(codes, return_counts=True)

@@ -45,8 +45,9 @@ from fairbook.models import fit_logistic, pick_device
 __all__ = [
     "CLASSES", "FAIRCLIP_PROMPTS", "FAIRMEDFM_PROMPTS", "FAIRMEDFM_TEMPLATE", "PROMPT_SETS", "TRAINABLE_PARTS",
     "CheckpointError", "TrainConfig", "TrainError", "class_embeddings", "clip_loss", "extract_features",
-    "Classification", "Contrastive", "Objective", "fit", "fit_and_score", "linear_probe", "load_checkpoint",
-    "lr_factor", "regulariser_scale", "set_trainable", "validation_auc", "validation_criterion", "zero_shot_scores",
+    "Classification", "Contrastive", "Objective", "fit", "fit_and_score", "group_numbers", "linear_probe",
+    "load_checkpoint", "lr_factor", "regulariser_scale", "set_trainable", "validation_auc", "validation_criterion",
+    "zero_shot_scores",
 ]
 
 #: Class order of every prompt set and of the two-way softmax: index 1 is glaucoma.
@@ -438,11 +439,7 @@ class Classification(Objective):
 
     def groups(self, batch: dict) -> torch.Tensor:
         """The batch's group numbers for the mitigations."""
-        codes = batch["attributes"][:, self.column]
-        if self.lookup is None:
-            return codes
-        lookup = self.lookup.to(codes.device)
-        return lookup[torch.where(codes < 0, torch.full_like(codes, len(lookup) - 1), codes)]
+        return group_numbers(batch["attributes"][:, self.column], self.lookup)
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.adversary is None:
@@ -471,6 +468,15 @@ class Classification(Objective):
 
     def parts(self) -> list[nn.Module]:
         return [m for m in (self.reduce, self.adversary) if isinstance(m, nn.Module)]
+
+
+def group_numbers(codes: torch.Tensor, lookup: torch.Tensor | None) -> torch.Tensor:
+    """Group numbers of attribute ``codes`` through ``lookup`` (``lookup[code]``, the unknown code -1 read as the
+    last entry, as :func:`fairbook.mitigations.training_groups` numbers them); the codes themselves without one."""
+    if lookup is None:
+        return codes
+    lookup = lookup.to(codes.device)
+    return lookup[torch.where(codes < 0, torch.full_like(codes, len(lookup) - 1), codes)]
 
 
 def _logits(model: nn.Module, images: torch.Tensor, text=None) -> torch.Tensor:
@@ -580,7 +586,7 @@ def fit(model: nn.Module, train_ds, val_ds, config: TrainConfig, out_dir: str | 
     load_checkpoint(checkpoint, model)
     return {"history": history, "best_epoch": best_epoch, "best_val_auc": best_auc, "checkpoint": str(checkpoint),
             "trainable_params": n_trainable, "steps": total_steps, "device": str(device), "val_scores": best_scores,
-            **({"objective": objective.record()} if objective.record() else {})}
+            **({"objective": kept} if (kept := objective.record()) else {})}
 
 
 def regulariser_scale(model: nn.Module, dataset, hooks: Mapping[str, object], batch_size: int = 32,

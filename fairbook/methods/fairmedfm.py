@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from fairbook.data.attributes import ATTRIBUTES, FILTER_ATTRIBUTES, UNKNOWN
+from fairbook.data.attributes import FILTER_ATTRIBUTES
 from fairbook.methods.base import Claim, Method, MethodError
 from fairbook.mitigations import LAFTR, RESAMPLE_BY, GroupDRO, cell_sampler, training_groups
 from fairbook.models import ImageClassifier, PromptClassifier, add_lora
@@ -139,8 +139,7 @@ class FairMedFM(Method):
             weights = (counts.sum() / (2 * np.maximum(counts, 1))).tolist()
         if self.mitigation not in ("groupdro", "laftr"):
             return Classification(class_weights=weights)
-        known = len([code for code in ATTRIBUTES[attribute] if code != UNKNOWN])
-        lookup, counts = training_groups(train.metadata[attribute].to_numpy(), known)
+        lookup, counts = training_groups(train.metadata[attribute].to_numpy(), attribute)
         column = FILTER_ATTRIBUTES.index(attribute)
         if self.mitigation == "groupdro":
             dro = GroupDRO(len(counts), eta=self.dro_eta, adjustment=self.dro_adjustment, group_counts=counts)

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fairbook.data.attributes import ATTRIBUTES, FILTER_ATTRIBUTES, UNKNOWN, decode
+from fairbook.data.attributes import FILTER_ATTRIBUTES, UNKNOWN, decode
 from fairbook.methods.base import Claim, Method, MethodError
 from fairbook.mitigations import RESAMPLE_BY, GroupDRO, cell_sampler, training_groups
 from fairbook.models.fusion import MODALITIES, FusionClassifier, clip_encoders, pretrained_encoders
@@ -332,9 +332,9 @@ class MultiFair(Method):
                   ) -> Objective:
         if not self.uses_attribute:
             return DualModulation(self) if self.modality_level else Classification()
-        known = len([code for code in ATTRIBUTES[attribute] if code != UNKNOWN])
-        lookup, counts = training_groups(train.metadata[attribute].to_numpy(), known)
+        lookup, counts = training_groups(train.metadata[attribute].to_numpy(), attribute)
         column = FILTER_ATTRIBUTES.index(attribute)
+        known = len(lookup) - 1  # the last entry is the unknown code's
         codes = [code if code < known else UNKNOWN for code in range(known + 1) if lookup[code] >= 0]
         reduce = None
         if self.mitigation == "groupdro":

@@ -12,11 +12,12 @@ from fairbook.models.clip import ModelError
 __all__ = ["add_lora", "lora_parameters"]
 
 
-def add_lora(module: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0, mlp: bool = False
-             ) -> nn.Module:
+def add_lora(module: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0, mlp: bool = False,
+             targets: list[str] | None = None) -> nn.Module:
     """LoRA on every attention layer of ``module`` (open_clip's transformer blocks use ``nn.MultiheadAttention``,
     which peft adapts as a whole: its input projection and its output projection), and with ``mlp=True`` on the
-    blocks' MLP linears (``mlp.c_fc``, ``mlp.c_proj``) too. Every other parameter is frozen. Returns the module,
+    blocks' MLP linears (``mlp.c_fc``, ``mlp.c_proj``) too; ``targets`` names the layers instead (peft's
+    ``target_modules``, e.g. ``["qkv"]`` in SAM's image encoder). Every other parameter is frozen. Returns the module,
     changed in place by ``peft.inject_adapter_in_model`` (same class, same forward).
 
     peft adapts ``nn.MultiheadAttention`` by adding the LoRA update to its weights for each forward and subtracting
@@ -27,6 +28,9 @@ def add_lora(module: nn.Module, rank: int = 8, alpha: float = 16, dropout: float
     """
     from peft import LoraConfig, inject_adapter_in_model
 
+    if targets is not None:  # named layers, e.g. SAM's image encoder's ``qkv`` projections (SAMed)
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+        return _only_lora_trains(inject_adapter_in_model(config, module))
     targets = [name for name, layer in module.named_modules() if isinstance(layer, nn.MultiheadAttention)]
     if mlp:
         targets += [name for name, layer in module.named_modules()
@@ -35,7 +39,10 @@ def add_lora(module: nn.Module, rank: int = 8, alpha: float = 16, dropout: float
         raise ModelError(f"add_lora found no nn.MultiheadAttention in {type(module).__name__}: give an open_clip "
                          "transformer tower (e.g. model.visual)")
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
-    module = inject_adapter_in_model(config, module)
+    return _only_lora_trains(inject_adapter_in_model(config, module))
+
+
+def _only_lora_trains(module: nn.Module) -> nn.Module:
     for name, param in module.named_parameters():
         param.requires_grad_("lora_" in name)
     return module

@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fairbook.models.adapters import add_lora
 from fairbook.segmentation.losses import dice_ce_loss, febs_loss
 from fairbook.segmentation.metrics import dice, iou
 from fairbook.segmentation.prompts import PROMPTS, make_prompt
-from fairbook.train import Objective
+from fairbook.train import Objective, group_numbers
 
 __all__ = ["POINT_SLOTS", "STRUCTURES", "PromptedCases", "PromptedSAM", "Segmentation", "structure_mask"]
 
@@ -68,9 +69,6 @@ class PromptedCases(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.cases)
 
-    def original_target(self, index: int) -> np.ndarray:
-        return structure_mask(self.cases.original_mask(index), self.structure)
-
     def __getitem__(self, index: int) -> dict:
         item = dict(self.cases[index])
         target = structure_mask(item.pop("mask"), self.structure)
@@ -108,12 +106,7 @@ class PromptedSAM(nn.Module):
         self.sam = sam
         sam.requires_grad_(False)
         if lora_rank:
-            from peft import LoraConfig, inject_adapter_in_model
-
-            config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=["qkv"])
-            sam.vision_encoder = inject_adapter_in_model(config, sam.vision_encoder)
-            for name, param in sam.vision_encoder.named_parameters():
-                param.requires_grad_("lora_" in name)
+            sam.vision_encoder = add_lora(sam.vision_encoder, lora_rank, lora_rank, targets=["qkv"])
         self.decoders = nn.ModuleList([sam.mask_decoder] + [copy.deepcopy(sam.mask_decoder)
                                                              for _ in range(decoders - 1)])
         self.decoders.requires_grad_(train_decoder)
@@ -156,9 +149,7 @@ class Segmentation(Objective):
     def groups(self, batch: dict) -> torch.Tensor:
         if self.column is None:
             return torch.zeros(len(batch["image"]), dtype=torch.long, device=batch["image"].device)
-        codes = batch["attributes"][:, self.column]
-        lookup = self.lookup.to(codes.device)
-        return lookup[torch.where(codes < 0, torch.full_like(codes, len(lookup) - 1), codes)]
+        return group_numbers(batch["attributes"][:, self.column], self.lookup)
 
     def _logits(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return model({**batch, "group": self.groups(batch)})
