@@ -5,12 +5,13 @@ here in the order they build on each other (a module imports only modules above 
 
 - ``fb.files`` (paths, atomic writes, temporary folders), ``fb.data`` (FairVLMed loader, synthetic generator,
   summaries), ``fb.metrics``, ``fb.stats``;
-- ``fb.models`` (the CLIP factory, heads, LoRA), ``fb.train`` (the one training loop and its objectives,
-  zero-shot scoring, linear probe), ``fb.mitigations`` (resampling, GroupDRO, LAFTR), ``fb.methods`` (one module
-  per paper: CLIP, FairCLIP, Fair-MoE, FairMedFM, MultiFair), ``fb.segmentation`` (prompts from masks, Dice
-  fairness metrics, FEBS);
+- ``fb.models`` (the CLIP factory, heads, LoRA, the fusion classifier, SAM), ``fb.train`` (the one training loop
+  and its objectives, zero-shot scoring, linear probe), ``fb.mitigations`` (resampling, GroupDRO, LAFTR),
+  ``fb.segmentation`` (prompts from masks, Dice fairness metrics, FEBS, prompted SAM on the loop), ``fb.methods``
+  (one module per paper: CLIP, FairCLIP, Fair-MoE, FairMedFM and its segmentation rows, MultiFair);
 - ``fb.results`` (the store of saved predictions), ``fb.protocol`` (train one seed of one method, a grid of
-  methods x attributes x seeds, rebuild a saved model), ``fb.tables`` (the papers' comparison tables);
+  methods x attributes x seeds, rebuild a saved model; the same for segmentation), ``fb.tables`` (the papers'
+  comparison tables);
 - ``fb.explain`` (attention and routing maps), ``fb.representation`` (what image features encode about the
   groups), ``fb.cases`` (per-case comparisons), ``fb.plots``, ``fb.widgets``;
 - ``fb.runs`` (papermill runner, sweeps, run folders), ``fb.book``, ``fb.cli``.

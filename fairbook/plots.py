@@ -345,6 +345,23 @@ def _display(image):
     return (image - image.min()) / max(float(image.max() - image.min()), 1e-12)
 
 
+def segmentation_gallery(shown: dict, titles):
+    """Segmented cases side by side (:meth:`fairbook.segmentation.training.Segmentation.masks` gives ``shown``):
+    each image with the ground truth outlined in cyan and the model's mask in orange; ``titles[i]`` above case i
+    (e.g. its group and Dice). Rows of at most six cases."""
+    fig, axes = _grid(len(titles), ncols=6, size=1.6)
+    for i, ax in enumerate(axes):
+        if i >= len(titles):
+            break
+        ax.imshow(_display(shown["image"][i]), cmap="gray")
+        for mask, colour in ((shown["target"][i], "cyan"), (shown["predicted"][i], "orange")):
+            if mask.any():
+                ax.contour(mask, levels=[0.5], colors=colour, linewidths=0.9)
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_title(titles[i], fontsize=7)
+    return fig
+
+
 def attention_grid(images, maps: dict, masks, labels):
     """Token maps over fundus images: one row per case (``labels[i]`` on the left), the image in the first column
     and one column per entry of ``maps`` ({model: (B, H, W) maps at the image size, e.g. upsampled with

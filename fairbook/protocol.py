@@ -38,16 +38,29 @@ import pandas as pd
 import torch
 
 from fairbook.data.attributes import FILTER_ATTRIBUTES
+from fairbook.data.fairseg import FairSeg, as_fairseg
+from fairbook.data.fairseg import describe as describe_fairseg
 from fairbook.data.fairvlmed import FairVLMed, describe
 from fairbook.files import resolve
 from fairbook.methods.base import Method, method_from_record
 from fairbook.metrics import fairness_report
-from fairbook.models import create_clip
-from fairbook.results import ALL, ResultsError, collect, model_folder, read_predictions, save
+from fairbook.models import create_clip, create_sam, sam_input_size
+from fairbook.results import (
+    ALL,
+    SEGMENTATION,
+    ResultsError,
+    collect,
+    model_folder,
+    read_predictions,
+    save,
+    save_segmentation,
+)
+from fairbook.segmentation.training import PromptedCases
 from fairbook.train import TrainConfig, fit_and_score, load_checkpoint
 
-__all__ = ["Setup", "build_model", "choose_on_validation", "histories", "load_model", "reuse", "saved_method",
-           "step_records", "train_grid", "train_one", "validation_scores"]
+__all__ = ["Setup", "build_model", "choose_on_validation", "histories", "load_model", "load_segmentation_model",
+           "reuse", "saved_method", "segmentation_grid", "step_records", "train_grid", "train_one",
+           "train_segmentation", "validation_scores"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,10 +108,7 @@ def train_one(run_dir: str | os.PathLike, method: Method, setup: Setup, seed: in
     of the same setup (what :func:`train_grid` passes); the evaluation preprocess is deterministic, so the kept
     images are the ones a fresh read would give.
     """
-    if method.uses_attribute == (attribute == ALL):
-        need = f"one of {', '.join(FILTER_ATTRIBUTES)}" if method.uses_attribute else repr(ALL)
-        use = "trains for an attribute" if method.uses_attribute else "uses no attribute"
-        raise ResultsError(f"{method.name} {use}: pass attribute={need}")
+    _check_attribute(method, attribute)
     run_dir = resolve(run_dir)
     net, preprocess_train, preprocess_val, tokenizer = build_model(method, setup, seed)
     train = FairVLMed(setup.data_root, "Training", preprocess_train, tokenizer).subset(setup.n_train, seed)
@@ -109,9 +119,7 @@ def train_one(run_dir: str | os.PathLike, method: Method, setup: Setup, seed: in
     sampler = method.sampler(train, attribute, seed)
     folder = model_folder(run_dir, method.name, attribute, seed, kind="checkpoints")
     fit = fit_and_score(net, train, val, test_ds, config, folder, objective, sampler, progress)
-    record = {"model": setup.model, "pretrained": setup.pretrained, "method": method.record(),
-              "config": _recipe(config),
-              "checkpoint": str((folder / "best.pt").relative_to(run_dir)), "n_train": len(train)}
+    record = {**_record(run_dir, method, setup, config, folder), "n_train": len(train)}
     saved = save(run_dir, method.name, seed, fit["scores"], describe(setup.data_root), {**fit, **record}, attribute)
     return {**fit, "model": net, "folder": saved}
 
@@ -123,9 +131,7 @@ def train_grid(run_dir: str | os.PathLike, methods: Sequence[Method], setup: Set
     rows of the models trained (as :func:`fairbook.results.collect` gives them), in training order. ``test=False``
     never scores the test split (:func:`choose_on_validation`). The validation and test splits are preprocessed
     once for the whole grid."""
-    names = [m.name for m in methods]
-    if len(set(names)) != len(names):
-        raise ResultsError(f"two methods share a name in {names}: give each its own name (it names its folder)")
+    _unique_names(methods)
     eval_splits: dict = {}
     folders = []
     for method in methods:
@@ -135,6 +141,83 @@ def train_grid(run_dir: str | os.PathLike, methods: Sequence[Method], setup: Set
                 folders.append(fit["folder"])
     rows = collect(run_dir).set_index("folder").loc[folders].reset_index()
     return rows[["chapter", "method", "attribute", "seed", "data", "folder"]]
+
+
+def train_segmentation(run_dir: str | os.PathLike, method: Method, setup: Setup, seed: int, attribute: str = ALL,
+                       progress: bool = False, test: bool = True, eval_splits: dict | None = None) -> dict:
+    """One seed of one segmentation method (:class:`fairbook.methods.sam.SAM`), the steps of :func:`train_one` on
+    a FairSeg-layout folder (:func:`fairbook.data.fairseg.as_fairseg` of ``setup.data_root``):
+
+    1. the model: ``torch.manual_seed(seed)``, :func:`fairbook.models.create_sam` with the setup's ``model`` and
+       ``pretrained`` (a ``save_pretrained`` folder), then ``method.adapt``;
+    2. the data at the model's input size: ``n_train`` training cases drawn with ``seed``, prompted with the
+       method's ``train_prompt``; the whole validation and test splits prompted with its ``prompt``, the prompts
+       drawn with ``seed`` (so two methods at one seed answer the same prompts);
+    3. the one loop, :func:`fairbook.train.fit_and_score`, with the method's objective and sampler; the epoch is
+       chosen on the mean validation Dice;
+    4. the per-case Dice and IoU of validation and test saved by :func:`fairbook.results.save_segmentation`,
+       with the same record as :func:`train_one`.
+
+    Returns :func:`fairbook.train.fit_and_score`'s dict plus ``model`` and ``folder``. ``eval_splits``: a dict in
+    which the decoded validation and test cases are kept for the next runs (what :func:`segmentation_grid`
+    passes)."""
+    _check_attribute(method, attribute)
+    run_dir = resolve(run_dir)
+    torch.manual_seed(seed)
+    net = method.adapt(create_sam(setup.model, setup.pretrained))
+    size = sam_input_size(net.sam)
+    root = as_fairseg(setup.data_root)
+    cases = FairSeg(root, "Training", size, keep_items=True).subset(setup.n_train, seed)
+    train = PromptedCases(cases, method.structure, method.train_prompt, seed)
+    cache = {} if eval_splits is None else eval_splits
+    for split in ("Validation", "Test"):
+        if (root, split, size) not in cache:
+            cache[root, split, size] = FairSeg(root, split, size, keep_items=True)
+    val, test_ds = (PromptedCases(cache[root, split, size], method.structure, method.prompt, seed)
+                    for split in ("Validation", "Test"))
+    config = setup.config.replace(seed=seed, **({} if method.trains else {"epochs": 0}))
+    objective = method.objective(net, train, attribute, seed, config, None)
+    folder = model_folder(run_dir, method.name, attribute, seed, kind="checkpoints")
+    fit = fit_and_score(net, train, val, test_ds if test else None, config, folder, objective,
+                        method.sampler(train, attribute, seed), progress)
+    record = {**_record(run_dir, method, setup, config, folder), "n_train": len(cases)}
+    saved = save_segmentation(run_dir, method.name, seed, fit["scores"], describe_fairseg(root),
+                              {**fit, **record}, attribute)
+    return {**fit, "model": net, "folder": saved}
+
+
+def segmentation_grid(run_dir: str | os.PathLike, methods: Sequence[Method], setup: Setup, seeds: Sequence[int],
+                      attribute: str = "race", progress: bool = False) -> pd.DataFrame:
+    """:func:`train_segmentation` for every method and seed (a method that uses an attribute trains for
+    ``attribute``); returns the rows of ``collect(run_dir, kind=SEGMENTATION)`` of the models trained, in order.
+    The validation and test cases are decoded once for the whole grid."""
+    _unique_names(methods)
+    eval_splits: dict = {}
+    folders = [train_segmentation(run_dir, method, setup, seed, attribute if method.uses_attribute else ALL,
+                                  progress, eval_splits=eval_splits)["folder"]
+               for method in methods for seed in seeds]
+    rows = collect(run_dir, kind=SEGMENTATION).set_index("folder").loc[folders].reset_index()
+    return rows[["chapter", "method", "attribute", "seed", "data", "folder"]]
+
+
+def _check_attribute(method: Method, attribute: str) -> None:
+    if method.uses_attribute == (attribute == ALL):
+        need = f"one of {', '.join(FILTER_ATTRIBUTES)}" if method.uses_attribute else repr(ALL)
+        use = "trains for an attribute" if method.uses_attribute else "uses no attribute"
+        raise ResultsError(f"{method.name} {use}: pass attribute={need}")
+
+
+def _unique_names(methods: Sequence[Method]) -> None:
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ResultsError(f"two methods share a name in {names}: give each its own name (it names its folder)")
+
+
+def _record(run_dir, method: Method, setup: Setup, config: TrainConfig, folder) -> dict:
+    """What a saved model's ``info.json`` records of its training: the setup's model and start, the method, the
+    recipe and the checkpoint path relative to ``run_dir``."""
+    return {"model": setup.model, "pretrained": setup.pretrained, "method": method.record(),
+            "config": _recipe(config), "checkpoint": str((folder / "best.pt").relative_to(run_dir))}
 
 
 def _evaluation_split(setup: Setup, split: str | None, preprocess, tokenizer, cache: dict | None):
@@ -242,6 +325,21 @@ def load_model(run_dir: str | os.PathLike, method: str, attribute: str, seed: in
     net = saved.adapt(net, tokenizer)
     load_checkpoint(model_folder(run_dir, method, attribute, seed, kind="checkpoints") / "best.pt", net)
     return net.eval(), preprocess_val, saved.data_tokenizer(tokenizer)
+
+
+def load_segmentation_model(run_dir: str | os.PathLike, method: str, attribute: str, seed: int):
+    """Rebuild a segmentation model that :func:`train_segmentation` trained (its SAM, start and method from
+    ``info.json``) with its kept epoch loaded; returns the :class:`~fairbook.segmentation.training.PromptedSAM`
+    in eval mode."""
+    run_dir = resolve(run_dir)
+    info_path = model_folder(run_dir, method, attribute, seed, kind=SEGMENTATION) / "info.json"
+    if not info_path.is_file():
+        raise ResultsError(f"no saved segmentation model {method!r} ({attribute}, seed {seed}) in {run_dir}: run "
+                           "the chapter that trains it first, or pick one from collect(run_dir, kind=SEGMENTATION)")
+    info = json.loads(info_path.read_text())
+    net = method_from_record(info["method"]).adapt(create_sam(info["model"], info["pretrained"]))
+    load_checkpoint(run_dir / info["checkpoint"], net)
+    return net.eval()
 
 
 def validation_scores(rows: pd.DataFrame) -> pd.DataFrame:

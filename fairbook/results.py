@@ -8,6 +8,10 @@ A fine-tuning chapter saves one folder per (method, training attribute, seed) in
 
 ``attribute`` is the attribute a fairness method trained on (FairCLIP on race, ...) or ``all`` for a method that
 uses none (CLIP). :func:`collect` finds the folders; :mod:`fairbook.tables` scores and compares them.
+
+A segmentation model (:func:`fairbook.protocol.train_segmentation`) is saved the same way under
+``run_dir/segmentation/`` (:data:`SEGMENTATION`) by :func:`save_segmentation`: its CSVs hold the per-case ``dice``
+and ``iou`` with the attributes, and ``collect(run_dir, kind=SEGMENTATION)`` finds them.
 """
 from __future__ import annotations
 
@@ -23,10 +27,12 @@ import pandas as pd
 from fairbook.data.attributes import FILTER_ATTRIBUTES, ITEM_ATTRIBUTES, decode
 from fairbook.files import atomic_write_text, resolve, to_jsonable
 
-__all__ = ["ALL", "PREDICTIONS", "ResultsError", "collect", "compare_runs", "model_folder", "read_predictions",
-           "same_data", "save", "save_predictions"]
+__all__ = ["ALL", "PREDICTIONS", "SEGMENTATION", "ResultsError", "collect", "compare_runs", "model_folder",
+           "read_predictions", "same_data", "save", "save_predictions", "save_segmentation"]
 
 PREDICTIONS = "predictions"
+#: Folder of a run's segmentation models (per-case Dice instead of scores).
+SEGMENTATION = "segmentation"
 #: Training attribute of a method that uses no sensitive attribute (CLIP).
 ALL = "all"
 
@@ -93,13 +99,36 @@ def save(run_dir: str | os.PathLike, method: str, seed: int, scores: Mapping[str
     return folder
 
 
-def collect(*run_dirs: str | os.PathLike) -> pd.DataFrame:
+def save_segmentation(run_dir: str | os.PathLike, method: str, seed: int, scores: Mapping[str, tuple], data: str,
+                      info: Mapping | None = None, attribute: str = ALL) -> Path:
+    """:func:`save` for a segmentation model: ``scores`` maps each split to ``(dice, iou, codes)`` per case
+    (:meth:`fairbook.segmentation.training.Segmentation.scores`), written as ``dice, iou, race, gender, ethnicity,
+    language, age, split`` under ``run_dir/segmentation/``; ``info.json`` last."""
+    if attribute != ALL and attribute not in FILTER_ATTRIBUTES:
+        raise ResultsError(f"unknown training attribute {attribute!r}; use one of {', '.join(FILTER_ATTRIBUTES)} "
+                           f"or {ALL!r}")
+    folder = model_folder(run_dir, method, attribute, seed, kind=SEGMENTATION)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, (dsc, jaccard, codes) in scores.items():
+        codes = np.asarray(codes)
+        frame = pd.DataFrame({"dice": np.asarray(dsc, float), "iou": np.asarray(jaccard, float)})
+        for j, name in enumerate(ITEM_ATTRIBUTES[:codes.shape[1]]):
+            frame[name] = [decode(name, code) for code in codes[:, j]]
+        frame["split"] = split
+        atomic_write_text(folder / f"{split}.csv", frame.to_csv(index=False))
+    record = {"data": data, **{k: v for k, v in (info or {}).items() if k != "scores"}}
+    atomic_write_text(folder / "info.json", json.dumps(to_jsonable(record), indent=1) + "\n")
+    return folder
+
+
+def collect(*run_dirs: str | os.PathLike, kind: str = PREDICTIONS) -> pd.DataFrame:
     """One row per saved model in the ``predictions`` folder of each run folder (e.g. ``fb.runs.output_dir()`` or
-    ``runs/12-fairclip/default``): chapter (the run folder's parent's name), method, attribute (the training
-    attribute), seed, data (the label saved with it) and folder. Folders without a complete save are skipped."""
+    ``runs/12-fairclip/default``), or in its ``segmentation`` folder with ``kind=SEGMENTATION``: chapter (the run
+    folder's parent's name), method, attribute (the training attribute), seed, data (the label saved with it) and
+    folder. Folders without a complete save are skipped."""
     rows = []
     for run_dir in map(resolve, run_dirs):
-        for info in sorted((run_dir / PREDICTIONS).glob("*/*/seed-*/info.json")):
+        for info in sorted((run_dir / kind).glob("*/*/seed-*/info.json")):
             folder = info.parent
             rows.append({"chapter": run_dir.parent.name, "method": unquote(folder.parent.parent.name),
                          "attribute": folder.parent.name, "seed": int(folder.name.removeprefix("seed-")),

@@ -21,11 +21,13 @@ import pandas as pd
 from fairbook.data.attributes import BINARY_ATTRIBUTES, FILTER_ATTRIBUTES, binarise, source_attribute
 from fairbook.metrics import fairness_report, intersectional_groups
 from fairbook.results import ALL, ResultsError, read_predictions
+from fairbook.segmentation.metrics import SUMMARY as SEGMENTATION_SUMMARY
+from fairbook.segmentation.metrics import segmentation_report
 from fairbook.stats import estimate, paired_ttest
 
-__all__ = ["BETTER", "LEADERBOARD", "TABLE1", "TABLE2", "attribute_order", "ci_table", "claim_verdicts", "claims",
-           "evaluate", "group_auc_table", "group_differences", "group_means", "leaderboard", "paired_table",
-           "seed_means", "table", "table2", "wide_points"]
+__all__ = ["BETTER", "LEADERBOARD", "SEGMENTATION_TABLE2", "TABLE1", "TABLE2", "attribute_order", "ci_table",
+           "claim_verdicts", "claims", "evaluate", "evaluate_segmentation", "group_auc_table", "group_differences",
+           "group_means", "leaderboard", "paired_table", "seed_means", "table", "table2", "wide_points"]
 
 #: Column names of Fair-MoE's Table 1, in its order.
 TABLE1 = {"es_auc": "ES-AUC", "auc": "AUC", "dpd": "DPD", "eod": "EOD"}
@@ -34,6 +36,11 @@ TABLE1 = {"es_auc": "ES-AUC", "auc": "AUC", "dpd": "DPD", "eod": "EOD"}
 #: 1 - gap (higher is better), ECE_Δ, AUC_ES in FairMedFM's std form; fairbook adds DPD.
 TABLE2 = {"auc_delta": "AUC_Δ ↓", "eq_odds": "EqOdds ↑", "ece_delta": "ECE_Δ ↓", "es_auc_std": "AUC_ES ↑",
           "dpd": "DPD ↓"}
+
+#: The segmentation rows of FairMedFM's Table 2 after the group Dice: DSC_Δ, DSC_STD, DSC_Skew and DSC_ES
+#: (:mod:`fairbook.segmentation.metrics`); fairbook adds FairSeg's equity-scaled Dice (sample std).
+SEGMENTATION_TABLE2 = {"dsc_delta": "DSC_Δ ↓", "dsc_std": "DSC_STD ↓", "dsc_skew": "DSC_Skew ↓",
+                       "dsc_es": "DSC_ES ↑", "dsc_es_fairseg": "DSC_ES (FairSeg) ↑"}
 
 
 def evaluate(runs: pd.DataFrame, attributes: Sequence[str] = FILTER_ATTRIBUTES, n_boot: int = 1000,
@@ -70,6 +77,32 @@ def evaluate(runs: pd.DataFrame, attributes: Sequence[str] = FILTER_ATTRIBUTES, 
                          "groups": entry["groups"], "group_auc": entry["group_auc"],
                          "group_count": entry["group_count"], "ci": entry.get("ci", {}),
                          "boot": entry.get("boot", {})})
+    return pd.DataFrame(rows)
+
+
+def evaluate_segmentation(runs: pd.DataFrame, attributes: Sequence[str] = FILTER_ATTRIBUTES, n_boot: int = 1000,
+                          boot_seed: int = 0) -> pd.DataFrame:
+    """Score every segmentation model of ``runs`` (``collect(run_dir, kind=SEGMENTATION)``) on its test cases, for
+    each attribute: :func:`fairbook.segmentation.segmentation_report` of the per-case Dice, every model on the same
+    group-stratified resamples, so that :func:`seed_means`, :func:`ci_table`, :func:`paired_table` and
+    :func:`table2` read these rows as they read :func:`evaluate`'s.
+
+    One row per (model, evaluated attribute): the columns of ``runs``, ``eval_attribute``, the summary numbers
+    (``dsc``, ``dsc_delta``, ``dsc_std``, ``dsc_skew``, ``dsc_es``, ``dsc_es_fairseg``) and ``iou``, ``groups``,
+    ``group_dsc`` ({group: mean Dice}), ``group_count``, ``ci`` and ``boot``."""
+    rows = []
+    for run in runs.to_dict("records"):
+        test = read_predictions(run["folder"], "test")
+        for attr in attributes:
+            groups = np.asarray(_groups(test, attr)).astype(str)
+            report = segmentation_report({"dsc": test["dice"], "iou": test["iou"]}, groups, n_boot, seed=boot_seed,
+                                         keep_boot=n_boot > 0)
+            names = list(report["groups"])
+            rows.append({**run, "eval_attribute": attr, **{k: report[k] for k in SEGMENTATION_SUMMARY},
+                         "iou": float(test["iou"].mean()), "groups": names,
+                         "group_dsc": {g: report["groups"][g]["dsc"] for g in names},
+                         "group_count": {g: report["groups"][g]["n"] for g in names},
+                         "ci": report["ci"], "boot": report.get("boot", {})})
     return pd.DataFrame(rows)
 
 
@@ -196,29 +229,33 @@ def group_auc_table(evals: pd.DataFrame, attribute: str, methods: Sequence[str] 
 def table2(evals: pd.DataFrame, attribute: str = "sex", methods: Sequence[str] | None = None,
            intervals: bool = False, scale: float = 100, decimals: int = 2, level: float = 0.95) -> pd.DataFrame:
     """FairMedFM's Table 2 for one attribute: a row per model with AUC, the AUC of each group (``AUC_Female``,
-    ``AUC_Male`` for sex), then :data:`TABLE2`'s columns, in percent.
+    ``AUC_Male`` for sex), then :data:`TABLE2`'s columns, in percent. For segmentation evaluations
+    (:func:`evaluate_segmentation`) it is the table's segmentation part: DSC, the DSC of each group, then
+    :data:`SEGMENTATION_TABLE2`'s columns (the skew is a ratio, printed as it is).
 
     Cells are ``mean ± std`` over seeds as the paper prints them, or with ``intervals`` the seed mean and its
     bootstrap interval (``mean [lo, hi]``, :func:`seed_means`). The ``seeds`` column counts the seeds."""
     frame = _label(_matched(evals[evals["eval_attribute"] == attribute]), methods)
     if frame.empty:
         raise ResultsError(f"no evaluation on attribute {attribute!r}; evaluate with attributes including it")
-    groups = group_means(evals, attribute, methods, level, intervals)
+    head, columns = (("dsc", SEGMENTATION_TABLE2) if "dsc" in frame else ("auc", TABLE2))
+    groups = group_means(evals, attribute, methods, level, intervals, key=f"group_{head}")
 
-    def cell(mean, std, lo, hi):
-        return estimate(scale * mean, lo=scale * lo, hi=scale * hi, decimals=decimals) if intervals else \
-            estimate(scale * mean, scale * std, decimals=decimals)
+    def cell(mean, std, lo, hi, metric=head):
+        k = 1 if metric == "dsc_skew" else scale
+        return estimate(k * mean, lo=k * lo, hi=k * hi, decimals=decimals) if intervals else \
+            estimate(k * mean, k * std, decimals=decimals)
 
     rows = {}
     for method, at in frame.groupby("method", observed=True):
         cells = {}
-        for key, label in {"auc": "AUC ↑", **TABLE2}.items():
+        for key, label in {head: f"{head.upper()} ↑", **columns}.items():
             values = at[key].to_numpy(float)
             lo, hi = _interval(_replicates(at, key), level) if intervals else (np.nan, np.nan)
-            cells[label] = cell(values.mean(), values.std(ddof=1) if len(values) > 1 else np.nan, lo, hi)
-            if key == "auc":  # the group AUCs follow the overall AUC, as in the paper
+            cells[label] = cell(values.mean(), values.std(ddof=1) if len(values) > 1 else np.nan, lo, hi, key)
+            if key == head:  # the group values follow the overall one, as in the paper
                 for r in groups[groups["method"] == method].to_dict("records"):
-                    cells[f"AUC_{r['group']}"] = cell(r["mean"], r["std"], r["lo"], r["hi"])
+                    cells[f"{head.upper()}_{r['group']}"] = cell(r["mean"], r["std"], r["lo"], r["hi"])
         rows[method] = {**cells, "seeds": len(at)}
     out = pd.DataFrame.from_dict(rows, orient="index")
     out.index.name = f"{attribute}: Model"
@@ -226,19 +263,20 @@ def table2(evals: pd.DataFrame, attribute: str = "sex", methods: Sequence[str] |
 
 
 def group_means(evals: pd.DataFrame, attribute: str, methods: Sequence[str] | None = None,
-                level: float = 0.95, intervals: bool = True) -> pd.DataFrame:
+                level: float = 0.95, intervals: bool = True, key: str = "group_auc") -> pd.DataFrame:
     """Long table of group AUCs on one attribute: one row per (method, group) with the group's size ``n``, the
     seed ``mean``, ``std``, the bootstrap interval of the seed mean (``lo``, ``hi``; NaN without ``intervals``,
     e.g. for an evaluation without resamples) and ``seeds``. Behind :func:`group_auc_table`, :func:`table2` and
-    plots such as FairMedFM's Fig. 5 (one group's AUC against the other's)."""
+    plots such as FairMedFM's Fig. 5 (one group's AUC against the other's). ``key="group_dsc"``: the group Dice
+    of a segmentation evaluation."""
     frame = _label(_matched(evals[evals["eval_attribute"] == attribute]), methods)
     if frame.empty:
         raise ResultsError(f"no evaluation on attribute {attribute!r}; evaluate with attributes including it")
     rows = []
     for method, at in frame.groupby("method", observed=True):
         for g in at["groups"].iloc[0]:
-            values = np.array([r[g] for r in at["group_auc"]], float)
-            lo, hi = _interval(_replicates(at, "group_auc", g), level) if intervals else (np.nan, np.nan)
+            values = np.array([r[g] for r in at[key]], float)
+            lo, hi = _interval(_replicates(at, key, g), level) if intervals else (np.nan, np.nan)
             rows.append({"method": method, "group": g, "n": int(at["group_count"].iloc[0][g]),
                          "mean": values.mean(), "lo": lo, "hi": hi,
                          "std": values.std(ddof=1) if len(values) > 1 else float("nan"), "seeds": len(values)})
@@ -311,9 +349,10 @@ def group_differences(evals: pd.DataFrame, method: str, level: float = 0.95) -> 
     return pd.DataFrame(rows)
 
 
-#: Direction in which each Table 1 metric improves (+1: higher is better).
+#: Direction in which each metric improves (+1: higher is better).
 BETTER = {"es_auc": 1, "auc": 1, "dpd": -1, "eod": -1, "worst_auc": 1, "es_auc_std": 1, "auc_delta": -1,
-          "eq_odds": 1, "ece_delta": -1}
+          "eq_odds": 1, "ece_delta": -1, "dsc": 1, "dsc_delta": -1, "dsc_std": -1, "dsc_skew": -1, "dsc_es": 1,
+          "dsc_es_fairseg": 1}
 
 #: The leaderboard's metrics, with ↑ (higher is better) or ↓.
 LEADERBOARD = {"es_auc": "ES-AUC ↑", "auc": "AUC ↑", "dpd": "DPD ↓", "eod": "EOD ↓", "worst_auc": "worst AUC ↑"}

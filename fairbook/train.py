@@ -204,6 +204,9 @@ class TrainConfig:
         ``"multifair"``: MultiFair's released training settings (AdamW lr 3e-5, batch 32, 10 epochs, constant lr,
         gradient norm clipped at 0.8; its auxiliary heads' own lr is :class:`fairbook.methods.MultiFair`'s
         ``head_lr``), with torch's AdamW betas and weight decay 0.01, which the release does not change.
+        ``"samed"``: FairMedFM's SAMed fine-tuning (App. D.2: AdamW, lr 0.005, batch 16), with torch's AdamW betas
+        and weight decay 0.01 (not stated) and a cosine schedule after 10 warmup steps (SAMed warms up, then decays
+        polynomially), the parts the segmentation method trains left as it built them.
         """
         presets = {
             "default": {},
@@ -218,6 +221,8 @@ class TrainConfig:
             "multifair": dict(epochs=10, batch_size=32, optimizer="adamw", lr=3e-5, weight_decay=0.01,
                               betas=(0.9, 0.999), eps=1e-8, schedule="none", warmup_steps=0, grad_clip=0.8,
                               trainable="as built"),
+            "samed": dict(batch_size=16, optimizer="adamw", lr=5e-3, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8,
+                          schedule="cosine", warmup_steps=10, grad_clip=None, trainable="as built"),
         }
         if name not in presets:
             raise TrainError(f"unknown TrainConfig preset {name!r}: choose one of {', '.join(presets)}")
@@ -516,10 +521,14 @@ def fit(model: nn.Module, train_ds, val_ds, config: TrainConfig, out_dir: str | 
     for part in objective.parts():
         part.to(device)
     torch.manual_seed(config.seed)
-    n_trainable = set_trainable(model, config.trainable)
+    if not config.epochs:   # the start is scored as it is: nothing needs to train (a frozen zero-shot model)
+        config = config.replace(trainable="as built")
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    else:
+        n_trainable = set_trainable(model, config.trainable)
     params = [p for p in model.parameters() if p.requires_grad]
     params += [p for part in objective.parts() for p in part.parameters() if p.requires_grad]
-    optimizer = _optimizer(params, config)
+    optimizer = _optimizer(params, config) if params else None
     cuda = device.type == "cuda"
     amp = cuda and config.amp is not False
     loader_args = dict(batch_size=config.batch_size, num_workers=config.num_workers, pin_memory=cuda)
@@ -531,7 +540,7 @@ def fit(model: nn.Module, train_ds, val_ds, config: TrainConfig, out_dir: str | 
     val_loader = DataLoader(val_ds, shuffle=False, **loader_args)
     total_steps = config.epochs * len(train_loader)
     scheduler = None
-    if config.schedule == "cosine":
+    if config.schedule == "cosine" and optimizer is not None:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, total_steps, config.warmup_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=amp)

@@ -2,7 +2,9 @@
 weights, each against hand-worked masks and FairMedFM's own Table 2 numbers."""
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -151,17 +153,17 @@ def test_as_released_an_absent_group_silences_the_dice_term():
 
 # ---------------------------------------------------------------------------------------------------- SAM
 def test_tiny_sam_prompts_saves_and_reloads_offline(tmp_path):
-    from fairbook.models import ModelError, create_sam
+    from fairbook.models import ModelError, create_sam, save_sam
 
     torch.manual_seed(0)
     model = create_sam().eval()
-    images, boxes = torch.randn(2, 3, 128, 128), torch.tensor([[[20.0, 30.0, 90.0, 100.0]]] * 2)
+    images, boxes = torch.randn(2, 3, 64, 64), torch.tensor([[[10.0, 15.0, 45.0, 50.0]]] * 2)
     with torch.no_grad():
         boxed = model(pixel_values=images, input_boxes=boxes, multimask_output=False).pred_masks
-        clicked = model(pixel_values=images, input_points=torch.tensor([[[[60.0, 64.0]]]] * 2),
+        clicked = model(pixel_values=images, input_points=torch.tensor([[[[30.0, 32.0]]]] * 2),
                         input_labels=torch.ones(2, 1, 1, dtype=torch.long), multimask_output=False).pred_masks
-    assert boxed.shape == clicked.shape == (2, 1, 1, 64, 64)
-    model.save_pretrained(tmp_path / "sam")
+    assert boxed.shape == clicked.shape == (2, 1, 1, 32, 32)
+    save_sam(model, tmp_path / "sam")
     again = create_sam(pretrained=tmp_path / "sam").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(pixel_values=images, input_boxes=boxes, multimask_output=False).pred_masks,
@@ -178,7 +180,7 @@ def cases(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("seg")
     generate(root / "synth", SynthConfig.preset("default", n_train=24, n_val=8, n_test=8), progress=False)
-    return FairSeg(write_fairseg(root / "synth", root / "fairseg"), "Training", size=128)
+    return FairSeg(write_fairseg(root / "synth", root / "fairseg"), "Training", size=64)
 
 
 def test_prompted_cases_point_inside_their_target_and_mix_prompt_kinds(cases):
@@ -219,7 +221,7 @@ def test_samed_lora_gives_every_adapter_a_gradient_and_ind_routes_each_group_to_
     batch = next(iter(DataLoader(PromptedCases(cases, "disc", "mixed"), batch_size=8)))
     batch["group"] = torch.tensor([0, 1] * 4)
     logits = model(batch)
-    assert logits.shape == (8, 128, 128)
+    assert logits.shape == (8, 64, 64)
     logits.float().mean().backward()
     assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
     frozen = [n for n, p in model.named_parameters() if "vision_encoder" in n and "lora_" not in n]
@@ -251,3 +253,124 @@ def test_the_loop_keeps_the_epoch_with_the_best_validation_dice(cases, tmp_path)
     assert objective.criterion((dsc, jaccard, codes)) == pytest.approx(kept["val_auc"])
     assert codes.shape == (len(data), 5) and ((0 <= dsc) & (dsc <= 1)).all()
     np.testing.assert_allclose(jaccard, dsc / (2 - dsc), atol=1e-9)          # IoU = Dice / (2 - Dice), case by case
+
+
+def test_two_structures_give_each_case_twice_with_its_own_target(cases):
+    from fairbook.segmentation.training import PromptedCases, structure_mask
+
+    both = PromptedCases(cases, "disc+cup", "box", seed=1)
+    assert len(both) == 2 * len(cases) and len(both.metadata) == len(both)
+    assert (both.metadata["race"].to_numpy()[::2] == cases.metadata["race"].to_numpy()).all()
+    for i in (0, 3):
+        mask = cases[i]["mask"]
+        assert torch.equal(both[2 * i]["target"] > 0, structure_mask(mask, "disc"))
+        assert torch.equal(both[2 * i + 1]["target"] > 0, structure_mask(mask, "cup"))
+        assert both[2 * i + 1]["box"][2] - both[2 * i + 1]["box"][0] < both[2 * i]["box"][2] - both[2 * i]["box"][0]
+
+
+def test_sam_declarations_train_what_they_say_and_refuse_what_they_cannot_do():
+    from fairbook.methods import MethodError
+    from fairbook.methods.sam import SAM, grid
+    from fairbook.models import create_sam
+
+    rows = grid("race")
+    assert [m.name for m in rows] == ["SAMed", "SAMed+FEBS", "SAMed+Resampling", "SAMed+InD"]
+    assert [m.decoders for m in rows] == [1, 1, 1, 4]                 # Asian, Black, White and unknown
+    assert [m.uses_attribute for m in rows] == [False, True, True, True]
+    torch.manual_seed(0)
+    zero = SAM().adapt(create_sam())
+    assert not any(p.requires_grad for p in zero.parameters()) and not SAM().trains
+    full = SAM(usage="full").adapt(create_sam())
+    assert all(p.requires_grad for p in full.parameters())
+    samed = rows[0].adapt(create_sam())
+    trainable = {n for n, p in samed.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "mask_decoder" in n or n.startswith("decoders.") for n in trainable)
+    with pytest.raises(MethodError, match="mitigations apply to SAMed"):
+        SAM(mitigation="febs")
+    with pytest.raises(MethodError, match="InD needs one decoder per group"):
+        SAM(usage="samed", mitigation="ind")
+    with pytest.raises(MethodError, match="structure='lens'"):
+        SAM(structure="lens")
+    with pytest.raises(MethodError, match="groups .unknown included. but the model has 3 decoders"):
+        SAM("InD", usage="samed", mitigation="ind", decoders=3).objective(None, None, "race", 0, None)
+
+
+def test_the_protocol_trains_saves_and_reloads_segmentation_models(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from fairbook.data.fairseg import FairSeg, as_fairseg
+    from fairbook.data.synthetic import SynthConfig, generate
+    from fairbook.methods.sam import SAM, grid
+    from fairbook.protocol import Setup, load_segmentation_model, segmentation_grid
+    from fairbook.results import SEGMENTATION, collect, read_predictions
+    from fairbook.segmentation.training import PromptedCases, Segmentation
+    from fairbook.train import TrainConfig
+
+    generate(tmp_path / "synth", SynthConfig.preset("default", n_train=40, n_val=8, n_test=12), progress=False)
+    setup = Setup(str(tmp_path / "synth"), TrainConfig.preset("samed", epochs=2, batch_size=8), "fairbook-tiny-sam",
+                  n_train=24)
+    run = tmp_path / "runs" / "15-segmentation-fairness" / "default"
+    methods = [SAM("SAM cup, centre", prompt="centre"), *grid("race", mitigations=("erm", "febs"))]
+    rows = segmentation_grid(run, methods, setup, seeds=[0, 1], attribute="race")
+    assert list(zip(rows["method"], rows["attribute"], rows["seed"])) == [
+        ("SAM cup, centre", "all", 0), ("SAM cup, centre", "all", 1), ("SAMed", "all", 0), ("SAMed", "all", 1),
+        ("SAMed+FEBS", "race", 0), ("SAMed+FEBS", "race", 1)]
+    assert len(collect(run, kind=SEGMENTATION)) == 6
+    with pytest.raises(Exception, match="no saved predictions"):
+        collect(run)                                                     # classification models only
+    root = as_fairseg(tmp_path / "synth")
+    info = json.loads((rows["folder"][3] / "info.json").read_text())
+    assert info["n_train"] == 24 and [h["epoch"] for h in info["history"]] == [1, 2]
+    assert json.loads((rows["folder"][0] / "info.json").read_text())["best_epoch"] == 0     # zero-shot: the start
+    saved = read_predictions(rows["folder"][3], "test")
+    assert len(saved) == 12 and set(saved.columns) >= {"dice", "iou", "race", "split"}
+    net = load_segmentation_model(run, "SAMed", "all", 1)
+    test = PromptedCases(FairSeg(root, "Test", 64), "cup", "box", seed=1)
+    dsc, jaccard, codes = Segmentation().scores(net, DataLoader(test, batch_size=5))
+    np.testing.assert_allclose(dsc, saved["dice"], atol=1e-12)
+    np.testing.assert_allclose(jaccard, saved["iou"], atol=1e-12)
+
+
+def test_evaluate_segmentation_scores_saved_dice_by_hand_and_feeds_the_paper_tables(tmp_path):
+    from fairbook.results import SEGMENTATION, collect, save_segmentation
+    from fairbook.tables import evaluate_segmentation, paired_table, table2
+
+    codes = np.array([[0, 0, 0, 0, 60], [0, 1, 0, 0, 60], [2, 0, 0, 0, 60], [2, 1, 0, 0, 60]])   # Asian, White
+    dice_by = {("A", 0): [0.8, 0.6, 0.9, 0.9], ("A", 1): [0.7, 0.7, 0.9, 0.9],
+               ("B", 0): [0.9, 0.9, 0.9, 0.9], ("B", 1): [0.8, 0.8, 0.8, 1.0]}
+    for (method, seed), values in dice_by.items():
+        scores = {split: (np.array(values), np.array(values) / 2, codes) for split in ("validation", "test")}
+        save_segmentation(tmp_path, method, seed, scores, "hand")
+    evals = evaluate_segmentation(collect(tmp_path, kind=SEGMENTATION), ["race"], n_boot=200)
+    a0 = evals[(evals["method"] == "A") & (evals["seed"] == 0)].iloc[0]
+    assert a0["groups"] == ["Asian", "White"]
+    assert a0["group_dsc"] == pytest.approx({"Asian": 0.7, "White": 0.9})
+    assert a0["dsc"] == pytest.approx(0.8) and a0["dsc_delta"] == pytest.approx(0.2)
+    assert a0["dsc_std"] == pytest.approx(0.1) and a0["dsc_skew"] == pytest.approx(0.3 / 0.1)
+    assert a0["dsc_es"] == pytest.approx(0.8 / 1.1) and a0["iou"] == pytest.approx(0.4)
+    table = table2(evals, "race", ["A", "B"])
+    assert list(table.columns) == ["DSC ↑", "DSC_Asian", "DSC_White", "DSC_Δ ↓", "DSC_STD ↓", "DSC_Skew ↓",
+                                   "DSC_ES ↑", "DSC_ES (FairSeg) ↑", "seeds"]
+    assert table.loc["A", "DSC ↑"].startswith("80.00") and table.loc["A", "DSC_Skew ↓"].startswith("3.00")
+    paired = paired_table(evals, "A", ["dsc", "dsc_delta"])
+    delta = paired[paired["metric"] == "dsc_delta"].iloc[0]
+    assert delta["diff"] == pytest.approx((0.0 + 0.1) / 2 - (0.2 + 0.2) / 2)      # B's gaps 0, 0.1; A's 0.2, 0.2
+
+
+def test_as_fairseg_copies_once_and_again_when_the_source_changes(tmp_path):
+    from fairbook.data import DataError
+    from fairbook.data.fairseg import as_fairseg, describe
+    from fairbook.data.synthetic import SynthConfig, generate
+
+    generate(tmp_path / "synth", SynthConfig.preset("default", n_train=6, n_val=2, n_test=2), progress=False)
+    copy = as_fairseg(tmp_path / "synth")
+    assert copy == tmp_path / "synth-fairseg" and (copy / "train.txt").is_file() and as_fairseg(copy) == copy
+    stamp = (copy / "train.txt").stat().st_mtime_ns
+    assert as_fairseg(tmp_path / "synth") == copy and (copy / "train.txt").stat().st_mtime_ns == stamp
+    shutil.rmtree(tmp_path / "synth")
+    generate(tmp_path / "synth", SynthConfig.preset("default", seed=1, n_train=6, n_val=2, n_test=2), progress=False)
+    as_fairseg(tmp_path / "synth")
+    assert (copy / "train.txt").stat().st_mtime_ns != stamp            # the source changed: written again
+    assert describe(copy).startswith("SynthFairVLMed (synthetic; seed 1") and describe(copy).endswith("FairSeg layout")
+    with pytest.raises(DataError, match="neither a FairSeg folder"):
+        as_fairseg(tmp_path)

@@ -1,4 +1,6 @@
-"""Data: Harvard-FairVLMed attribute codes, the real-data loader, the SynthFairVLMed generator and summaries."""
+"""Data: Harvard-FairVLMed attribute codes, the real-data loader, the SynthFairVLMed generator and summaries; the
+Harvard-FairSeg layout for segmentation (:mod:`fairbook.data.fairseg`)."""
+from fairbook.data import fairseg
 from fairbook.data.attributes import (
     ATTRIBUTES,
     BINARY_ATTRIBUTES,

@@ -28,6 +28,7 @@ runs on data the handbook makes itself.
 """
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -39,10 +40,12 @@ import torch.nn.functional as F
 
 from fairbook.data.attributes import ATTRIBUTES, FILTER_ATTRIBUTES, SPLITS, UNKNOWN
 from fairbook.data.fairvlmed import DataError, load_image
+from fairbook.data.fairvlmed import describe as describe_fairvlmed
+from fairbook.data.synthetic import MANIFEST
 from fairbook.files import replace_dir, resolve, temporary_sibling
 
-__all__ = ["AGE_IN_DAYS_ABOVE", "CLASSES", "FairSeg", "KEY_SETS", "check_fairseg", "load_cases", "read_case",
-           "write_fairseg"]
+__all__ = ["AGE_IN_DAYS_ABOVE", "CLASSES", "FairSeg", "KEY_SETS", "as_fairseg", "check_fairseg", "describe",
+           "load_cases", "read_case", "write_fairseg"]
 
 #: The two key sets seen in the wild: name -> {field: npz key}.
 KEY_SETS = {
@@ -143,15 +146,29 @@ def _split_files(root: Path, val_fraction: float, seed: int) -> dict[str, list[P
 
 def load_cases(root: str | os.PathLike, split: str, val_fraction: float = 0.1, seed: int = 0) -> pd.DataFrame:
     """One row per case of ``split`` (Training, Validation or Test): ``path``, ``filename``, the attribute codes,
-    ``age`` in years and their ``<attribute>_name`` columns. Reads every file's scalars (and checks its mask)."""
+    ``age`` in years and their ``<attribute>_name`` columns. Reads every file's scalars (and checks its mask) once
+    per process: the table is kept for the folder and reread when a file of the folder changes (its listing's or
+    any npz's modification time)."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     root = resolve(root)
     if not root.is_dir():
         raise DataError(f"no FairSeg folder at {root}: give the folder of the npz files (or make one with "
                         "`fairbook data synth DIR --format fairseg`)")
+    files = _split_files(root, val_fraction, seed)[split]
+    key = (str(root), split, val_fraction, seed, tuple((f.name, f.stat().st_mtime_ns) for f in files))
+    if key not in _CASES:
+        _CASES[key] = _read_cases(files)
+    return _CASES[key].copy()
+
+
+#: The tables :func:`load_cases` read, by folder, split and file times.
+_CASES: dict[tuple, pd.DataFrame] = {}
+
+
+def _read_cases(files: list[Path]) -> pd.DataFrame:
     rows = []
-    for path in _split_files(root, val_fraction, seed)[split]:
+    for path in files:
         case = read_case(path)
         rows.append({"path": str(path), "filename": path.name, "key_set": case["key_set"],
                      **{a: case[a] for a in _ATTRIBUTES}, "age": case["age"]})
@@ -168,13 +185,15 @@ class FairSeg(torch.utils.data.Dataset):
     normalised with ``mean``/``std``, ImageNet's by default as SAM's processor does), ``mask`` (size x size int64
     classes of :data:`CLASSES`, resized by nearest neighbour), ``attributes`` (int64 codes of race, gender,
     ethnicity, language, then the age in whole years, as FairVLMed items) and ``index``. :meth:`original_mask`
-    gives a case's mask at the file's resolution, where Dice is scored.
+    gives a case's mask at the file's resolution. ``keep_items=True`` keeps each item in memory after its first
+    read (the preprocessing is deterministic), so that a split read at every epoch is decoded once.
     """
 
     attribute_names = (*FILTER_ATTRIBUTES, "age")
 
     def __init__(self, root: str | os.PathLike, split: str, size: int = 128, val_fraction: float = 0.1,
-                 seed: int = 0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+                 seed: int = 0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), keep_items: bool = False):
+        self._kept: dict[int, dict] | None = {} if keep_items else None
         self.metadata = load_cases(root, split, val_fraction, seed)
         self.size = int(size)
         self.mean = torch.tensor(mean).view(3, 1, 1)
@@ -185,18 +204,37 @@ class FairSeg(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.metadata)
 
+    def subset(self, n: int | None, seed: int = 0) -> FairSeg:
+        """A random ``n``-case subset (drawn without replacement with ``seed``, kept in file order), as
+        :meth:`fairbook.data.FairVLMed.subset`; ``None`` or ``n >= len(self)`` returns ``self``."""
+        if n is None or int(n) >= len(self):
+            return self
+        if int(n) < 1:
+            raise DataError(f"subset size must be at least 1 (got {n}); pass None to keep all {len(self)} cases")
+        rows = np.sort(np.random.default_rng(seed).choice(len(self), size=int(n), replace=False))
+        part = copy.copy(self)
+        part.metadata = self.metadata.iloc[rows].reset_index(drop=True)
+        part._attributes = self._attributes[rows]
+        part._kept = None if self._kept is None else {}  # item numbers change: kept items do not carry over
+        return part
+
     def original_mask(self, index: int) -> np.ndarray:
         return read_case(self.metadata["path"].iloc[index])["mask"]
 
     def __getitem__(self, index: int) -> dict:
+        if self._kept is not None and index in self._kept:
+            return dict(self._kept[index])
         case = read_case(self.metadata["path"].iloc[index])
         image = torch.from_numpy(case["image"] / 255.0).float()[None, None]
         image = F.interpolate(image, size=(self.size, self.size), mode="bilinear", align_corners=False)[0]
         image = (image.expand(3, -1, -1) - self.mean) / self.std
         mask = torch.from_numpy(case["mask"])[None, None].float()
         mask = F.interpolate(mask, size=(self.size, self.size), mode="nearest")[0, 0].long()
-        return {"image": image, "mask": mask, "attributes": torch.from_numpy(self._attributes[index].copy()),
+        item = {"image": image, "mask": mask, "attributes": torch.from_numpy(self._attributes[index].copy()),
                 "index": index}
+        if self._kept is not None:
+            self._kept[index] = item
+        return dict(item)
 
 
 def check_fairseg(root: str | os.PathLike, val_fraction: float = 0.1, seed: int = 0) -> dict:
@@ -245,8 +283,36 @@ def write_fairseg(source: str | os.PathLike, target: str | os.PathLike, key_set:
                 lists["test.txt" if split == "Test" else "train.txt"].append(path.name)
         for name, files in lists.items():
             (tmp / name).write_text("\n".join(files) + "\n")
+        if (source / MANIFEST).is_file():   # what as_fairseg compares to reuse the copy
+            shutil.copy(source / MANIFEST, tmp / MANIFEST)
         replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def as_fairseg(root: str | os.PathLike) -> Path:
+    """A folder in the FairSeg layout for ``root``: ``root`` itself when it has split lists (``train.txt``, real
+    Harvard-FairSeg or ``fairbook data synth --format fairseg``); for a SynthFairVLMed folder, its copy
+    ``<root>-fairseg`` written by :func:`write_fairseg` (released keys), reused while it was written from the same
+    generator manifest and written again when the source changed."""
+    root = resolve(root)
+    if (root / _LISTS["Training"]).is_file():
+        return root
+    if not (root / MANIFEST).is_file():
+        raise DataError(f"{root} is neither a FairSeg folder (train.txt, test.txt) nor a SynthFairVLMed folder "
+                        "(synthetic.json): give Harvard-FairSeg's folder or one written by `fairbook data synth`")
+    target = root.with_name(root.name + "-fairseg")
+    if not ((target / MANIFEST).is_file() and (target / MANIFEST).read_bytes() == (root / MANIFEST).read_bytes()):
+        write_fairseg(root, target)
+    return target
+
+
+def describe(root: str | os.PathLike) -> str:
+    """One-line label of a FairSeg-layout folder: the SynthFairVLMed label (:func:`fairbook.data.describe`) with
+    ", FairSeg layout" for a synthetic copy, else "Harvard-FairSeg (real data at PATH)"."""
+    root = resolve(root)
+    if (root / MANIFEST).is_file():
+        return f"{describe_fairvlmed(root)}, FairSeg layout"
+    return f"Harvard-FairSeg (real data at {root})"

@@ -75,13 +75,16 @@ def summarise(overall: ArrayLike, group_values: ArrayLike) -> dict[str, np.ndarr
 
 
 def segmentation_report(scores: Mapping[str, ArrayLike], groups: ArrayLike, n_boot: int = 1000,
-                        level: float = 0.95, seed: int = 0) -> dict:
+                        level: float = 0.95, seed: int = 0, keep_boot: bool = False) -> dict:
     """Per-group means of per-case ``scores`` (``{"dsc": ..., "iou": ...}``, ``dsc`` required) and the
     :data:`SUMMARY` numbers of the Dice, each with a percentile bootstrap interval over cases (resampled within
     each group, so every resample keeps the group sizes; ``n_boot=0`` gives no intervals).
 
     Returns ``{"n", "groups": {group: {"n", <score>...}}, <summary>..., "ci": {name: [lo, hi]}}``; the group
-    intervals are under ``ci["<score>_<group>"]``.
+    intervals are under ``ci["<score>_<group>"]``. ``keep_boot=True`` adds ``"boot"``: the resampled values of each
+    summary number and ``"group_dsc"`` (n_boot x groups, groups sorted), the same resamples for every model scored
+    on the same cases with the same ``seed`` (what :func:`fairbook.tables.evaluate_segmentation` averages over
+    seeds).
     """
     values = {k: np.asarray(v, float).ravel() for k, v in scores.items()}
     if "dsc" not in values:
@@ -112,4 +115,6 @@ def segmentation_report(scores: Mapping[str, ArrayLike], groups: ArrayLike, n_bo
         for k, v in values.items():
             for g, reps in zip(names, group_means(v, idx).T):
                 report["ci"][f"{k}_{g}"] = np.percentile(reps, [tail, 100 - tail]).tolist()
+        if keep_boot:
+            report["boot"] = {**boot, "group_dsc": group_means(values["dsc"], idx)}
     return report

@@ -52,8 +52,10 @@ POINT_SLOTS = 5
 class PromptedCases(torch.utils.data.Dataset):
     """A FairSeg split with one structure's target and a prompt per case (module docstring).
 
-    ``prompt``: a key of :data:`fairbook.segmentation.PROMPTS`, or ``"mixed"`` (each case draws one of them, as
-    SAM is trained with boxes and clicks alike). The prompt of case ``i`` is drawn with the seed ``(seed, i)``, the
+    ``structure``: a key of :data:`STRUCTURES`, or several joined by ``+`` (``"disc+cup"``: every case appears once
+    per structure, item ``k * i + j`` being case ``i`` with structure ``j``; a pretraining corpus that teaches both).
+    ``prompt``: a key of :data:`fairbook.segmentation.PROMPTS`, or ``"mixed"`` (each item draws one of them, as
+    SAM is trained with boxes and clicks alike). The prompt of item ``i`` is drawn with the seed ``(seed, i)``, the
     same at every epoch and run. Every item carries ``box`` (4), ``points`` (5 x 2), ``point_labels`` (5; 1 a
     click, -10 an unused slot) and ``use_box``, so that cases with different prompts share a batch. A case whose
     structure is empty gets the whole image as its box (a prompt that points at nothing in particular).
@@ -62,16 +64,20 @@ class PromptedCases(torch.utils.data.Dataset):
     def __init__(self, cases, structure: str = "disc", prompt: str = "box", seed: int = 0):
         if prompt not in (*PROMPTS, "mixed"):
             raise ValueError(f"unknown prompt {prompt!r}: choose one of {', '.join(PROMPTS)} or mixed")
-        structure_mask(np.zeros(1), structure)
+        self.structures = structure.split("+")
+        for name in self.structures:
+            structure_mask(np.zeros(1), name)
         self.cases, self.structure, self.prompt, self.seed = cases, structure, prompt, seed
-        self.metadata = cases.metadata
+        k = len(self.structures)
+        self.metadata = cases.metadata.iloc[np.repeat(np.arange(len(cases)), k)].reset_index(drop=True)
 
     def __len__(self) -> int:
-        return len(self.cases)
+        return len(self.cases) * len(self.structures)
 
     def __getitem__(self, index: int) -> dict:
-        item = dict(self.cases[index])
-        target = structure_mask(item.pop("mask"), self.structure)
+        case, part = divmod(index, len(self.structures))
+        item = dict(self.cases[case])
+        target = structure_mask(item.pop("mask"), self.structures[part])
         item["target"] = target.float()
         rng = np.random.default_rng((self.seed, index))
         kind = self.prompt if self.prompt != "mixed" else list(PROMPTS)[int(rng.integers(len(PROMPTS)))]
@@ -114,7 +120,9 @@ class PromptedSAM(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         images = batch["image"]
         embeddings = self.sam.vision_encoder(images)[0]
-        groups = batch.get("group", torch.zeros(len(images), dtype=torch.long, device=images.device))
+        groups = torch.zeros(len(images), dtype=torch.long, device=images.device)
+        if len(self.decoders) > 1:   # InD: each case goes to its group's decoder
+            groups = batch["group"]
         masks = None
         for g, decoder in enumerate(self.decoders):
             self.sam.mask_decoder = decoder
@@ -181,6 +189,22 @@ class Segmentation(Objective):
         finally:
             model.train(was_training)
         return tuple(np.concatenate(out[k]) for k in ("dice", "iou", "codes"))
+
+    @torch.no_grad()
+    def masks(self, model: nn.Module, cases, indices) -> dict[str, np.ndarray]:
+        """The items ``indices`` of ``cases`` (a :class:`PromptedCases`) with the model's answer: ``image`` (the
+        first channel, as the model saw it), ``target`` and ``predicted`` (boolean masks), for a gallery."""
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        batch = torch.utils.data.default_collate([cases[int(i)] for i in indices])
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        try:
+            predicted = (self._logits(model, batch) > 0).cpu().numpy()
+        finally:
+            model.train(was_training)
+        return {"image": batch["image"][:, 0].cpu().numpy(), "target": batch["target"].cpu().numpy() > 0,
+                "predicted": predicted}
 
     def criterion(self, scores) -> float:
         values = np.asarray(scores[0], float)
