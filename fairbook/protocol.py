@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from collections.abc import Sequence
 
 import numpy as np
@@ -41,7 +42,7 @@ from fairbook.data.attributes import FILTER_ATTRIBUTES
 from fairbook.data.fairseg import FairSeg, as_fairseg
 from fairbook.data.fairseg import describe as describe_fairseg
 from fairbook.data.fairvlmed import FairVLMed, describe
-from fairbook.files import resolve
+from fairbook.files import replace_dir, resolve, temporary_sibling
 from fairbook.methods.base import Method, method_from_record
 from fairbook.metrics import fairness_report
 from fairbook.models import create_clip, create_sam, sam_input_size
@@ -143,6 +144,10 @@ def train_grid(run_dir: str | os.PathLike, methods: Sequence[Method], setup: Set
     return rows[["chapter", "method", "attribute", "seed", "data", "folder"]]
 
 
+#: Largest input size (pixels) at which :func:`train_segmentation` keeps decoded cases in memory.
+KEEP_SEGMENTATION_ITEMS = 256
+
+
 def train_segmentation(run_dir: str | os.PathLike, method: Method, setup: Setup, seed: int, attribute: str = ALL,
                        progress: bool = False, test: bool = True, eval_splits: dict | None = None) -> dict:
     """One seed of one segmentation method (:class:`fairbook.methods.sam.SAM`), the steps of :func:`train_one` on
@@ -160,19 +165,20 @@ def train_segmentation(run_dir: str | os.PathLike, method: Method, setup: Setup,
 
     Returns :func:`fairbook.train.fit_and_score`'s dict plus ``model`` and ``folder``. ``eval_splits``: a dict in
     which the decoded validation and test cases are kept for the next runs (what :func:`segmentation_grid`
-    passes)."""
+    passes); cases are kept decoded in memory for inputs up to :data:`KEEP_SEGMENTATION_ITEMS` pixels."""
     _check_attribute(method, attribute)
     run_dir = resolve(run_dir)
     torch.manual_seed(seed)
     net = method.adapt(create_sam(setup.model, setup.pretrained))
     size = sam_input_size(net.sam)
     root = as_fairseg(setup.data_root)
-    cases = FairSeg(root, "Training", size, keep_items=True).subset(setup.n_train, seed)
+    keep = size <= KEEP_SEGMENTATION_ITEMS   # a 1024-pixel SAM's decoded splits would not fit in memory
+    cases = FairSeg(root, "Training", size, keep_items=keep).subset(setup.n_train, seed)
     train = PromptedCases(cases, method.structure, method.train_prompt, seed)
     cache = {} if eval_splits is None else eval_splits
     for split in ("Validation", "Test"):
         if (root, split, size) not in cache:
-            cache[root, split, size] = FairSeg(root, split, size, keep_items=True)
+            cache[root, split, size] = FairSeg(root, split, size, keep_items=keep)
     val, test_ds = (PromptedCases(cache[root, split, size], method.structure, method.prompt, seed)
                     for split in ("Validation", "Test"))
     config = setup.config.replace(seed=seed, **({} if method.trains else {"epochs": 0}))
@@ -190,14 +196,33 @@ def segmentation_grid(run_dir: str | os.PathLike, methods: Sequence[Method], set
                       attribute: str = "race", progress: bool = False) -> pd.DataFrame:
     """:func:`train_segmentation` for every method and seed (a method that uses an attribute trains for
     ``attribute``); returns the rows of ``collect(run_dir, kind=SEGMENTATION)`` of the models trained, in order.
-    The validation and test cases are decoded once for the whole grid."""
+    The validation and test cases are decoded once for the whole grid. A method whose result cannot depend on the
+    seed (``seed_free``: the start answering the centre or the box) is scored at the first seed, and that saved
+    model is copied to the other seeds."""
     _unique_names(methods)
     eval_splits: dict = {}
-    folders = [train_segmentation(run_dir, method, setup, seed, attribute if method.uses_attribute else ALL,
-                                  progress, eval_splits=eval_splits)["folder"]
-               for method in methods for seed in seeds]
+    folders = []
+    for method in methods:
+        first = None
+        for seed in seeds:
+            if first is not None and getattr(method, "seed_free", False):
+                folders.append(_copy_saved(first, seed))
+                continue
+            folders.append(train_segmentation(run_dir, method, setup, seed,
+                                              attribute if method.uses_attribute else ALL, progress,
+                                              eval_splits=eval_splits)["folder"])
+            first = first or folders[-1]
     rows = collect(run_dir, kind=SEGMENTATION).set_index("folder").loc[folders].reset_index()
     return rows[["chapter", "method", "attribute", "seed", "data", "folder"]]
+
+
+def _copy_saved(folder, seed: int):
+    """A saved model's folder copied to ``seed`` beside it (written to a temporary folder and renamed)."""
+    target = folder.parent / f"seed-{int(seed)}"
+    tmp = temporary_sibling(target)
+    shutil.copytree(folder, tmp)
+    replace_dir(tmp, target)
+    return target
 
 
 def _check_attribute(method: Method, attribute: str) -> None:

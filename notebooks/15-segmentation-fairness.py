@@ -41,8 +41,8 @@ pretrained = None
 # the separate corpus of the pretraining (chapter 10's)
 pretrain_seed = 1000
 pretrain_samples = 3000
-pretrain_cases = 1000  # cases drawn from it, each with disc and cup
-pretrain_epochs = 8
+pretrain_cases = 800  # cases drawn from it, each with disc and cup
+pretrain_epochs = 7
 pretrain_lr = 0.002
 # zero-shot: the structures and prompts tried
 structures = ["disc", "cup"]
@@ -53,10 +53,10 @@ prompt = "box"
 attribute = "race"
 # fb.train.TrainConfig preset: FairMedFM's SAMed settings
 recipe = "samed"
-epochs = 4
+epochs = 3
 lr = 0.005
 batch_size = 16
-n_train = 500  # training cases drawn per seed (None: all)
+n_train = 400  # training cases drawn per seed (None: all)
 lora_rank = 4
 febs_gamma = 1.0
 seeds = [0, 1, 2]

@@ -316,6 +316,8 @@ def test_the_protocol_trains_saves_and_reloads_segmentation_models(tmp_path):
         ("SAM cup, centre", "all", 0), ("SAM cup, centre", "all", 1), ("SAMed", "all", 0), ("SAMed", "all", 1),
         ("SAMed+FEBS", "race", 0), ("SAMed+FEBS", "race", 1)]
     assert len(collect(run, kind=SEGMENTATION)) == 6
+    centre = [(folder / "test.csv").read_bytes() for folder in rows["folder"][:2]]
+    assert centre[0] == centre[1]                     # the centre prompt involves no draw: seed 1 is seed 0's copy
     with pytest.raises(Exception, match="no saved predictions"):
         collect(run)                                                     # classification models only
     root = as_fairseg(tmp_path / "synth")

@@ -71,28 +71,32 @@ def _key_set(keys, path: Path) -> str:
                     "slo_fundus + disc_cup_mask (README) or fundus_slo + disc_cup (released files)")
 
 
-def read_case(path: str | os.PathLike) -> dict:
+def read_case(path: str | os.PathLike, image: bool = True) -> dict:
     """One FairSeg npz as ``{"image": H x W float32 grey levels, "mask": H x W int64 classes (0 background, 1 rim,
     2 cup), "age": years, "race", "gender", "ethnicity", "language", "maritalstatus": FairVLMed codes,
-    "key_set": "readme" or "released"}``, checked as the module docstring says."""
+    "key_set": "readme" or "released"}``, checked as the module docstring says. ``image=False`` leaves the image
+    out (not decoded; the case table of :func:`load_cases` needs only the mask and the attributes)."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
-            data = {key: npz[key] for key in npz.files}
+            key_set = _key_set(npz.files, path)
+            fields = KEY_SETS[key_set]
+            data = {key: npz[key] for key in npz.files if key != fields["image"]}
+    except DataError:
+        raise
     except Exception as exc:  # zip, pickle and numpy raise many types for a damaged file
         raise DataError(f"cannot read {path} ({type(exc).__name__}): the file is corrupt or not an npz; download "
                         "it again") from None
-    key_set = _key_set(data, path)
-    fields = KEY_SETS[key_set]
     mask = np.asarray(data[fields["mask"]])
     codes = set(np.unique(mask).tolist())
     if mask.ndim != 2 or not codes <= set(_MASK_CODES) or (codes & {-1, -2} and codes & {1, 2}):
         raise DataError(f"{path}: {fields['mask']} must be a 2-D mask coded {{0, -1, -2}} or {{0, 1, 2}} "
                         f"(background, rim, cup); got shape {mask.shape} and values {sorted(codes)[:6]}")
     classes = np.array([_MASK_CODES[c] for c in range(-2, 3)], dtype=np.int64)   # codes -2..2 -> classes
-    case = {"image": load_image(path, key=fields["image"]), "mask": classes[mask.astype(np.int64) + 2],
-            "key_set": key_set}
-    if case["image"].shape != mask.shape:
+    case = {"mask": classes[mask.astype(np.int64) + 2], "key_set": key_set}
+    if image:
+        case["image"] = load_image(path, key=fields["image"])
+    if image and case["image"].shape != mask.shape:
         raise DataError(f"{path}: image {case['image'].shape} and mask {mask.shape} differ in size: the mask must "
                         "label every pixel of the image")
     names = {**{a: a for a in _ATTRIBUTES}, "ethnicity": fields["ethnicity"]}
@@ -169,7 +173,7 @@ _CASES: dict[tuple, pd.DataFrame] = {}
 def _read_cases(files: list[Path]) -> pd.DataFrame:
     rows = []
     for path in files:
-        case = read_case(path)
+        case = read_case(path, image=False)
         rows.append({"path": str(path), "filename": path.name, "key_set": case["key_set"],
                      **{a: case[a] for a in _ATTRIBUTES}, "age": case["age"]})
     frame = pd.DataFrame(rows)
@@ -217,6 +221,11 @@ class FairSeg(torch.utils.data.Dataset):
         part._attributes = self._attributes[rows]
         part._kept = None if self._kept is None else {}  # item numbers change: kept items do not carry over
         return part
+
+    @property
+    def keeps_items(self) -> bool:
+        """Whether items are kept in memory after their first read (``keep_items``)."""
+        return self._kept is not None
 
     def original_mask(self, index: int) -> np.ndarray:
         return read_case(self.metadata["path"].iloc[index])["mask"]
@@ -274,6 +283,7 @@ def write_fairseg(source: str | os.PathLike, target: str | os.PathLike, key_set:
                 race, age = int(data["race"]), float(data["age"])
                 out = {fields["image"]: data["slo_fundus"], fields["ethnicity"]: data["ethnicity"],
                        **{k: data[k] for k in ("gender", "language", "maritalstatus")}}
+                mask = mask.astype(np.int8)
                 if key_set == "released":
                     out.update(disc_cup=-mask, race=np.array(to_released.get(race, race)),
                                age=np.array(age * 365.25), pid=np.array(path.stem))

@@ -96,6 +96,12 @@ class SAM(Method):
     def trains(self) -> bool:
         return self.usage != "zero-shot"
 
+    @property
+    def seed_free(self) -> bool:
+        """True when every seed gives the same result: the start answering a prompt that involves no draw (the
+        centre or the box; :func:`fairbook.protocol.segmentation_grid` then scores one seed and copies it)."""
+        return not self.trains and self.prompt in ("centre", "box")
+
     def adapt(self, model: nn.Module, tokenizer=None) -> nn.Module:
         """The :class:`~fairbook.segmentation.training.PromptedSAM` to train from a ``transformers.SamModel``."""
         if self.usage == "full":

@@ -58,7 +58,8 @@ class PromptedCases(torch.utils.data.Dataset):
     SAM is trained with boxes and clicks alike). The prompt of item ``i`` is drawn with the seed ``(seed, i)``, the
     same at every epoch and run. Every item carries ``box`` (4), ``points`` (5 x 2), ``point_labels`` (5; 1 a
     click, -10 an unused slot) and ``use_box``, so that cases with different prompts share a batch. A case whose
-    structure is empty gets the whole image as its box (a prompt that points at nothing in particular).
+    structure is empty gets the whole image as its box (a prompt that points at nothing in particular). Items are
+    deterministic, so when ``cases`` keeps its items in memory (``FairSeg(keep_items=True)``) these are kept too.
     """
 
     def __init__(self, cases, structure: str = "disc", prompt: str = "box", seed: int = 0):
@@ -70,11 +71,20 @@ class PromptedCases(torch.utils.data.Dataset):
         self.cases, self.structure, self.prompt, self.seed = cases, structure, prompt, seed
         k = len(self.structures)
         self.metadata = cases.metadata.iloc[np.repeat(np.arange(len(cases)), k)].reset_index(drop=True)
+        self._kept: dict[int, dict] | None = {} if getattr(cases, "keeps_items", False) else None
 
     def __len__(self) -> int:
         return len(self.cases) * len(self.structures)
 
     def __getitem__(self, index: int) -> dict:
+        if self._kept is not None and index in self._kept:
+            return dict(self._kept[index])
+        item = self._prompted(index)
+        if self._kept is not None:
+            self._kept[index] = item
+        return dict(item)
+
+    def _prompted(self, index: int) -> dict:
         case, part = divmod(index, len(self.structures))
         item = dict(self.cases[case])
         target = structure_mask(item.pop("mask"), self.structures[part])
