@@ -79,6 +79,14 @@ class Method:
         """How training batches are drawn (e.g. group-balanced resampling); None: shuffled, seeded with ``seed``."""
         return None
 
+    def require_known(self, **choices) -> None:
+        """Check settings against their allowed values (``usage=USAGES``: the field, then its choices); an unknown
+        value is a one-line :class:`MethodError` naming the method, the field and the choices."""
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                raise MethodError(f"{self.name}: {field}={getattr(self, field)!r} is not known; choose one of "
+                                  f"{', '.join(allowed)}")
+
     def replace(self, **changes) -> Method:
         """A copy with some settings changed, e.g. ``fairclip.replace(lam=10.0)``."""
         return dataclasses.replace(self, **changes)

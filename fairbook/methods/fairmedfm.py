@@ -91,11 +91,7 @@ class FairMedFM(Method):
     class_weighted: bool = False
 
     def __post_init__(self) -> None:
-        for field, value, allowed in (("usage", self.usage, USAGES), ("mitigation", self.mitigation, MITIGATIONS),
-                                      ("resample_by", self.resample_by, RESAMPLE_BY), ("prompts", self.prompts,
-                                                                                      PROMPT_SETS)):
-            if value not in allowed:
-                raise MethodError(f"{self.name}: {field}={value!r} is not known; choose one of {', '.join(allowed)}")
+        self.require_known(usage=USAGES, mitigation=MITIGATIONS, resample_by=RESAMPLE_BY, prompts=PROMPT_SETS)
         if self.usage == "zero-shot" and self.mitigation != "erm":
             raise MethodError(f"{self.name}: zero-shot use trains nothing, so no mitigation applies; use "
                               "mitigation='erm'")

@@ -297,11 +297,7 @@ class MultiFair(Method):
         used = self.used_modalities
         if not used or set(used) - set(MODALITIES) or len(set(used)) != len(used):
             raise MethodError(f"{self.name}: modalities={self.modalities!r}; use image+text, image or text")
-        for field, allowed in (("mitigation", MITIGATIONS), ("balance_metric", BALANCE_METRICS),
-                               ("resample_by", RESAMPLE_BY)):
-            if getattr(self, field) not in allowed:
-                raise MethodError(f"{self.name}: {field}={getattr(self, field)!r} is not known; choose one of "
-                                  f"{', '.join(allowed)}")
+        self.require_known(mitigation=MITIGATIONS, balance_metric=BALANCE_METRICS, resample_by=RESAMPLE_BY)
         if len(used) < 2 and (self.modality_level or self.group_level):
             raise MethodError(f"{self.name}: gradient modulation balances two modalities; a unimodal model takes "
                               "modality_level=False and group_level=False")

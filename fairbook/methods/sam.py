@@ -73,11 +73,8 @@ class SAM(Method):
     faithful_to_code: bool = False
 
     def __post_init__(self) -> None:
-        for field, allowed in (("usage", USAGES), ("mitigation", MITIGATIONS), ("prompt", (*PROMPTS, "mixed")),
-                               ("train_prompt", (*PROMPTS, "mixed"))):
-            if getattr(self, field) not in allowed:
-                raise MethodError(f"{self.name}: {field}={getattr(self, field)!r} is not known; choose one of "
-                                  f"{', '.join(allowed)}")
+        self.require_known(usage=USAGES, mitigation=MITIGATIONS, prompt=(*PROMPTS, "mixed"),
+                           train_prompt=(*PROMPTS, "mixed"))
         if any(part not in STRUCTURES for part in self.structure.split("+")):
             raise MethodError(f"{self.name}: structure={self.structure!r} is not known; choose from "
                               f"{', '.join(STRUCTURES)} (or join them with '+')")
