@@ -22,6 +22,11 @@ and preprocessed once and kept (the evaluation preprocess is deterministic), so 
 in a grid as alone. (Runs side by side in one-thread worker processes were measured and rejected: no faster on 2
 cores, and the predictions depend on the thread count; see bench/README.md.)
 
+Segmentation (:func:`train_segmentation`, :func:`segmentation_grid`) follows the same four steps on a
+FairSeg-layout folder: a SAM built with the setup's model and start, changed by the method
+(:class:`fairbook.methods.sam.SAM`), trained by the same loop with the epoch chosen on validation Dice, and the
+per-case Dice of validation and test saved in the results store.
+
 A method's own weight (FairCLIP's lambda, Fair-MoE's FOL weight) is chosen among candidates by
 :func:`choose_on_validation`: the candidates are trained and scored on validation only, a declared criterion
 picks one, and only the chosen setting is then trained and scored on test.

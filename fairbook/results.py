@@ -84,9 +84,7 @@ def save(run_dir: str | os.PathLike, method: str, seed: int, scores: Mapping[str
     folder. ``info.json`` is written last, so a folder without it is an interrupted save and :func:`collect`
     ignores it. A model trained only to choose a setting on validation is saved without test predictions
     (``scores`` without ``"test"``: the test split was never scored)."""
-    if attribute != ALL and attribute not in FILTER_ATTRIBUTES:
-        raise ResultsError(f"unknown training attribute {attribute!r}; use one of {', '.join(FILTER_ATTRIBUTES)} "
-                           f"or {ALL!r}")
+    _check_training_attribute(attribute)
     if "validation" not in scores or not set(scores) <= {"validation", "test"}:
         raise ResultsError(f"scores hold the splits {sorted(scores)}: pass validation, and test unless the model "
                            "only serves a choice on validation")
@@ -94,9 +92,7 @@ def save(run_dir: str | os.PathLike, method: str, seed: int, scores: Mapping[str
     folder.mkdir(parents=True, exist_ok=True)
     for split, (y, p, codes) in scores.items():
         save_predictions(folder / f"{split}.csv", y, p, codes, split)
-    record = {"data": data, **{k: v for k, v in (info or {}).items() if k != "scores"}}
-    atomic_write_text(folder / "info.json", json.dumps(to_jsonable(record), indent=1) + "\n")
-    return folder
+    return _write_info(folder, data, info)
 
 
 def save_segmentation(run_dir: str | os.PathLike, method: str, seed: int, scores: Mapping[str, tuple], data: str,
@@ -104,9 +100,7 @@ def save_segmentation(run_dir: str | os.PathLike, method: str, seed: int, scores
     """:func:`save` for a segmentation model: ``scores`` maps each split to ``(dice, iou, codes)`` per case
     (:meth:`fairbook.segmentation.training.Segmentation.scores`), written as ``dice, iou, race, gender, ethnicity,
     language, age, split`` under ``run_dir/segmentation/``; ``info.json`` last."""
-    if attribute != ALL and attribute not in FILTER_ATTRIBUTES:
-        raise ResultsError(f"unknown training attribute {attribute!r}; use one of {', '.join(FILTER_ATTRIBUTES)} "
-                           f"or {ALL!r}")
+    _check_training_attribute(attribute)
     folder = model_folder(run_dir, method, attribute, seed, kind=SEGMENTATION)
     folder.mkdir(parents=True, exist_ok=True)
     for split, (dsc, jaccard, codes) in scores.items():
@@ -116,6 +110,17 @@ def save_segmentation(run_dir: str | os.PathLike, method: str, seed: int, scores
             frame[name] = [decode(name, code) for code in codes[:, j]]
         frame["split"] = split
         atomic_write_text(folder / f"{split}.csv", frame.to_csv(index=False))
+    return _write_info(folder, data, info)
+
+
+def _check_training_attribute(attribute: str) -> None:
+    if attribute != ALL and attribute not in FILTER_ATTRIBUTES:
+        raise ResultsError(f"unknown training attribute {attribute!r}; use one of {', '.join(FILTER_ATTRIBUTES)} "
+                           f"or {ALL!r}")
+
+
+def _write_info(folder: Path, data: str, info: Mapping | None) -> Path:
+    """The model's ``info.json`` (its data label and training record), written last: it marks the save complete."""
     record = {"data": data, **{k: v for k, v in (info or {}).items() if k != "scores"}}
     atomic_write_text(folder / "info.json", json.dumps(to_jsonable(record), indent=1) + "\n")
     return folder
