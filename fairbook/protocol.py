@@ -358,16 +358,17 @@ def load_model(run_dir: str | os.PathLike, method: str, attribute: str, seed: in
 
 
 def load_segmentation_model(run_dir: str | os.PathLike, method: str, attribute: str, seed: int):
-    """Rebuild a segmentation model that :func:`train_segmentation` trained (its SAM, start and method from
+    """Rebuild a segmentation model that :func:`train_segmentation` trained (its SAM architecture and method from
     ``info.json``) with its kept epoch loaded; returns the :class:`~fairbook.segmentation.training.PromptedSAM`
-    in eval mode."""
+    in eval mode. The checkpoint holds every weight, frozen ones included, so the start it was trained from
+    (``pretrained``, possibly a folder of a run that has since been renamed) is not read."""
     run_dir = resolve(run_dir)
     info_path = model_folder(run_dir, method, attribute, seed, kind=SEGMENTATION) / "info.json"
     if not info_path.is_file():
         raise ResultsError(f"no saved segmentation model {method!r} ({attribute}, seed {seed}) in {run_dir}: run "
                            "the chapter that trains it first, or pick one from collect(run_dir, kind=SEGMENTATION)")
     info = json.loads(info_path.read_text())
-    net = method_from_record(info["method"]).adapt(create_sam(info["model"], info["pretrained"]))
+    net = method_from_record(info["method"]).adapt(create_sam(info["model"]))
     load_checkpoint(run_dir / info["checkpoint"], net)
     return net.eval()
 
