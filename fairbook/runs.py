@@ -12,10 +12,15 @@ The run is executed in a temporary sibling folder that is renamed only on succes
 never looks complete; the next run of the same configuration removes what a killed one left. A run whose fingerprint
 is unchanged is not executed again. Configuration names are single folder names (:func:`check_config_name`), so a
 run can only ever replace its own folder.
+
+Every chapter calls :func:`begin` right after its parameters cell. Under ``fairbook run`` it returns the run's
+folder; executed any other way (papermill used directly, JupyterLab) it gives the execution its own folder named
+from the parameter values (or the reserved ``run_dir`` parameter), written the same atomic way.
 """
 from __future__ import annotations
 
 import ast
+import atexit
 import contextlib
 import hashlib
 import itertools
@@ -62,11 +67,92 @@ class RunError(RuntimeError):
 
 
 def output_dir() -> Path:
-    """Where a notebook writes its metrics and figures: the run folder under ``fairbook run``,
-    else ``runs/interactive/`` (for a notebook opened in JupyterLab)."""
-    out = Path(os.environ.get(RUN_DIR_ENV) or resolve("runs/interactive"))
+    """Where a notebook writes its metrics and figures: the run folder under ``fairbook run``, else the folder
+    :func:`begin` chose for this execution (papermill used directly, JupyterLab), else ``runs/interactive/`` (code
+    that never called :func:`begin`)."""
+    out = Path(os.environ.get(RUN_DIR_ENV) or _EXECUTION.get("tmp") or resolve("runs/interactive"))
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+#: Reserved parameter of every chapter: the run folder of an execution outside ``fairbook run`` (None: named from
+#: the parameter values; a name: ``runs/<stem>/<name>/``; an absolute path: used as given).
+RUN_DIR_PARAMETER = "run_dir"
+#: This kernel's execution outside ``fairbook run``: its temporary and final folders, the time it began and whether
+#: the last cell succeeded.
+_EXECUTION: dict[str, Any] = {}
+
+
+def begin(stem: str, namespace: dict) -> Path:
+    """Start this execution of chapter ``stem`` (``namespace``: the notebook's ``globals()``, after its parameters
+    cell): print where its results go and return the folder to write them in.
+
+    Under ``fairbook run`` that is the run's folder. Otherwise (papermill used directly, JupyterLab) every execution
+    gets its own folder, ``runs/<stem>/<name>/``, named as ``fairbook run`` names a run from ``--set`` values:
+    ``defaults`` plus each parameter whose value differs from the notebook's default (:func:`config_name`, a
+    digest when too long), so two executions with different parameters never share a folder. The reserved
+    parameter ``run_dir`` chooses it instead: a folder name (validated like ``--name``) under ``runs/<stem>/``, or
+    an absolute path, used as given. As under ``fairbook run``, the results are written to a temporary sibling
+    with ``params.yaml`` and renamed over the folder, atomically, when the kernel shuts down after a successful last
+    cell (``run.json`` then says complete); after a failed last cell it becomes ``<name>.failed``. So re-executing
+    with the same parameters replaces that one folder atomically."""
+    if os.environ.get(RUN_DIR_ENV):
+        out = Path(os.environ[RUN_DIR_ENV])
+        print(f"results of this run: runs/{os.environ.get(RUN_CONFIG_ENV, stem)}/ (fairbook run)")
+        return out
+    notebook = project_root() / "notebooks" / f"{stem}.py"
+    defaults = notebook_parameters(notebook)
+    values = {k: namespace[k] for k in defaults if k in namespace}
+    chosen = values.pop(RUN_DIR_PARAMETER, None)
+    if chosen is None:
+        changed = {k: v for k, v in values.items() if v != defaults.get(k)}
+        final = resolve("runs") / stem / config_name(overrides=changed)
+    elif Path(str(chosen)).is_absolute():
+        final = Path(str(chosen))
+    else:
+        final = resolve("runs") / stem / check_config_name(str(chosen), "the run_dir parameter")
+    if _EXECUTION.get("final") != final:
+        _finish()   # a kernel re-run with other parameters: the earlier execution ends here
+        tmp = temporary_sibling(final)
+        tmp.mkdir(parents=True)
+        atomic_write_text(tmp / "params.yaml", yaml.safe_dump(to_jsonable({**values, RUN_DIR_PARAMETER: chosen}),
+                                                               sort_keys=True))
+        _EXECUTION.update(tmp=tmp, final=final, stem=stem, started=time.time(), ok=True)
+        os.environ[RUN_CONFIG_ENV] = f"{stem}/{final.name}"
+        _watch_cells()
+    print(f"results of this execution: {final}\n(kept in {_EXECUTION['tmp'].name} beside it until the kernel "
+          "shuts down after a successful last cell)")
+    return _EXECUTION["tmp"]
+
+
+def _watch_cells() -> None:
+    """Record whether each cell succeeds (IPython's ``post_run_cell``) and finish the execution at exit, once."""
+    if _EXECUTION.get("watching"):
+        return
+    _EXECUTION["watching"] = True
+    try:
+        shell = get_ipython()  # noqa: F821 (defined inside an IPython kernel)
+        shell.events.register("post_run_cell", lambda result: _EXECUTION.update(ok=bool(result.success)))
+    except NameError:
+        pass   # a plain Python process: its exit finishes the execution
+    atexit.register(_finish)
+
+
+def _finish() -> None:
+    """Rename the execution's temporary folder over its final one (with ``run.json``), or to ``<name>.failed``."""
+    tmp, final = _EXECUTION.pop("tmp", None), _EXECUTION.pop("final", None)
+    if tmp is None or not tmp.is_dir():
+        return
+    if not _EXECUTION.get("ok", True):
+        failed = final.with_name(f"{final.name}.failed")
+        shutil.rmtree(failed, ignore_errors=True)
+        os.replace(tmp, failed)
+        return
+    info = {"notebook": f"notebooks/{_EXECUTION['stem']}.py", "config": final.name, "status": "complete",
+            "seconds": round(time.time() - _EXECUTION["started"], 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "executed_by": "papermill or a kernel (not fairbook run)"}
+    atomic_write_text(tmp / "run.json", json.dumps(info, indent=2) + "\n")
+    replace_dir(tmp, final)
 
 
 def save_metrics(metrics: dict, name: str = "metrics.json") -> None:
@@ -278,6 +364,9 @@ def run_notebook(
     param_files = list(param_files)
     params = load_params(param_files, overrides)
     check_params(notebook, params)
+    if params.get(RUN_DIR_PARAMETER) is not None:
+        raise ParameterError(f"{RUN_DIR_PARAMETER} chooses the folder of an execution outside fairbook run; "
+                             "fairbook run names its folder itself: pass --name instead")
     stem = check_config_name(notebook.stem, "the notebook's file name")
     config = check_config_name(name) if name is not None else config_name(param_files, overrides)
     final = resolve(runs_dir) / stem / config

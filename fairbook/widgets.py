@@ -1,8 +1,9 @@
 """Interactive views for JupyterLab (ipywidgets).
 
-Under ``fairbook run`` (papermill, the book) each view draws its first state as a plain figure instead of a
-widget: the static book cannot run widgets, and executing widget cells in a headless client is fragile
-(nbclient can wait forever on widget messages, jupyter/nbclient#312).
+Outside a live JupyterLab session (``fairbook run``, papermill used directly, the book) each view draws its first
+state as a plain figure instead of a widget: the static book cannot run widgets, and executing widget cells in a
+headless client is fragile (nbclient can wait forever on widget messages, jupyter/nbclient#312). A live session is
+recognised by ``JPY_SESSION_NAME``, which Jupyter Server sets for the kernels it starts for a notebook.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from fairbook.runs import RUN_DIR_ENV
 
 
 def interactive() -> bool:
-    """True in a live notebook, False when the notebook is executed by ``fairbook run``."""
-    return not os.environ.get(RUN_DIR_ENV)
+    """True in a live JupyterLab notebook; False under ``fairbook run`` or any headless execution (papermill)."""
+    return not os.environ.get(RUN_DIR_ENV) and bool(os.environ.get("JPY_SESSION_NAME"))
 
 
 def filter_samples(meta: pd.DataFrame, attribute: str, group: str = "all", label: str = "all") -> pd.DataFrame:

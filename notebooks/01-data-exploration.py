@@ -41,6 +41,15 @@ drop_unknown = None
 n_image_stats = 1000
 examples_per_group = 2
 seed = 0
+# this execution's run folder outside `fairbook run` (None:
+# named from the parameter values; see the README)
+run_dir = None
+
+# %% [markdown]
+# Where this execution's results go (its own run folder; the README explains the naming):
+
+# %%
+out = fb.runs.begin("01-data-exploration", globals())
 
 # %% [markdown]
 # ## Loading the splits

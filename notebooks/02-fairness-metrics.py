@@ -42,6 +42,15 @@ pixels = 32
 threshold = "youden"
 n_boot = 1000  # bootstrap resamples for the confidence intervals
 seed = 0
+# this execution's run folder outside `fairbook run` (None:
+# named from the parameter values; see the README)
+run_dir = None
+
+# %% [markdown]
+# Where this execution's results go (its own run folder; the README explains the naming):
+
+# %%
+out = fb.runs.begin("02-fairness-metrics", globals())
 
 # %% [markdown]
 # ## A model to measure

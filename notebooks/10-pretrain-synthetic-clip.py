@@ -54,6 +54,15 @@ lr = 5e-4
 prompts = "fairmedfm"
 n_boot = 1000  # bootstrap resamples for the confidence intervals
 seed = 0
+# this execution's run folder outside `fairbook run` (None:
+# named from the parameter values; see the README)
+run_dir = None
+
+# %% [markdown]
+# Where this execution's results go (its own run folder; the README explains the naming):
+
+# %%
+out = fb.runs.begin("10-pretrain-synthetic-clip", globals())
 
 # %% [markdown]
 # ## Two datasets that share no sample
@@ -104,7 +113,6 @@ config = fb.train.TrainConfig(epochs=epochs, batch_size=batch_size,
                               lr=lr, prompts=prompts, seed=seed)
 
 # %%
-out = fb.runs.output_dir()
 objective = fb.train.Contrastive(tokenizer,
                                  fb.train.PROMPT_SETS[prompts])
 result = fb.train.fit(net, train_ds, val_ds, config, out, objective,

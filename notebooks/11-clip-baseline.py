@@ -54,6 +54,15 @@ n_train = 1000
 prompts = "fairmedfm"  # zero-shot prompts: fairmedfm or fairclip
 seeds = [0, 1, 2]
 n_boot = 1000  # bootstrap resamples of the test set
+# this execution's run folder outside `fairbook run` (None:
+# named from the parameter values; see the README)
+run_dir = None
+
+# %% [markdown]
+# Where this execution's results go (its own run folder; the README explains the naming):
+
+# %%
+out = fb.runs.begin("11-clip-baseline", globals())
 
 # %% [markdown]
 # ## Data and recipe
@@ -83,7 +92,6 @@ fb.plots.say(config)
 # in `fb.methods`: here the plain baseline, `fb.methods.CLIP()`.
 
 # %%
-out = fb.runs.output_dir()
 setup = fb.protocol.Setup(data_root, config, model, pretrained,
                           n_train)
 trained = fb.protocol.train_grid(out, [fb.methods.CLIP()], setup,

@@ -67,6 +67,15 @@ selection_attributes = ["race"]
 blur = 1e-4  # Sinkhorn blur (the official argparse default)
 seeds = [0, 1, 2]
 n_boot = 1000
+# this execution's run folder outside `fairbook run` (None:
+# named from the parameter values; see the README)
+run_dir = None
+
+# %% [markdown]
+# Where this execution's results go (its own run folder; the README explains the naming):
+
+# %%
+out = fb.runs.begin("12-fairclip", globals())
 
 # %% [markdown]
 # ## Data, recipe and baseline
@@ -120,7 +129,6 @@ magnitudes.round(4)
 # attributes of `selection_seeds` and `selection_attributes` only; the test split is never scored for them.
 
 # %%
-out = fb.runs.output_dir()
 setup = fb.protocol.Setup(data_root, config, model, pretrained,
                           n_train)
 if lam_grid:

@@ -84,6 +84,15 @@ lam = 100.0
 blur = 1e-4
 seeds = [0, 1, 2]
 n_boot = 1000
+# this execution's run folder outside `fairbook run` (None:
+# named from the parameter values; see the README)
+run_dir = None
+
+# %% [markdown]
+# Where this execution's results go (its own run folder; the README explains the naming):
+
+# %%
+out = fb.runs.begin("13-fair-moe", globals())
 
 # %% [markdown]
 # ## The model
@@ -147,7 +156,6 @@ scale
 # weights whose validation AUC is within one point of the best.
 
 # %%
-out = fb.runs.output_dir()
 if fol_weight_grid:
     candidates = [
         fair_moe.replace(name=f"Fair-MoE (FOL weight={w:g})",

@@ -44,6 +44,15 @@ batch_size = 32
 n_train = 1000
 seeds = [0, 1, 2]
 n_boot = 1000  # bootstrap resamples of the test set
+# this execution's run folder outside `fairbook run` (None:
+# named from the parameter values; see the README)
+run_dir = None
+
+# %% [markdown]
+# Where this execution's results go (its own run folder; the README explains the naming):
+
+# %%
+out = fb.runs.begin("14-fairmedfm-usages", globals())
 
 # %% [markdown]
 # ## Data and recipe
@@ -72,7 +81,6 @@ usages = fb.methods.fairmedfm.grid(
 for usage in usages:
     trains = fb.methods.fairmedfm.USAGES[usage.usage]
     fb.plots.say(f"{usage.name}: {trains}")
-out = fb.runs.output_dir()
 setup = fb.protocol.Setup(data_root, config, model, pretrained,
                           n_train)
 trained = fb.protocol.train_grid(out, usages, setup, seeds)

@@ -61,6 +61,15 @@ lora_rank = 4
 febs_gamma = 1.0
 seeds = [0, 1, 2]
 n_boot = 1000  # bootstrap resamples of the test cases
+# this execution's run folder outside `fairbook run` (None:
+# named from the parameter values; see the README)
+run_dir = None
+
+# %% [markdown]
+# Where this execution's results go (its own run folder; the README explains the naming):
+
+# %%
+out = fb.runs.begin("15-segmentation-fairness", globals())
 
 # %% [markdown]
 # ## Data
@@ -89,7 +98,6 @@ sizes
 # four prompts at random. A real run starts from `facebook/sam-vit-base` and skips this step.
 
 # %%
-out = fb.runs.output_dir()
 config = fb.train.TrainConfig.preset(recipe, epochs=epochs, lr=lr,
                                      batch_size=batch_size)
 start = pretrained
@@ -269,15 +277,16 @@ wide = means.pivot(index="method", columns="metric",
 zero = fb.tables.seed_means(zs, ["dsc", "dsc_delta"]).pivot(
     index="method", columns="metric", values="mean")
 fairest = zero["dsc_delta"].idxmin()
+gap = 100 * zero.loc[fairest, "dsc_delta"]
 fb.plots.say(f"zero-shot: the best prompt is "
              f"{zero['dsc'].idxmax()} (DSC "
              f"{100 * zero['dsc'].max():.1f}); the smallest gap is "
-             f"{fairest} ({100 * zero.loc[fairest, 'dsc_delta']:.1f}"
-             " points)")
+             f"{fairest} ({gap:.1f} points)")
+start_dsc = 100 * wide.loc[baseline, "dsc"]
 fb.plots.say(f"fine-tuned on the {structure}: SAMed reaches DSC "
              f"{100 * wide.loc['SAMed', 'dsc']:.1f} from "
-             f"{100 * wide.loc[baseline, 'dsc']:.1f} zero-shot; the "
-             f"smallest gap is {wide['dsc_delta'].idxmin()}'s")
+             f"{start_dsc:.1f} zero-shot; the smallest gap is "
+             f"{wide['dsc_delta'].idxmin()}'s")
 n_held = int(held["held"].fillna(False).sum())
 fb.plots.say(f"FairMedFM's findings: {n_held} of {len(held)} held; "
              "the others are negative results on this data")

@@ -56,6 +56,15 @@ seeds = [0, 1, 2]
 # as in the paper)
 attributes = ["gender"]
 n_boot = 1000  # bootstrap resamples of the test set
+# this execution's run folder outside `fairbook run` (None:
+# named from the parameter values; see the README)
+run_dir = None
+
+# %% [markdown]
+# Where this execution's results go (its own run folder; the README explains the naming):
+
+# %%
+out = fb.runs.begin("16-multifair", globals())
 
 # %% [markdown]
 # ## Data and recipe
@@ -81,7 +90,6 @@ methods = fb.methods.multifair.variants(
     head_lr=head_lr, width=width, fusion_layers=fusion_layers,
     image_encoder=image_encoder, text_encoder=text_encoder)
 names = [m.name for m in methods]
-out = fb.runs.output_dir()
 setup = fb.protocol.Setup(data_root, config, model, pretrained,
                           n_train)
 trained = fb.protocol.train_grid(out, methods, setup, seeds,

@@ -44,6 +44,15 @@ prompts = "fairmedfm"
 attributes = ["race"]
 seeds = [0, 1, 2]
 n_boot = 1000
+# this execution's run folder outside `fairbook run` (None:
+# named from the parameter values; see the README)
+run_dir = None
+
+# %% [markdown]
+# Where this execution's results go (its own run folder; the README explains the naming):
+
+# %%
+out = fb.runs.begin("20-ablation-fo-moe", globals())
 
 # %% [markdown]
 # ## Training
@@ -64,7 +73,6 @@ fairclip_moe = fb.methods.FairMoE(
 fb.plots.say(fairclip_moe.describe())
 setup = fb.protocol.Setup(data_root, config, model, pretrained,
                           n_train)
-out = fb.runs.output_dir()
 fb.protocol.train_grid(out, [fairclip_moe], setup, seeds,
                        attributes)
 

@@ -41,6 +41,15 @@ n_train = 1000
 prompts = "fairmedfm"
 seeds = [0, 1, 2]
 n_boot = 1000
+# this execution's run folder outside `fairbook run` (None:
+# named from the parameter values; see the README)
+run_dir = None
+
+# %% [markdown]
+# Where this execution's results go (its own run folder; the README explains the naming):
+
+# %%
+out = fb.runs.begin("21-ablation-fol", globals())
 
 # %% [markdown]
 # ## Training
@@ -56,7 +65,6 @@ without_fol = fb.methods.FairMoE("Fair-MoE w/o FOL",
                                  layers=fair_moe.layers, fol=None)
 setup = fb.protocol.Setup(data_root, config, model, pretrained,
                           n_train)
-out = fb.runs.output_dir()
 fb.protocol.train_grid(out, [without_fol], setup, seeds)
 
 # %% [markdown]

@@ -49,6 +49,15 @@ variants = ["w/o F_EI", "w/o F_ET", "w/o F_FI", "w/o F_FT",
             "w/o text FO-MoE", "w/o image FO-MoE"]
 seeds = [0, 1, 2]
 n_boot = 1000
+# this execution's run folder outside `fairbook run` (None:
+# named from the parameter values; see the README)
+run_dir = None
+
+# %% [markdown]
+# Where this execution's results go (its own run folder; the README explains the naming):
+
+# %%
+out = fb.runs.begin("22-ablation-components", globals())
 
 # %% [markdown]
 # ## The variants
@@ -82,7 +91,6 @@ ablations = [
 fb.plots.say(fair_moe.describe())
 setup = fb.protocol.Setup(data_root, config, model, pretrained,
                           n_train)
-out = fb.runs.output_dir()
 fb.protocol.train_grid(out, ablations, setup, seeds, attributes)
 
 # %% [markdown]

@@ -48,6 +48,15 @@ n_boot = 1000  # bootstrap resamples of the test set
 # chapter 14's run with the same parameters: its plain LP and
 # LoRA models are the baselines
 usages_run = "runs/14-fairmedfm-usages/default"
+# this execution's run folder outside `fairbook run` (None:
+# named from the parameter values; see the README)
+run_dir = None
+
+# %% [markdown]
+# Where this execution's results go (its own run folder; the README explains the naming):
+
+# %%
+out = fb.runs.begin("23-fairmedfm-mitigations", globals())
 
 # %% [markdown]
 # ## Data, recipe and baselines
@@ -77,7 +86,6 @@ plain[["chapter", "method", "attribute", "seed"]]
 # %%
 mitigated = fb.methods.fairmedfm.grid(
     ["lp", "lora"], ["resampling", "groupdro", "laftr"])
-out = fb.runs.output_dir()
 trained = fb.protocol.train_grid(out, mitigated, setup, seeds,
                                  attributes=["gender"])
 history = fb.protocol.histories(trained)

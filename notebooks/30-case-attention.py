@@ -51,6 +51,15 @@ prompts = "fairmedfm"
 methods = ["rollout", "gradient-attention"]
 n_boot = 1000
 mask_key = "disc_mask"
+# this execution's run folder outside `fairbook run` (None:
+# named from the parameter values; see the README)
+run_dir = None
+
+# %% [markdown]
+# Where this execution's results go (its own run folder; the README explains the naming):
+
+# %%
+out = fb.runs.begin("30-case-attention", globals())
 
 # %% [markdown]
 # ## The models and the cases

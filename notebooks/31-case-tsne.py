@@ -63,6 +63,15 @@ n_points = 600
 n_train_probe = 1000
 n_boot = 1000  # bootstrap resamples of the test set
 n_perm = 1000  # label permutations of the distance test
+# this execution's run folder outside `fairbook run` (None:
+# named from the parameter values; see the README)
+run_dir = None
+
+# %% [markdown]
+# Where this execution's results go (its own run folder; the README explains the naming):
+
+# %%
+out = fb.runs.begin("31-case-tsne", globals())
 
 # %%
 source = fb.data.describe(data_root)

@@ -55,6 +55,15 @@ threshold = "youden"
 n_examples = 3  # gallery cases per group
 # which disagreements the gallery shows (deterministic for a seed)
 gallery_seed = 0
+# this execution's run folder outside `fairbook run` (None:
+# named from the parameter values; see the README)
+run_dir = None
+
+# %% [markdown]
+# Where this execution's results go (its own run folder; the README explains the naming):
+
+# %%
+out = fb.runs.begin("32-case-study", globals())
 
 # %%
 methods = ["CLIP", "FairCLIP", "Fair-MoE"]

@@ -41,6 +41,15 @@ intersections = ["race&gender"]
 # the method every other method is compared with, paired on seed
 baseline = "CLIP"
 n_boot = 1000  # bootstrap resamples of the test set
+# this execution's run folder outside `fairbook run` (None:
+# named from the parameter values; see the README)
+run_dir = None
+
+# %% [markdown]
+# Where this execution's results go (its own run folder; the README explains the naming):
+
+# %%
+out = fb.runs.begin("90-results", globals())
 
 # %% [markdown]
 # ## What was run
@@ -132,7 +141,7 @@ columns = ["chapter", "method", "attribute", "seed",
            "eval_attribute", "threshold", "auc", "es_auc", "dpd",
            "eod", "eq_odds", "worst_auc", "auc_delta"]
 per_seed = evals[columns]
-fb.files.atomic_write_text(fb.runs.output_dir() / "per-seed.csv",
+fb.files.atomic_write_text(out / "per-seed.csv",
                            per_seed.to_csv(index=False))
 fb.runs.save_metrics({
     "data": source, "chapters": chapters, "source_config": config,

@@ -2,6 +2,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -164,3 +166,97 @@ def test_fine_tuning_chapters_save_predictions_that_the_results_chapter_reads(sm
     assert len(per_seed) == 5 * len(found)  # every model under the four attributes and race & gender
     metrics = json.loads((smoke_runs / "11-clip-baseline" / "smoke" / "metrics.json").read_text())
     assert len(metrics["control_differences"]) == 8, "the bias-free control compares every pair of groups"
+
+
+def papermill(stem: str, out: Path, params: dict) -> subprocess.Popen:
+    """``papermill`` itself, as a user runs it (not fairbook's runner): the chapter converted with jupytext, then
+    executed with the smoke parameters file and extra ``-p`` values, from the checkout."""
+    import jupytext
+
+    notebook = out.with_name(f"{stem}-source.ipynb")
+    jupytext.write(jupytext.read(ROOT / "notebooks" / f"{stem}.py"), notebook)
+    extra = [a for k, v in params.items() for a in ("-p", k, str(v))]
+    command = [str(Path(sys.executable).with_name("papermill")), str(notebook), str(out), "-f",
+               str(ROOT / "params" / stem / "smoke.yaml"), "-k", "fairbook", "--log-level", "ERROR", *extra]
+    env = {k: v for k, v in os.environ.items() if k not in (runs.RUN_DIR_ENV, runs.RUN_CONFIG_ENV)}
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def executed_folder(out: Path) -> Path:
+    """The run folder an executed notebook says it wrote to (printed near the top)."""
+    for cell in json.loads(out.read_text())["cells"][:12]:
+        for output in cell.get("outputs", []):
+            text = "".join(output.get("text", ""))
+            if text.startswith("results of this execution: "):
+                return Path(text.splitlines()[0].removeprefix("results of this execution: "))
+    raise AssertionError(f"{out} does not say where its results went")
+
+
+@pytest.mark.notebook
+def test_papermill_used_directly_gives_every_execution_its_own_complete_folder(smoke_data, tmp_path):
+    runs.ensure_kernel()
+    executions = [("02-fairness-metrics", {}), ("01-data-exploration", {}), ("02-fairness-metrics", {"n_boot": 20})]
+    folders = []
+    try:
+        for i, (stem, params) in enumerate(executions):
+            process = papermill(stem, tmp_path / f"out-{i}.ipynb", params)
+            log = process.communicate(timeout=900)[0]
+            assert process.returncode == 0, log[-2000:]
+            folders.append(executed_folder(tmp_path / f"out-{i}.ipynb"))
+        assert len(set(folders)) == 3
+        assert [f.parent.name for f in folders] == [stem for stem, _ in executions]
+        assert folders[0].name.startswith("defaults__") and folders[2].name != folders[0].name
+        assert "n_boot-20" in folders[2].name
+        for folder, (stem, params) in zip(folders, executions):
+            assert runs.is_complete(folder), f"{folder} is not a complete run"
+            recorded = runs.read_yaml(folder / "params.yaml")
+            expected = {**runs.load_params([ROOT / "params" / stem / "smoke.yaml"]), **params}
+            assert {k: recorded[k] for k in expected} == expected
+            metrics = json.loads((folder / "metrics.json").read_text())
+            assert metrics["config"] == f"{stem}/{folder.name}"
+            assert not list(folder.parent.glob(f".{folder.name}.tmp-*"))
+        assert not (ROOT / "runs" / "interactive").exists() or not any(
+            (ROOT / "runs" / "interactive").glob("metrics.json")), "nothing may land in the shared folder"
+        again = papermill("02-fairness-metrics", tmp_path / "again.ipynb", {"n_boot": 20})
+        assert again.communicate(timeout=900)[0] is not None and again.returncode == 0
+        assert executed_folder(tmp_path / "again.ipynb") == folders[2] and runs.is_complete(folders[2])
+    finally:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.notebook
+def test_two_papermill_executions_in_parallel_keep_their_files_apart(smoke_data, tmp_path):
+    runs.ensure_kernel()
+    boots = [21, 22]
+    processes = [papermill("02-fairness-metrics", tmp_path / f"par-{b}.ipynb", {"n_boot": b}) for b in boots]
+    logs = [p.communicate(timeout=900)[0] for p in processes]
+    folders = [executed_folder(tmp_path / f"par-{b}.ipynb") for b in boots]
+    try:
+        assert all(p.returncode == 0 for p in processes), [log[-1500:] for log in logs]
+        assert folders[0] != folders[1]
+        for folder, boot in zip(folders, boots):
+            assert runs.read_yaml(folder / "params.yaml")["n_boot"] == boot
+            assert json.loads((folder / "metrics.json").read_text())["config"].endswith(folder.name)
+            names = {p.relative_to(folder) for p in folder.rglob("*")}
+            other = folders[1 - folders.index(folder)]
+            assert names and names == {p.relative_to(other) for p in other.rglob("*")}   # same kinds of files
+            assert runs.is_complete(folder)
+    finally:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.notebook
+def test_run_dir_names_the_folder_and_fairbook_run_refuses_it(smoke_data, tmp_path):
+    runs.ensure_kernel()
+    target = tmp_path / "chosen"
+    process = papermill("02-fairness-metrics", tmp_path / "chosen.ipynb", {"run_dir": str(target)})
+    log = process.communicate(timeout=900)[0]
+    assert process.returncode == 0, log[-2000:]
+    assert executed_folder(tmp_path / "chosen.ipynb") == target and runs.is_complete(target)
+    assert runs.read_yaml(target / "params.yaml")["run_dir"] == str(target)
+    with pytest.raises(runs.ParameterError, match="pass --name instead"):
+        runs.run_notebook(ROOT / "notebooks" / "02-fairness-metrics.py", [], {"run_dir": "x"})
+    with pytest.raises(runs.ParameterError, match="from the run_dir parameter"):
+        runs.begin("02-fairness-metrics", {"run_dir": "../elsewhere"})

@@ -28,6 +28,9 @@ def test_live_notebook_gets_widgets(meta, monkeypatch):
     import ipywidgets
 
     monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    assert not widgets.interactive()                  # papermill used directly: headless, no widgets
+    monkeypatch.setenv("JPY_SESSION_NAME", "notebooks/01-data-exploration.py")   # what Jupyter Server sets
     assert widgets.interactive()
     browser = widgets.sample_browser(meta, ("race", "gender"))
     assert isinstance(browser, ipywidgets.VBox)
