@@ -98,7 +98,7 @@ def begin(stem: str, namespace: dict) -> Path:
     with the same parameters replaces that one folder atomically."""
     if os.environ.get(RUN_DIR_ENV):
         out = Path(os.environ[RUN_DIR_ENV])
-        print(f"results of this run: runs/{os.environ.get(RUN_CONFIG_ENV, stem)}/ (fairbook run)")
+        print(f"results of this run (fairbook run):\nruns/{os.environ.get(RUN_CONFIG_ENV, stem)}/")
         return out
     notebook = project_root() / "notebooks" / f"{stem}.py"
     defaults = notebook_parameters(notebook)
@@ -120,8 +120,9 @@ def begin(stem: str, namespace: dict) -> Path:
         _EXECUTION.update(tmp=tmp, final=final, stem=stem, started=time.time(), ok=True)
         os.environ[RUN_CONFIG_ENV] = f"{stem}/{final.name}"
         _watch_cells()
-    print(f"results of this execution: {final}\n(kept in {_EXECUTION['tmp'].name} beside it until the kernel "
-          "shuts down after a successful last cell)")
+    shown = final.relative_to(project_root()) if final.is_relative_to(project_root()) else final
+    print(f"results of this execution:\n{shown}\n(kept in a hidden folder beside it until the kernel shuts down\n"
+          "after a successful last cell)")
     return _EXECUTION["tmp"]
 
 

@@ -187,8 +187,8 @@ def executed_folder(out: Path) -> Path:
     for cell in json.loads(out.read_text())["cells"][:12]:
         for output in cell.get("outputs", []):
             text = "".join(output.get("text", ""))
-            if text.startswith("results of this execution: "):
-                return Path(text.splitlines()[0].removeprefix("results of this execution: "))
+            if text.startswith("results of this execution:"):
+                return ROOT / text.splitlines()[1]          # relative to the checkout, or absolute
     raise AssertionError(f"{out} does not say where its results went")
 
 
