@@ -131,11 +131,11 @@ def _watch_cells() -> None:
     if _EXECUTION.get("watching"):
         return
     _EXECUTION["watching"] = True
-    try:
-        shell = get_ipython()  # noqa: F821 (defined inside an IPython kernel)
+    from IPython import get_ipython
+
+    shell = get_ipython()   # None in a plain Python process: its exit finishes the execution
+    if shell is not None:
         shell.events.register("post_run_cell", lambda result: _EXECUTION.update(ok=bool(result.success)))
-    except NameError:
-        pass   # a plain Python process: its exit finishes the execution
     atexit.register(_finish)
 
 

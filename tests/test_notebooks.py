@@ -256,6 +256,11 @@ def test_run_dir_names_the_folder_and_fairbook_run_refuses_it(smoke_data, tmp_pa
     assert process.returncode == 0, log[-2000:]
     assert executed_folder(tmp_path / "chosen.ipynb") == target and runs.is_complete(target)
     assert runs.read_yaml(target / "params.yaml")["run_dir"] == str(target)
+    broken = papermill("02-fairness-metrics", tmp_path / "broken.ipynb",
+                       {"run_dir": str(tmp_path / "broken"), "data_root": str(tmp_path / "nowhere")})
+    broken.communicate(timeout=900)
+    assert broken.returncode != 0 and not (tmp_path / "broken").exists()
+    assert (tmp_path / "broken.failed" / "params.yaml").is_file()    # a failed execution never looks complete
     with pytest.raises(runs.ParameterError, match="pass --name instead"):
         runs.run_notebook(ROOT / "notebooks" / "02-fairness-metrics.py", [], {"run_dir": "x"})
     with pytest.raises(runs.ParameterError, match="from the run_dir parameter"):
