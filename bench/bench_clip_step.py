@@ -3,10 +3,12 @@
     python bench/bench_clip_step.py [--batch 32] [--steps 20] [--warmup 3] [--threads N] [--json OUT]
 
 One step is what :func:`fairbook.train.fit` does per batch: forward of both towers, the loss, backward,
-gradient clipping (norm 1) and an AdamW update with the default :class:`fairbook.train.TrainConfig` settings.
+gradient clipping (norm 1) and an AdamW update (the fused kernel, as :func:`fairbook.train.fit` runs it) with the
+default :class:`fairbook.train.TrainConfig` settings.
 Variants, all with the same batch size and the same sequence of batches, each from the same initial weights:
 
 * ``clip``: :func:`fairbook.train.clip_loss` alone;
+* ``clip-unfused``: the same with AdamW's default (unfused) kernel, i.e. before :func:`fairbook.train.fusable`;
 * ``fairclip-paper``: plus :class:`fairbook.methods.fairclip.FairCLIPRegulariser` (attribute race, form "paper": one
   Sinkhorn divergence per race group between the batch's matched-pair cosines and the group's);
 * ``fairclip-code``: plus the regulariser in the official code's form: each step also draws one batch per race
@@ -44,9 +46,9 @@ from fairbook.data.fairvlmed import truncate_note
 from fairbook.data.synthetic import SynthConfig, sample_records
 from fairbook.methods.fairclip import FairCLIPRegulariser, GroupBatches, encode_groups
 from fairbook.models import create_clip
-from fairbook.train import TrainConfig, clip_loss
+from fairbook.train import TrainConfig, clip_loss, fusable
 
-VARIANTS = ("clip", "fairclip-paper", "fairclip-code")
+VARIANTS = ("clip", "clip-unfused", "fairclip-paper", "fairclip-code")
 
 
 def endless(loader):
@@ -83,10 +85,12 @@ class Stepper:
 
     def __init__(self, model, data: MemoryPairs, variant: str, batch: int, seed: int) -> None:
         config = TrainConfig(batch_size=batch, seed=seed)
-        self.model, self.variant, self.grad_clip = model.train(), variant, config.grad_clip
+        self.model, self.grad_clip = model.train(), config.grad_clip
         self.params = [p for p in model.parameters() if p.requires_grad]
+        fused = None if variant == "clip-unfused" else fusable(self.params)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas, eps=config.eps,
-                                           weight_decay=config.weight_decay)
+                                           weight_decay=config.weight_decay, fused=fused)
+        self.variant = variant = "clip" if variant == "clip-unfused" else variant
         self.regulariser = None if variant == "clip" else FairCLIPRegulariser("race", form=variant.split("-")[1])
         self.groups = GroupBatches(data, "race", batch_size=batch, seed=seed) if variant == "fairclip-code" else None
         self.loader = DataLoader(data, batch_size=batch, shuffle=True, drop_last=True,

@@ -45,7 +45,7 @@ from fairbook.models import fit_logistic, pick_device
 __all__ = [
     "CLASSES", "FAIRCLIP_PROMPTS", "FAIRMEDFM_PROMPTS", "FAIRMEDFM_TEMPLATE", "PROMPT_SETS", "TRAINABLE_PARTS",
     "CheckpointError", "TrainConfig", "TrainError", "class_embeddings", "clip_loss", "extract_features",
-    "Classification", "Contrastive", "Objective", "fit", "fit_and_score", "group_numbers", "linear_probe",
+    "Classification", "Contrastive", "Objective", "fit", "fit_and_score", "fusable", "group_numbers", "linear_probe",
     "load_checkpoint", "lr_factor", "regulariser_scale", "set_trainable", "validation_auc", "validation_criterion",
     "zero_shot_scores",
 ]
@@ -247,7 +247,16 @@ def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.O
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=0.0, weight_decay=config.weight_decay)
     cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+    return cls(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
+               fused=fusable(params))
+
+
+def fusable(params: list[nn.Parameter]) -> bool | None:
+    """Whether Adam(W) can run its fused kernel on ``params`` (one pass over each tensor instead of about ten; on
+    the tiny CLIP's 9.1 M parameters a CPU step takes 8 ms instead of 83 ms, see bench/README.md). The fused
+    update is the same arithmetic, rounded differently (parameters differ by ~1e-8 after a few steps). None (the
+    default kernel) for parameters on other devices."""
+    return True if params and all(p.device.type in ("cpu", "cuda") for p in params) else None
 
 
 # ----------------------------------------------------------------------------------------------------- zero-shot

@@ -54,7 +54,7 @@ from fairbook.data.attributes import FILTER_ATTRIBUTES, UNKNOWN, decode
 from fairbook.methods.base import Claim, Method, MethodError
 from fairbook.mitigations import RESAMPLE_BY, GroupDRO, cell_sampler, training_groups
 from fairbook.models.fusion import MODALITIES, FusionClassifier, clip_encoders, pretrained_encoders
-from fairbook.train import Classification, Objective, TrainConfig
+from fairbook.train import Classification, Objective, TrainConfig, fusable
 
 __all__ = ["CLAIMS", "BALANCE_METRICS", "DualModulation", "MultiFair", "batch_auc", "direction_term",
            "factor_table", "fairness_gap", "group_auc_gap", "group_factors", "group_table", "modality_balance",
@@ -167,7 +167,7 @@ class DualModulation(Classification):
         """One step of the auxiliary heads on detached features, with their own optimiser."""
         heads = list(model.unimodal.parameters())
         if self._head_optimizer is None:
-            self._head_optimizer = torch.optim.AdamW(heads, lr=self.method.head_lr)
+            self._head_optimizer = torch.optim.AdamW(heads, lr=self.method.head_lr, fused=fusable(heads))
         with torch.enable_grad():
             logits = model.unimodal_logits({m: v.detach() for m, v in z.items()})
             loss = sum(F.binary_cross_entropy_with_logits(v.float(), labels.float()) for v in logits.values())
