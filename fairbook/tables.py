@@ -27,7 +27,8 @@ from fairbook.stats import estimate, paired_ttest
 
 __all__ = ["BETTER", "LEADERBOARD", "SEGMENTATION_TABLE2", "TABLE1", "TABLE2", "attribute_order", "ci_table",
            "claim_verdicts", "claims", "evaluate", "evaluate_segmentation", "group_auc_table", "group_differences",
-           "group_means", "leaderboard", "paired_table", "seed_means", "table", "table2", "wide_points"]
+           "group_means", "leaderboard", "paired_table", "rank_agreement", "seed_means", "table", "table2",
+           "wide_points"]
 
 #: Column names of Fair-MoE's Table 1, in its order.
 TABLE1 = {"es_auc": "ES-AUC", "auc": "AUC", "dpd": "DPD", "eod": "EOD"}
@@ -325,6 +326,30 @@ def paired_table(evals: pd.DataFrame, baseline: str, metrics: Sequence[str] = tu
                              "boot_lo": lo, "boot_hi": hi, "t": test["t"], "p": test["p"],
                              "cohen_dz": test["cohen_dz"], "n": test["n"]})
     return pd.DataFrame(rows)
+
+
+def rank_agreement(runs: pd.DataFrame, baseline: str, split: str = "test") -> pd.DataFrame:
+    """How alike each model ranks the cases of ``split`` to ``baseline`` at the same seed: the Spearman correlation
+    of their scores (1: the same order, hence the same AUC in every group, whatever the scores' scale). ``runs``:
+    results-store rows (:func:`fairbook.results.collect`) with one ``baseline`` model per seed; every model of one
+    seed scores the same cases in the same order. One row per method and training attribute: ``spearman`` (mean
+    over the seeds it shares with the baseline), ``min`` and ``seeds``."""
+    base = runs[runs["method"] == baseline]
+    if base.empty:
+        raise ResultsError(f"baseline {baseline!r} has no results; choose one of {sorted(set(runs['method']))}")
+    if base["seed"].duplicated().any():
+        raise ResultsError(f"baseline {baseline!r} has several models per seed: pass the rows of one training "
+                           "attribute")
+    reference = {row.seed: read_predictions(row.folder, split)["y_score"] for row in base.itertuples()}
+    rows = []
+    for (method, attribute), models in runs[runs["method"] != baseline].groupby(["method", "attribute"],
+                                                                                 sort=False):
+        rho = [read_predictions(row.folder, split)["y_score"].corr(reference[row.seed], method="spearman")
+               for row in models.itertuples() if row.seed in reference]
+        if rho:
+            rows.append({"method": method, "attribute": attribute, "spearman": float(np.mean(rho)),
+                         "min": float(np.min(rho)), "seeds": len(rho)})
+    return pd.DataFrame(rows, columns=["method", "attribute", "spearman", "min", "seeds"])
 
 
 def group_differences(evals: pd.DataFrame, method: str, level: float = 0.95) -> pd.DataFrame:

@@ -267,3 +267,20 @@ def test_claim_verdicts_follow_the_expected_direction_and_name_missing_runs():
     assert tables.claim_verdicts(claims[:1], pd.DataFrame())["verdict"].tolist() == ["not run"]
     with pytest.raises(ValueError, match="choose better, worse or not worse"):
         Claim("P", "T", "s", "c", "m", "b", "auc", "higher")
+
+
+def test_rank_agreement_is_scipys_spearman_per_seed(tmp_path):
+    for seed in (0, 1):
+        save_model(tmp_path, "Zero-shot", seed)
+        save_model(tmp_path, "LP", seed)
+        y, p, codes = make_split(7, 1000 * len("Zero-shot") + seed)
+        scaled = {"validation": (y, p, codes), "test": (y, 0.5 + 0.1 * p ** 3, codes)}  # monotone: same order
+        results.save(tmp_path, "Scaled", seed, scaled, DATA, attribute="gender")
+    got = tables.rank_agreement(results.collect(tmp_path), baseline="Zero-shot").set_index("method")
+    expected = [st.spearmanr(make_split(7, 2000 + s)[1], make_split(7, 9000 + s)[1]).statistic for s in (0, 1)]
+    assert got.loc["LP", "spearman"] == pytest.approx(np.mean(expected))
+    assert got.loc["LP", "min"] == pytest.approx(min(expected))
+    assert got.loc["LP", "seeds"] == 2 and got.loc["LP", "spearman"] < 0.9
+    assert got.loc["Scaled", "spearman"] == pytest.approx(1.0) and got.loc["Scaled", "attribute"] == "gender"
+    with pytest.raises(ResultsError, match="baseline 'CLIP' has no results"):
+        tables.rank_agreement(results.collect(tmp_path), baseline="CLIP")
