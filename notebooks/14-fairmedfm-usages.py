@@ -97,9 +97,9 @@ learning = (history.groupby(["method", "epoch"], sort=False)
 learning.round(4)
 
 # %% [markdown]
-# Validation AUCs that match zero-shot's to the third decimal suggest that a usage ranks the cases as zero-shot
-# does. The Spearman correlation of each usage's test scores with zero-shot's, per seed (1 means the same order, and
-# so the same AUC in every group; mean and minimum over seeds):
+# Does a trained usage rank the cases differently from zero-shot, or only rescale its scores? The Spearman
+# correlation of each usage's test scores with zero-shot's, per seed (1 means the same order, and so the same AUC in
+# every group; mean and minimum over seeds):
 
 # %%
 agreement = fb.tables.rank_agreement(trained, baseline="Zero-shot")
