@@ -231,6 +231,10 @@ def _copy_saved(folder, seed: int):
 
 
 def _check_attribute(method: Method, attribute: str) -> None:
+    if attribute != ALL and attribute not in FILTER_ATTRIBUTES:
+        raise ResultsError(f"unknown training attribute {attribute!r}: use one of {', '.join(FILTER_ATTRIBUTES)} "
+                           "(a binarised attribute trains for the one it is made from, "
+                           "fairbook.data.source_attribute)")
     if method.uses_attribute == (attribute == ALL):
         need = f"one of {', '.join(FILTER_ATTRIBUTES)}" if method.uses_attribute else repr(ALL)
         use = "trains for an attribute" if method.uses_attribute else "uses no attribute"

@@ -19,7 +19,8 @@
 # no mitigation improves fairness reliably, and some cost accuracy. Its Fig. 15 backs this with critical-difference
 # diagrams, in which every method falls in one group.
 #
-# This chapter trains the mitigations for sex, the attribute of Table 2, on the setup of chapter 14, and compares
+# This chapter trains the mitigations for sex, the attribute of Table 2 (the parameter `attribute` chooses another),
+# on the setup of chapter 14, and compares
 # them with chapter 14's plain LP and LoRA models, paired on seed. Released FairMedFM code has no GroupDRO or LAFTR
 # and its resampling only turns shuffling off; the mitigations here follow the paper and MEDFAIR, as
 # `fb.mitigations` documents.
@@ -45,6 +46,9 @@ batch_size = 32
 n_train = 500
 seeds = [0, 1, 2]
 n_boot = 1000  # bootstrap resamples of the test set
+# attribute of the table (sex, race-binary, language-binary, race,
+# ...); the mitigations train for the attribute it is made from
+attribute = "sex"
 # chapter 14's run with the same parameters: its plain LP and
 # LoRA models are the baselines
 usages_run = "runs/14-fairmedfm-usages/default"
@@ -76,18 +80,22 @@ fb.plots.say(config)
 plain[["chapter", "method", "attribute", "seed"]]
 
 # %% [markdown]
-# ## The mitigations, trained for sex
+# ## The mitigations
 #
-# `fb.methods.fairmedfm.grid` names each cell as Table 2 does. Resampling draws batches balanced over the sex ×
-# label cells; GroupDRO up-weights the sex with the higher loss (C = 1); LAFTR trains an adversary to tell the sexes
-# apart from the representation the head classifies, with coefficient 0.1 (on the frozen LP encoder, through a
-# trainable projection). Each model is trained once per seed by the one loop.
+# `fb.methods.fairmedfm.grid` names each cell as Table 2 does. Each mitigation is trained for the FairVLMed attribute
+# that `attribute` is made from (gender for sex): resampling draws batches balanced over its group × label cells;
+# GroupDRO up-weights the group with the higher loss (C = 1); LAFTR trains an adversary to tell the groups apart
+# from the representation the head classifies, with coefficient 0.1 (on the frozen LP encoder, through a trainable
+# projection). Each model is trained once per seed by the one loop.
 
 # %%
+trained_for = fb.data.source_attribute(attribute)
 mitigated = fb.methods.fairmedfm.grid(
     ["lp", "lora"], ["resampling", "groupdro", "laftr"])
 trained = fb.protocol.train_grid(out, mitigated, setup, seeds,
-                                 attributes=["gender"])
+                                 attributes=[trained_for])
+fb.plots.say(f"table attribute {attribute}; trained for "
+             f"{trained_for}")
 history = fb.protocol.histories(trained)
 (history.groupby(["method", "epoch"], sort=False)
  [["train_loss", "reg_loss", "val_auc"]].mean().round(4))
@@ -95,7 +103,7 @@ history = fb.protocol.histories(trained)
 # %% [markdown]
 # ## Table 2
 #
-# Percent, mean ± std over seeds, in the paper's layout: AUC, the AUC of each sex, their gap AUC_Δ, EqOdds as
+# Percent, mean ± std over seeds, in the paper's layout: AUC, the AUC of each group, their gap AUC_Δ, EqOdds as
 # 1 − gap (↑), the gap in calibration error ECE_Δ, AUC_ES in FairMedFM's form, and DPD. The threshold of each model
 # is chosen on its validation predictions.
 
@@ -104,15 +112,16 @@ names = [m.name for m in fb.methods.fairmedfm.grid(
     ["lp", "lora"], ["erm", "resampling", "groupdro", "laftr"])]
 runs = fb.results.collect(out)
 runs = fb.results.same_data(pd.concat([plain, runs]), source)
-evals = fb.tables.evaluate(runs, attributes=["sex"], n_boot=n_boot)
-table2 = fb.tables.table2(evals, "sex", methods=names)
+evals = fb.tables.evaluate(runs, attributes=[attribute],
+                           n_boot=n_boot)
+table2 = fb.tables.table2(evals, attribute, methods=names)
 table2
 
 # %% [markdown]
 # The seed means with the 95% bootstrap interval of each (every model scored on the same test resamples):
 
 # %%
-fb.tables.table2(evals, "sex", methods=names, intervals=True)
+fb.tables.table2(evals, attribute, methods=names, intervals=True)
 
 # %% [markdown]
 # ## Each mitigation against its plain model
@@ -187,8 +196,8 @@ fb.plots.savefig(fig, "cd-auc-es")
 
 # %%
 def f1_scores(threshold_from):
-    return fb.tables.evaluate(runs, attributes=["sex"], n_boot=0,
-                              threshold="f1",
+    return fb.tables.evaluate(runs, attributes=[attribute],
+                              n_boot=0, threshold="f1",
                               threshold_from=threshold_from)
 
 
@@ -208,7 +217,7 @@ fb.runs.save_metrics({
     "model": f"{model} from {pretrained}; recipe {recipe} with "
              f"epochs={epochs}, lr={lr}, batch {batch_size}, "
              f"{n_train} training pairs per seed; mitigations "
-             "trained for sex",
+             f"trained for {trained_for}, table on {attribute}",
     "seeds": seeds,
     "table2": table2,
     "paired": paired,
@@ -236,11 +245,12 @@ costly = paired[(paired["metric"] == "auc")
 significant = [k for k, v in ranked.items() if v["p"] < 0.05]
 gaps = 100 * evals.groupby("method")["auc_delta"].mean()
 unmoved = agreement.loc[agreement["min"] >= 0.99, "method"]
-fb.plots.say(f"sex gap of the plain models: LP {gaps['LP']:.2f},",
+fb.plots.say(f"{attribute} gap of the plain models: LP",
+             f"{gaps['LP']:.2f},",
              f"LoRA {gaps['LoRA']:.2f} points; rank the test cases",
              "as their plain model does (Spearman ≥ 0.99 at every",
              "seed):", ", ".join(unmoved) or "none")
-fb.plots.say("clearly smaller sex gap:",
+fb.plots.say(f"clearly smaller {attribute} gap:",
              ", ".join(fairer) or "none",
              "; clearly lower AUC:", ", ".join(costly) or "none",
              "; metrics where the Friedman test rejects equal",
@@ -248,7 +258,7 @@ fb.plots.say("clearly smaller sex gap:",
 
 # %% [markdown]
 # - FairMedFM's finding, that the mitigations do not improve fairness reliably, is tested by the first line above:
-#   a mitigation "helps" only if its sex gap is clearly smaller than its plain model's.
+#   a mitigation "helps" only if its gap is clearly smaller than its plain model's.
 # - Its Table 2 reports LAFTR narrowing LoRA's gap (1.95 to 0.62 points) and GroupDRO costing LoRA three points of
 #   AUC; the comparison table says whether either happened here.
 # - A mitigation that ranks the cases as its plain model does cannot change any AUC-based column; and when the

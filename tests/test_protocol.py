@@ -90,6 +90,9 @@ def test_attribute_use_must_match_the_method(setup, tmp_path):
         protocol.train_one(tmp_path, FairCLIP(), setup, 0)
     with pytest.raises(ResultsError, match="two methods share a name"):
         protocol.train_grid(tmp_path, [CLIP(), CLIP()], setup, seeds=[0])
+    with pytest.raises(ResultsError, match="unknown training attribute 'sex': use one of race, gender"):
+        protocol.train_grid(tmp_path, [FairCLIP()], setup, seeds=[0], attributes=["sex"])
+    assert not (tmp_path / "predictions").exists()  # refused before anything trained
 
 
 def test_methods_round_trip_through_their_records():
