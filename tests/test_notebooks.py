@@ -192,6 +192,14 @@ def executed_folder(out: Path) -> Path:
     raise AssertionError(f"{out} does not say where its results went")
 
 
+def execute(stem: str, out: Path, params: dict) -> Path:
+    """:func:`papermill` to the end, which must succeed; returns the run folder the executed notebook names."""
+    process = papermill(stem, out, params)
+    log = process.communicate(timeout=900)[0]
+    assert process.returncode == 0, log[-2000:]
+    return executed_folder(out)
+
+
 @pytest.mark.notebook
 def test_papermill_used_directly_gives_every_execution_its_own_complete_folder(smoke_data, tmp_path):
     runs.ensure_kernel()
@@ -199,10 +207,7 @@ def test_papermill_used_directly_gives_every_execution_its_own_complete_folder(s
     folders = []
     try:
         for i, (stem, params) in enumerate(executions):
-            process = papermill(stem, tmp_path / f"out-{i}.ipynb", params)
-            log = process.communicate(timeout=900)[0]
-            assert process.returncode == 0, log[-2000:]
-            folders.append(executed_folder(tmp_path / f"out-{i}.ipynb"))
+            folders.append(execute(stem, tmp_path / f"out-{i}.ipynb", params))
         assert len(set(folders)) == 3
         assert [f.parent.name for f in folders] == [stem for stem, _ in executions]
         assert folders[0].name.startswith("defaults__") and folders[2].name != folders[0].name
@@ -217,9 +222,8 @@ def test_papermill_used_directly_gives_every_execution_its_own_complete_folder(s
             assert not list(folder.parent.glob(f".{folder.name}.tmp-*"))
         assert not (ROOT / "runs" / "interactive").exists() or not any(
             (ROOT / "runs" / "interactive").glob("metrics.json")), "nothing may land in the shared folder"
-        again = papermill("02-fairness-metrics", tmp_path / "again.ipynb", {"n_boot": 20})
-        assert again.communicate(timeout=900)[0] is not None and again.returncode == 0
-        assert executed_folder(tmp_path / "again.ipynb") == folders[2] and runs.is_complete(folders[2])
+        again = execute("02-fairness-metrics", tmp_path / "again.ipynb", {"n_boot": 20})
+        assert again == folders[2] and runs.is_complete(folders[2])
     finally:
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
@@ -251,10 +255,8 @@ def test_two_papermill_executions_in_parallel_keep_their_files_apart(smoke_data,
 def test_run_dir_names_the_folder_and_fairbook_run_refuses_it(smoke_data, tmp_path):
     runs.ensure_kernel()
     target = tmp_path / "chosen"
-    process = papermill("02-fairness-metrics", tmp_path / "chosen.ipynb", {"run_dir": str(target)})
-    log = process.communicate(timeout=900)[0]
-    assert process.returncode == 0, log[-2000:]
-    assert executed_folder(tmp_path / "chosen.ipynb") == target and runs.is_complete(target)
+    chosen = execute("02-fairness-metrics", tmp_path / "chosen.ipynb", {"run_dir": str(target)})
+    assert chosen == target and runs.is_complete(target)
     assert runs.read_yaml(target / "params.yaml")["run_dir"] == str(target)
     broken = papermill("02-fairness-metrics", tmp_path / "broken.ipynb",
                        {"run_dir": str(tmp_path / "broken"), "data_root": str(tmp_path / "nowhere")})
